@@ -1,0 +1,1 @@
+"""The real-time agent: acquisition, perception, decision, safety gate, recording, CLI."""

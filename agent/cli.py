@@ -1,0 +1,245 @@
+"""The ``scopepilot`` command line.
+
+scopepilot run --instrument sim:stm --policy rule --frames 300 --out S.zarr --seed 1
+scopepilot summary S.zarr [--png S.png]
+scopepilot export S.zarr --tiff S.ome.tif
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from drivers.errors import ScopePilotError
+
+log = logging.getLogger("scopepilot")
+
+
+def _package_version() -> str:
+    try:
+        return version("scopepilot")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scopepilot", description="Autonomous microscope control agent."
+    )
+    parser.add_argument("--version", action="version", version=_package_version())
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run an agent session against an instrument")
+    run.add_argument("--instrument", default="sim:stm", help="instrument URI (default sim:stm)")
+    run.add_argument("--policy", default="rule", help="policy name: rule or none (default rule)")
+    run.add_argument("--frames", type=int, default=100, help="frames to acquire (default 100)")
+    run.add_argument("--out", required=True, help="session store to create (S.zarr)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    run.add_argument("--seed", type=int, default=0, help="simulator seed (sim: URIs only)")
+    run.add_argument("--mode", default="autonomous", choices=["autonomous", "supervised", "manual"])
+    run.add_argument("--shape", type=int, default=256, help="frame size in pixels (square)")
+    run.add_argument("--size-nm", type=float, default=16.0, help="scan size in nm (square)")
+    run.add_argument("--dwell-ms", type=float, default=1.0, help="dwell per pixel in ms")
+    run.add_argument(
+        "--sim",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="simulator option, e.g. --sim surface=hsi100 (sim: URIs only; repeatable)",
+    )
+    run.add_argument(
+        "--free-running",
+        action="store_true",
+        help="scan continuously instead of waiting for each decision",
+    )
+    run.add_argument("--png", help="also write the overview figure here")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    summary = sub.add_parser("summary", help="summarise a session store")
+    summary.add_argument("store")
+    summary.add_argument("--png", help="overview figure path (default: STORE without .zarr + .png)")
+    summary.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    export = sub.add_parser("export", help="export a session's frames")
+    export.add_argument("store")
+    export.add_argument("--tiff", required=True, help="OME-TIFF output path")
+    export.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def _parse_sim_options(pairs: Sequence[str]) -> dict[str, Any]:
+    from drivers.errors import ConfigError
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--sim expects KEY=VALUE, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from agent.gate import Mode
+    from agent.loop import Agent, AgentConfig, Step
+    from agent.perception.classical import ClassicalTipAssessor
+    from agent.recorder import SessionRecorder
+    from agent.session import Session
+    from agent.summary import format_summary, summarize
+    from drivers.errors import ConfigError
+    from drivers.frame import ScanRegion
+    from drivers.registry import open_instrument
+    from policies.base import make_policy
+
+    if args.frames < 1:
+        raise ConfigError(f"--frames must be >= 1, got {args.frames}")
+    options: dict[str, Any] = {}
+    if args.instrument.startswith("sim:"):
+        size_m = args.size_nm * 1e-9
+        options = {
+            "seed": args.seed,
+            "shape_px": (args.shape, args.shape),
+            "dwell_s": args.dwell_ms * 1e-3,
+            "region": ScanRegion(0.0, 0.0, size_m, size_m),
+            **_parse_sim_options(args.sim),
+        }
+    elif args.sim:
+        raise ConfigError("--sim options apply to sim: instruments only")
+    policy = make_policy(args.policy)
+    assessor = ClassicalTipAssessor()
+    config = {
+        "instrument": args.instrument,
+        "policy": args.policy,
+        "frames": args.frames,
+        "seed": args.seed,
+        "mode": args.mode,
+        "shape_px": [args.shape, args.shape],
+        "size_nm": args.size_nm,
+        "dwell_ms": args.dwell_ms,
+        "sim_options": _parse_sim_options(args.sim),
+        "lockstep": not args.free_running,
+    }
+    versions = {
+        "scopepilot": _package_version(),
+        "policy": f"{policy.name} {policy.version}",
+        "assessor": f"{assessor.name} {getattr(assessor, 'version', '')}".strip(),
+    }
+    instrument = open_instrument(args.instrument, **options)
+    try:
+        recorder = SessionRecorder(
+            args.out, overwrite=args.overwrite, config=config, versions=versions
+        )
+    except BaseException:
+        instrument.close()
+        raise
+    try:
+        bar = tqdm(total=args.frames, unit="frame", disable=args.quiet, dynamic_ncols=True)
+
+        def on_step(step: Step) -> None:
+            executed = [f.command.kind for f in step.fates if f.fate in ("executed", "pending")]
+            bar.set_postfix_str(
+                f"tip {step.tip.state if step.tip else 'flagged'}"
+                + (f" -> {', '.join(executed)}" if executed else ""),
+                refresh=False,
+            )
+            bar.update(1)
+
+        agent = Agent(
+            instrument,
+            policy,
+            assessor=assessor,
+            recorder=recorder,
+            config=AgentConfig(
+                frames=args.frames, mode=Mode(args.mode), lockstep=not args.free_running
+            ),
+            on_step=on_step,
+        )
+        previous = signal.signal(
+            signal.SIGINT, lambda *_: agent.abort(origin="console", reason="Ctrl-C")
+        )
+        try:
+            result = agent.run()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            bar.close()
+        recorder.set_summary({"latency_s": {k: v for k, v in result.latencies_s.items()}})
+    finally:
+        recorder.close()
+        instrument.close()
+    session = Session(args.out)
+    summary = summarize(session.frame_records(), session.events(), latencies_s=result.latencies_s)
+    print(format_summary(summary))
+    print(f"session stored in {args.out}")
+    if args.png:
+        from agent.plots import plot_session_overview
+
+        plot_session_overview(session, args.png)
+        print(f"overview figure: {args.png}")
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from agent.plots import plot_session_overview
+    from agent.session import Session
+    from agent.summary import format_summary, summarize
+
+    session = Session(args.store)
+    stored = session.summary or {}
+    summary = summarize(
+        session.frame_records(), session.events(), latencies_s=stored.get("latency_s")
+    )
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary))
+    png = args.png or str(Path(args.store).with_suffix("")) + ".png"
+    plot_session_overview(session, png)
+    if not args.json:
+        print(f"overview figure: {png}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from agent.export import export_ome_tiff
+
+    count = export_ome_tiff(args.store, args.tiff, overwrite=args.overwrite)
+    print(f"wrote {count} frames to {args.tiff}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+    handlers = {"run": _cmd_run, "summary": _cmd_summary, "export": _cmd_export}
+    try:
+        return handlers[args.command](args)
+    except ScopePilotError as exc:
+        print(f"scopepilot {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,497 @@
+"""The real-time agent loop: acquire -> record -> perceive -> decide -> gate -> execute.
+
+Three threads, decoupled by queues:
+
+- **acquisition** streams frames from the instrument and hands each complete frame to the
+  recorder queue (bounded, blocking: the recorder never drops a frame, it slows acquisition
+  instead) and to a one-slot "latest frame" box for the decision thread (a frame replaced
+  before it was looked at is counted as a skipped stale frame);
+- **decision** assesses the freshest frame, builds an :class:`Observation`, asks the policy and
+  passes its commands through the :class:`CommandGate`;
+- **recorder** writes frames and events, in order, to the session store.
+
+``lockstep=True`` (the default) makes acquisition wait for the decision on frame *n* before it
+scans frame *n + 1*, which is how conditioning works on a real STM (scan, judge, act, scan) and
+makes simulated sessions deterministic: same seed, same frames, same decisions. With
+``lockstep=False`` the instrument scans continuously and decisions use the freshest frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agent.gate import CommandGate, Fate, Mode
+from drivers.commands import AbortScan, Capability, Command, Retract
+from drivers.errors import ConfigError, ScopePilotError
+from drivers.frame import Frame, frame_problems
+from drivers.observation import Decision, Observation, TipEstimate
+from drivers.protocol import Instrument
+from drivers.safety import SafetyEnvelope
+from policies.base import Policy
+
+log = logging.getLogger(__name__)
+
+
+class Assessor(Protocol):
+    """Perception of the tip: a classical assessor or a neural network."""
+
+    name: str
+
+    def assess(self, frame: Frame) -> TipEstimate: ...
+
+
+class Recorder(Protocol):
+    def append_frame(
+        self, frame: Frame, *, problems: Any = (), extra: Mapping[str, Any] = ...
+    ) -> int: ...
+
+    def append_event(
+        self,
+        kind: str,
+        payload: Mapping[str, Any],
+        *,
+        t_wall: float | None = None,
+        t_instrument: float | None = None,
+    ) -> int: ...
+
+
+class _NullRecorder:
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def append_frame(self, frame: Frame, *, problems: Any = (), extra: Any = None) -> int:
+        self.rows += 1
+        return self.rows - 1
+
+    def append_event(self, kind: str, payload: Any, **_: Any) -> int:
+        return 0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """How the loop runs. ``frames`` is the number of frames to acquire (the session length)."""
+
+    frames: int = 100
+    mode: Mode = Mode.AUTONOMOUS
+    lockstep: bool = True
+    record_queue_size: int = 64
+    history_len: int = 8
+    max_consecutive_faults: int = 5
+    fault_backoff_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.frames < 1:
+            raise ConfigError(f"frames must be >= 1, got {self.frames!r}")
+        if self.record_queue_size < 1:
+            raise ConfigError(f"record_queue_size must be >= 1, got {self.record_queue_size!r}")
+        Mode(self.mode)
+
+
+@dataclass(frozen=True)
+class Step:
+    """What happened for one frame (handed to the ``on_step`` observer, e.g. a progress bar)."""
+
+    seq: int
+    frame: Frame
+    tip: TipEstimate | None
+    problems: tuple[str, ...]
+    decision: Decision | None
+    fates: tuple[Fate, ...]
+
+
+@dataclass
+class AgentResult:
+    frames: int = 0
+    stale_skipped: int = 0
+    faults: int = 0
+    stop_reason: str = ""
+    latencies_s: dict[str, list[float]] = field(default_factory=dict)
+
+
+class _LatestBox:
+    """A one-slot mailbox: ``put`` replaces what is there and says whether it did."""
+
+    def __init__(self) -> None:
+        self._item: Any = None
+        self._cond = threading.Condition()
+
+    def put(self, item: Any) -> bool:
+        with self._cond:
+            replaced = self._item is not None
+            self._item = item
+            self._cond.notify_all()
+            return replaced
+
+    def get(self, timeout: float) -> Any:
+        with self._cond:
+            if self._item is None:
+                self._cond.wait(timeout)
+            item, self._item = self._item, None
+            return item
+
+
+_SENTINEL = object()
+
+
+class Agent:
+    """Runs a session: ``Agent(instrument, policy, assessor=..., recorder=...).run()``.
+
+    ``pause``, ``resume``, ``abort``, ``set_mode``, ``approve``, ``veto`` and ``submit`` may be
+    called from any thread while :meth:`run` is running; each is recorded as an operator action.
+    """
+
+    def __init__(
+        self,
+        instrument: Instrument,
+        policy: Policy,
+        *,
+        assessor: Assessor,
+        recorder: Recorder | None = None,
+        envelope: SafetyEnvelope | None = None,
+        config: AgentConfig | None = None,
+        on_step: Callable[[Step], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        wall_clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.instrument = instrument
+        self.policy = policy
+        self.assessor = assessor
+        self.config = config or AgentConfig()
+        self.info = instrument.info()
+        self._recorder: Recorder = recorder if recorder is not None else _NullRecorder()
+        self.envelope = envelope or SafetyEnvelope(self.info.limits)
+        self.gate = CommandGate(
+            instrument, self.info, self.envelope, mode=self.config.mode, on_fate=self._on_fate
+        )
+        self._on_step = on_step
+        self._clock, self._wall, self._sleep = clock, wall_clock, sleep
+        self._records: queue.Queue[Any] = queue.Queue(maxsize=self.config.record_queue_size)
+        self._latest = _LatestBox()
+        self._decided = threading.Event()
+        self._stop = threading.Event()
+        self._acquisition_done = threading.Event()
+        self._history: deque[TipEstimate] = deque(maxlen=self.config.history_len)
+        self._current_seq: int | None = None
+        self._step_fates: list[Fate] = []
+        self._errors: list[BaseException] = []
+        self._commands_so_far = 0
+        self.result = AgentResult()
+        self._lat_lock = threading.Lock()
+
+    # -- operator control (thread-safe) -------------------------------------------------------
+
+    def pause(self, *, origin: str = "operator") -> None:
+        self.gate.pause()
+        self._operator("pause", origin, "no policy command will be issued until resume")
+
+    def resume(self, *, origin: str = "operator") -> None:
+        self.gate.resume()
+        self._operator("resume", origin, "policy commands flow again")
+
+    def abort(self, *, origin: str = "operator", reason: str = "operator abort") -> None:
+        """Stop the scan, retract where supported, and end the session."""
+        self.gate.abort()
+        self._stop_with(reason)
+        effects = []
+        for command in (
+            AbortScan(source=origin, reason=reason),
+            Retract(source=origin, reason=reason),
+        ):
+            if command.requires in self.info.capabilities:
+                try:
+                    self.instrument.execute(command)
+                    effects.append(command.kind)
+                    self._on_fate(Fate(command, "executed", reason))
+                except ScopePilotError as exc:
+                    self._on_fate(Fate(command, "failed", f"{type(exc).__name__}: {exc}"))
+        self._operator("abort", origin, f"session stopped; executed {effects or 'nothing'}")
+
+    def set_mode(self, mode: Mode | str, *, origin: str = "operator") -> None:
+        self.gate.set_mode(mode)
+        self._operator("mode", origin, f"mode is now {self.gate.mode.value}")
+
+    def approve(self, command_id: str, *, origin: str = "operator") -> Fate:
+        fate = self.gate.approve(command_id, operator=origin)
+        self._operator("approve", origin, f"{command_id}: {fate.fate}", command_id=command_id)
+        return fate
+
+    def veto(self, command_id: str, *, origin: str = "operator", reason: str = "") -> Fate:
+        fate = self.gate.veto(command_id, operator=origin, reason=reason)
+        self._operator("veto", origin, f"{command_id}: vetoed", command_id=command_id)
+        return fate
+
+    def submit(self, command: Command, *, origin: str = "operator") -> Fate:
+        """A manual command, through the same envelope as the policy's."""
+        command = command.with_meta(source=origin)
+        self._operator("submit", origin, f"manual {command!r}", command_id=command.id)
+        return self.gate.submit_operator(command)
+
+    # -- running ------------------------------------------------------------------------------
+
+    def run(self) -> AgentResult:
+        """Run the session to the end (frames done, policy stop, abort or fatal error)."""
+        self._event(
+            "status",
+            {
+                "state": "started",
+                "mode": self.gate.mode.value,
+                "policy": self.policy.name,
+                "assessor": self.assessor.name,
+                "instrument": self.info.to_json(),
+            },
+        )
+        threads = [
+            threading.Thread(target=self._guard(self._record_loop), name="recorder", daemon=True),
+            threading.Thread(target=self._guard(self._decide_loop), name="decision", daemon=True),
+            threading.Thread(
+                target=self._guard(self._acquire_loop), name="acquisition", daemon=True
+            ),
+        ]
+        for thread in threads:
+            thread.start()
+        threads[2].join()
+        threads[1].join()
+        self._event(
+            "status",
+            {
+                "state": "stopped",
+                "reason": self.result.stop_reason,
+                "frames": self.result.frames,
+                "stale_skipped": self.result.stale_skipped,
+                "faults": self.result.faults,
+            },
+        )
+        self._records.put(_SENTINEL)
+        threads[0].join()
+        if self._errors:
+            raise self._errors[0]
+        return self.result
+
+    def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                target()
+            except BaseException as exc:  # a dying thread must stop the session, not hang it
+                log.exception("agent thread %s died", threading.current_thread().name)
+                self._errors.append(exc)
+                self._stop_with(f"internal error in {threading.current_thread().name}: {exc!r}")
+                self._acquisition_done.set()
+                self._decided.set()
+
+        return run
+
+    def _stop_with(self, reason: str) -> None:
+        if not self._stop.is_set():
+            self.result.stop_reason = reason
+            self._stop.set()
+        self._decided.set()
+
+    def _acquire_loop(self) -> None:
+        cfg = self.config
+        consecutive_faults = 0
+        self._decided.set()
+        try:
+            while self.result.frames < cfg.frames and not self._stop.is_set():
+                if cfg.lockstep:
+                    while not self._decided.wait(0.05):
+                        if self._stop.is_set():
+                            return
+                    if self._stop.is_set():
+                        return
+                expected = self.instrument.state().shape_px
+                t0 = self._clock()
+                try:
+                    frame = self._scan_one()
+                except ScopePilotError as exc:
+                    consecutive_faults += 1
+                    self.result.faults += 1
+                    self._event(
+                        "fault",
+                        {
+                            "stage": "acquire",
+                            "error": f"{type(exc).__name__}: {exc}",
+                            "consecutive": consecutive_faults,
+                        },
+                    )
+                    if consecutive_faults >= cfg.max_consecutive_faults:
+                        self._stop_with(
+                            f"{consecutive_faults} consecutive acquisition faults; "
+                            f"last: {type(exc).__name__}: {exc}"
+                        )
+                        return
+                    self._sleep(cfg.fault_backoff_s * 2 ** (consecutive_faults - 1))
+                    continue
+                consecutive_faults = 0
+                acquire_s = self._clock() - t0
+                problems = tuple(frame_problems(frame, expected_shape=expected))
+                seq = self.result.frames
+                self.result.frames += 1
+                self._records.put(
+                    ("frame", frame, problems, {"acquire_s": acquire_s, "seq": seq}, self._clock())
+                )
+                self._add_latency("acquire", acquire_s)
+                if cfg.lockstep:
+                    self._decided.clear()
+                if self._latest.put((seq, frame, problems)):
+                    self.result.stale_skipped += 1
+            if not self._stop.is_set():
+                self.result.stop_reason = f"completed {self.result.frames} frames"
+        finally:
+            self._acquisition_done.set()
+
+    def _scan_one(self) -> Frame:
+        last: Frame | None = None
+        for part in self.instrument.stream():
+            last = part
+        if last is None:
+            raise ScopePilotError("the instrument's scan produced no frame")
+        return last
+
+    def _decide_loop(self) -> None:
+        while True:
+            item = self._latest.get(timeout=0.05)
+            if item is None:
+                if self._acquisition_done.is_set():
+                    item = self._latest.get(timeout=0)
+                    if item is None:
+                        return
+                else:
+                    continue
+            seq, frame, problems = item
+            try:
+                self._decide_on(seq, frame, problems)
+            finally:
+                self._decided.set()
+
+    def _decide_on(self, seq: int, frame: Frame, problems: tuple[str, ...]) -> None:
+        t0 = self._clock()
+        tip: TipEstimate | None = None
+        if not problems and frame.complete:
+            try:
+                tip = self.assessor.assess(frame)
+            except ScopePilotError as exc:
+                problems = (*problems, f"assessor failed: {exc}")
+        elif not frame.complete:
+            problems = (*problems, f"incomplete frame ({frame.lines_done} lines): not assessed")
+        t1 = self._clock()
+        self._event(
+            "perception",
+            {
+                "frame": seq,
+                "frame_index": frame.frame_index,
+                "assessor": self.assessor.name,
+                "tip": tip.to_json() if tip is not None else None,
+                "problems": list(problems),
+            },
+            frame,
+        )
+        state = self.instrument.state()
+        observation = Observation(
+            frame=frame,
+            tip=tip,
+            state=state,
+            info=self.info,
+            problems=problems,
+            history=tuple(self._history),
+            frames_seen=seq + 1,
+            commands_so_far=self._commands_so_far,
+        )
+        try:
+            if problems:  # never act on a corrupted, partial or unassessable frame
+                decision = Decision(
+                    reason="frame not acted on: " + "; ".join(problems),
+                    confidence=0.0,
+                    policy=self.policy.name,
+                )
+            else:
+                decision = self.policy.decide(observation)
+        except Exception as exc:  # a faulty policy must not kill an unattended session
+            self.result.faults += 1
+            self._event(
+                "fault",
+                {"stage": "decide", "frame": seq, "error": f"{type(exc).__name__}: {exc}"},
+                frame,
+            )
+            decision = Decision(
+                reason=f"policy raised {type(exc).__name__}; no action",
+                confidence=0.0,
+                policy=self.policy.name,
+            )
+        t2 = self._clock()
+        if tip is not None:
+            self._history.append(tip)
+        self._current_seq = seq
+        self._step_fates = []
+        if decision.commands and self.gate.mode is Mode.SUPERVISED:
+            self.gate.expire_pending(f"superseded by the decision on frame {seq}")
+        for command in decision.commands:
+            if command.source == "policy":
+                command = command.with_meta(source=self.policy.name)
+            self._commands_so_far += 1
+            self.gate.submit_policy(command)
+        fates = tuple(self._step_fates)
+        self._current_seq = None
+        t3 = self._clock()
+        latency = {"perceive_s": t1 - t0, "decide_s": t2 - t1, "gate_s": t3 - t2}
+        for name, value in latency.items():
+            self._add_latency(name[:-2], value)
+        self._event(
+            "decision",
+            {
+                "frame": seq,
+                **decision.to_json(),
+                "policy_version": self.policy.version,
+                "latency_s": latency,
+            },
+            frame,
+        )
+        if self._on_step is not None:
+            self._on_step(Step(seq, frame, tip, problems, decision, fates))
+        if decision.stop:
+            self._stop_with(f"policy {self.policy.name} stopped: {decision.reason}")
+
+    def _record_loop(self) -> None:
+        while True:
+            item = self._records.get()
+            if item is _SENTINEL:
+                return
+            if item[0] == "frame":
+                _, frame, problems, extra, t_queued = item
+                self._recorder.append_frame(frame, problems=list(problems), extra=extra)
+                self._add_latency("record", self._clock() - t_queued)
+            else:
+                _, kind, payload, t_wall, t_instrument = item
+                self._recorder.append_event(kind, payload, t_wall=t_wall, t_instrument=t_instrument)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _on_fate(self, fate: Fate) -> None:
+        origin = "operator" if fate.command.source in ("operator", "console") else "policy"
+        payload = {**fate.to_json(), "frame": self._current_seq, "origin": origin}
+        self._event("command", payload)
+        if self._current_seq is not None and threading.current_thread().name == "decision":
+            self._step_fates.append(fate)
+
+    def _operator(self, action: str, origin: str, effect: str, **more: Any) -> None:
+        log.info("operator %s (%s): %s", action, origin, effect)
+        self._event("operator", {"action": action, "origin": origin, "effect": effect, **more})
+
+    def _event(self, kind: str, payload: Mapping[str, Any], frame: Frame | None = None) -> None:
+        t_instrument = frame.timestamp_s if frame is not None else None
+        self._records.put(("event", kind, dict(payload), self._wall(), t_instrument))
+
+    def _add_latency(self, stage: str, seconds: float) -> None:
+        with self._lat_lock:
+            self.result.latencies_s.setdefault(stage, []).append(seconds)
+
+    @property
+    def can_condition(self) -> bool:
+        return Capability.TIP_CONDITIONING in self.info.capabilities

@@ -1,0 +1,530 @@
+"""The crash-safe session recorder: everything an agent session produces, in one zarr v3 store.
+
+Layout of a session store ``S.zarr`` (a directory; see docs/decisions/0001-session-store.md)::
+
+    zarr.json                      root group; attributes: format, started, config, versions,
+                                   summary, ended (``format`` is written last at creation)
+    frames/records                 (N,) string: one JSON record per frame, in arrival order
+    frames/<H>x<W>_<dtype>/data    (n, H, W) <dtype>, chunks (1, H, W): the pixels
+    frames/<H>x<W>_<dtype>/clean   (n, H, W) float32: ground-truth clean images (simulators only)
+    events                         (M,) string: one JSON record per event
+
+Crash safety (``kill -9`` at any instant): every key is written whole to a temporary file and
+renamed over its final name (zarr's ``LocalStore`` does this), and an append writes the pixel
+chunks *before* the record that points at them. The record is the commit point: a reader counts
+a frame only when its record exists, so a killed writer leaves at most an invisible orphan chunk.
+
+The hot path writes encoded chunks straight into the store (``LocalStore.set_sync``) instead of
+going through ``Array.__setitem__``: zarr's async round trip costs ~2 ms per call, which the
+250 frames/s target cannot afford. The arrays are created with codecs pinned to the two trivial
+encodings this module writes (raw little-endian ``bytes``; uncompressed ``vlen-utf8``), and any
+zarr reader reads the result.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.buffer import cpu
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
+
+from drivers.errors import ConfigError, DataError
+from drivers.frame import Frame, frame_problems
+
+log = logging.getLogger(__name__)
+
+FORMAT = "scopepilot-session/1"
+"""Value of the root attribute ``format``; a reader refuses any other major version."""
+
+RECORDS_PER_CHUNK = 16
+"""Records per chunk of the string arrays: an append rewrites at most this many records."""
+
+RECORD_CAPACITY_STEP = 1024
+"""String arrays grow by this many records at a time (a metadata rewrite, not per append)."""
+
+FRAME_CAPACITY_STEP = 256
+"""Pixel arrays grow by this many frames at a time; ``close()`` trims them to the frame count."""
+
+FRAMES_GROUP = "frames"
+RECORDS_ARRAY = "frames/records"
+EVENTS_ARRAY = "events"
+
+EVENT_KINDS = ("perception", "decision", "command", "operator", "fault", "status")
+"""The event kinds the agent writes (others are accepted, for extensions)."""
+
+_PIXEL_KINDS = frozenset("biufc")  # bool, signed, unsigned, float, complex
+
+
+def frame_group_name(shape: tuple[int, int], dtype: np.dtype[Any]) -> str:
+    """Group name for frames of ``shape`` (H, W) and ``dtype``, e.g. ``256x256_float32``."""
+    return f"{shape[0]}x{shape[1]}_{dtype.name}"
+
+
+def to_json_text(obj: Any, what: str) -> str:
+    """``obj`` as compact JSON text; numpy scalars become Python numbers.
+
+    Raises :class:`DataError` naming ``what`` when ``obj`` holds something JSON cannot carry.
+    NaN and infinities are written as Python's ``json`` writes them (``NaN``, ``Infinity``),
+    so that a flagged value is recorded rather than lost.
+    """
+    try:
+        return json.dumps(obj, default=_json_default, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise DataError(
+            f"{what} is not JSON-able: {exc}; pass plain numbers, strings, lists "
+            f"and string-keyed mappings"
+        ) from None
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"object of type {type(obj).__name__} ({obj!r:.60}) is not JSON serializable")
+
+
+def _native_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    return dtype.newbyteorder("=") if dtype.byteorder not in ("=", "|") else dtype
+
+
+def _is_session_root(path: Path) -> bool:
+    try:
+        meta = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    fmt = attrs.get("format") if isinstance(attrs, dict) else None
+    return isinstance(fmt, str) and fmt.startswith("scopepilot-session/")
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+class _RecordLog:
+    """An append-only (N,) vlen-utf8 zarr array of JSON texts, one atomic chunk write per append.
+
+    The records of the current chunk are kept in memory, so an append re-encodes and rewrites
+    that chunk (at most ``RECORDS_PER_CHUNK`` records) without reading anything back.
+    """
+
+    def __init__(self, store: LocalStore, array: zarr.Array[Any], key: str) -> None:
+        self._store = store
+        self._array = array
+        self._key = key
+        self._capacity = int(array.shape[0])
+        self._pending: list[bytes] = []  # length-prefixed items of the current, unfilled chunk
+        self.count = 0
+
+    def append(self, text: str) -> int:
+        index = self.count
+        if index >= self._capacity:
+            self._array.resize((self._capacity + RECORD_CAPACITY_STEP,))
+            self._capacity += RECORD_CAPACITY_STEP
+        raw = text.encode("utf-8")
+        items = [*self._pending, struct.pack("<I", len(raw)) + raw]
+        padding = b"\x00\x00\x00\x00" * (RECORDS_PER_CHUNK - len(items))  # empty strings
+        chunk = struct.pack("<I", RECORDS_PER_CHUNK) + b"".join(items) + padding
+        self._store.set_sync(
+            f"{self._key}/c/{index // RECORDS_PER_CHUNK}", cpu.Buffer.from_bytes(chunk)
+        )
+        self._pending = items if len(items) < RECORDS_PER_CHUNK else []
+        self.count = index + 1
+        return index
+
+    def trim(self) -> None:
+        if self._capacity != self.count:
+            _shrink(self._array, (self.count,))
+            self._capacity = self.count
+
+
+class _FrameGroup:
+    """The pixel arrays of one (H, W, dtype) group and how many slots are committed."""
+
+    def __init__(self, group: zarr.Group, shape: tuple[int, int], dtype: np.dtype[Any]) -> None:
+        self.group = group
+        self.shape = shape
+        self.dtype = dtype
+        self.data = _create_pixel_array(group, "data", shape, dtype)
+        self.clean: zarr.Array[Any] | None = None
+        self.count = 0
+        self.capacity = int(self.data.shape[0])
+
+    def ensure_capacity(self, slot: int, *, with_clean: bool) -> None:
+        if with_clean and self.clean is None:
+            self.clean = _create_pixel_array(
+                self.group, "clean", self.shape, np.dtype(np.float32), capacity=self.capacity
+            )
+        if slot >= self.capacity:
+            capacity = self.capacity + FRAME_CAPACITY_STEP
+            self.data.resize((capacity, *self.shape))
+            if self.clean is not None:
+                self.clean.resize((capacity, *self.shape))
+            self.capacity = capacity
+
+    def trim(self, store: LocalStore) -> None:
+        if self.capacity != self.count:
+            for array in (self.data, self.clean):
+                if array is not None:
+                    _shrink(array, (self.count, *self.shape))
+                    # the pixels of an append that failed before its record, if any
+                    store.delete_sync(f"{array.path}/c/{self.count}/0/0")
+            self.capacity = self.count
+
+
+def _shrink(array: zarr.Array[Any], shape: tuple[int, ...]) -> None:
+    """Rewrite the array's shape without visiting every chunk key outside it.
+
+    ``Array.resize`` tries to delete each chunk outside the new shape, one store call per
+    possible key (~0.5 s for 256 frames of spare capacity); none exist beyond the committed
+    rows except the orphan that ``_FrameGroup.trim`` removes.
+    """
+    sync(array.async_array.resize(shape, delete_outside_chunks=False))
+
+
+def _create_pixel_array(
+    group: zarr.Group,
+    name: str,
+    shape: tuple[int, int],
+    dtype: np.dtype[Any],
+    *,
+    capacity: int | None = None,
+) -> zarr.Array[Any]:
+    array = group.create_array(
+        name,
+        shape=(FRAME_CAPACITY_STEP if capacity is None else capacity, *shape),
+        chunks=(1, max(shape[0], 1), max(shape[1], 1)),
+        dtype=dtype,
+        compressors=None,
+        filters=None,
+        chunk_key_encoding={"name": "default", "separator": "/"},
+        dimension_names=("frame", "y", "x"),
+        config={"write_empty_chunks": True},
+    )
+    codecs = _codec_names(array)
+    if codecs != ["bytes"]:  # pragma: no cover - guards against a zarr default changing
+        raise DataError(
+            f"zarr created {group.path}/{name} with codecs {codecs}; expected ['bytes']"
+        )
+    return array
+
+
+def _create_record_array(group: zarr.Group, name: str) -> zarr.Array[Any]:
+    array = group.create_array(
+        name,
+        shape=(RECORD_CAPACITY_STEP,),
+        chunks=(RECORDS_PER_CHUNK,),
+        dtype=str,
+        fill_value="",
+        compressors=None,
+        filters=None,
+        chunk_key_encoding={"name": "default", "separator": "/"},
+        dimension_names=("record",),
+    )
+    codecs = _codec_names(array)
+    if codecs != ["vlen-utf8"]:  # pragma: no cover - guards against a zarr default changing
+        raise DataError(f"zarr created {name} with codecs {codecs}; expected ['vlen-utf8']")
+    return array
+
+
+def _codec_names(array: zarr.Array[Any]) -> list[str]:
+    metadata: dict[str, Any] = dict(array.metadata.to_dict())
+    return [codec["name"] for codec in metadata.get("codecs", ())]
+
+
+def _pixel_buffer(array: np.ndarray, dtype: np.dtype[Any]) -> cpu.Buffer:
+    """The ``bytes``-codec encoding of one (1, H, W) chunk: C order, little endian."""
+    little = dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype
+    contiguous = np.ascontiguousarray(array, dtype=little)
+    return cpu.Buffer.from_array_like(contiguous.reshape(-1).view(np.uint8))
+
+
+class SessionRecorder:
+    """Appends frames and events of one agent session to a crash-safe zarr store.
+
+    ``append_frame`` and ``append_event`` may be called from different threads. Once either
+    returns, its frame or event survives a ``kill -9`` of the process. Use as a context
+    manager, or call ``close()`` (idempotent) at the end.
+
+    >>> with SessionRecorder(tmp / "S.zarr", config={"uri": "sim:stm"}) as rec:  # doctest: +SKIP
+    ...     row = rec.append_frame(frame, extra={"latency_s": {"acquire": 0.01}})
+    ...     seq = rec.append_event("decision", {"commands": [], "reason": "tip is good"})
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        config: Mapping[str, Any] = {},  # read only, never mutated
+        versions: Mapping[str, str] = {},  # read only, never mutated
+        record_clean: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self.record_clean = record_clean
+        self._lock = threading.Lock()
+        self._closed = False
+        self._groups: dict[tuple[tuple[int, int], str], _FrameGroup] = {}
+        config_json = json.loads(self._config_text(config, "config"))
+        versions_json = json.loads(self._config_text(versions, "versions"))
+        self._prepare_directory(overwrite)
+        started = time.time()
+        attributes = {
+            "format": FORMAT,
+            "started": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(),
+            "started_unix": started,
+            "config": config_json,
+            "versions": versions_json,
+            "summary": None,
+            "ended": None,
+        }
+        try:
+            self._store = LocalStore(self.path)
+            self._root = zarr.create_group(self._store, zarr_format=3)
+            frames = self._root.create_group(FRAMES_GROUP)
+            self._records = _RecordLog(
+                self._store, _create_record_array(frames, "records"), RECORDS_ARRAY
+            )
+            self._events = _RecordLog(
+                self._store, _create_record_array(self._root, EVENTS_ARRAY), EVENTS_ARRAY
+            )
+            self._frames_group = frames
+            # Written last: a directory is a session store only once it is complete.
+            self._root.update_attributes(attributes)
+        except OSError as exc:
+            shutil.rmtree(self.path, ignore_errors=True)  # we created it: leave nothing behind
+            raise ConfigError(
+                f"cannot write the session store {self.path}: {_os_reason(exc)}"
+            ) from exc
+        log.info("recording session to %s", self.path)
+
+    @staticmethod
+    def _config_text(mapping: Mapping[str, Any], what: str) -> str:
+        if not isinstance(mapping, Mapping):
+            raise ConfigError(f"{what} must be a mapping, got {type(mapping).__name__}")
+        try:
+            return to_json_text(dict(mapping), what)
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _prepare_directory(self, overwrite: bool) -> None:
+        path = self.path
+        if path.exists() or path.is_symlink():
+            if not overwrite:
+                raise ConfigError(f"{path} exists; pass --overwrite or choose another path")
+            if not path.is_dir():
+                raise ConfigError(f"{path} exists and is not a directory; refusing to overwrite it")
+            if any(path.iterdir()) and not _is_session_root(path):
+                raise ConfigError(
+                    f"{path} exists and is not a scopepilot session store; refusing to delete "
+                    f"it (choose another path)"
+                )
+            try:
+                shutil.rmtree(path)
+            except OSError as exc:
+                raise ConfigError(f"cannot overwrite {path}: {_os_reason(exc)}") from exc
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.mkdir()
+        except OSError as exc:
+            raise ConfigError(f"cannot create the session store {path}: {_os_reason(exc)}") from exc
+        if not os.access(path, os.W_OK | os.X_OK):
+            path.rmdir()
+            raise ConfigError(f"cannot write the session store {path}: permission denied")
+
+    # -- appends ----------------------------------------------------------------------------
+
+    @property
+    def frames_written(self) -> int:
+        return self._records.count
+
+    @property
+    def events_written(self) -> int:
+        return self._events.count
+
+    def append_frame(
+        self,
+        frame: Frame,
+        *,
+        problems: Sequence[str] = (),
+        extra: Mapping[str, Any] = {},  # read only, never mutated
+    ) -> int:
+        """Record ``frame`` (complete, or an aborted partial with its ``lines_done``).
+
+        Frames with NaN or other problems are recorded as they are, flagged with ``problems``
+        (the caller's plus :func:`drivers.frame.frame_problems`). ``extra`` holds small
+        JSON-able facts such as stage latencies. Returns the frame's row in the session
+        (0, 1, 2, ...). Raises :class:`DataError` (and writes nothing) for a non-numeric dtype
+        or a header, truth or ``extra`` that JSON cannot carry.
+        """
+        if not isinstance(frame, Frame):
+            raise DataError(f"append_frame needs a drivers.frame.Frame, got {type(frame).__name__}")
+        data = frame.data
+        if data.dtype.kind not in _PIXEL_KINDS:
+            raise DataError(
+                f"frame {frame.frame_index} has dtype {data.dtype}; the recorder stores numeric "
+                f"or bool pixels only"
+            )
+        dtype = _native_dtype(data.dtype)
+        shape = frame.shape
+        flagged = list(dict.fromkeys([*map(str, problems), *frame_problems(frame)]))
+        clean = None
+        truth = frame.truth
+        if self.record_clean and truth is not None and truth.clean is not None:
+            clean = np.asarray(truth.clean)
+            if clean.shape != shape or clean.dtype.kind not in "biuf":
+                flagged.append(
+                    f"ground-truth clean image {clean.shape} {clean.dtype} does not match the "
+                    f"frame {shape}; not stored"
+                )
+                clean = None
+        group_name = frame_group_name(shape, dtype)
+        body = to_json_text(  # validated before anything is written
+            {
+                "group": group_name,
+                "clean": clean is not None,
+                "recorded_unix": time.time(),
+                "header": frame.header(),
+                "truth": None if truth is None else truth.to_json(),
+                "problems": flagged,
+                "extra": dict(extra),
+            },
+            f"frame {frame.frame_index} record",
+        )
+        with self._lock:
+            self._check_open()
+            group = self._group(shape, dtype)
+            slot = group.count
+            row = self._records.count
+            group.ensure_capacity(slot, with_clean=clean is not None)
+            # Pixels first, record last: the record is the commit point.
+            if data.size:
+                key = f"{FRAMES_GROUP}/{group_name}"
+                self._store.set_sync(f"{key}/data/c/{slot}/0/0", _pixel_buffer(data, dtype))
+                if clean is not None:
+                    buffer = _pixel_buffer(clean, np.dtype(np.float32))
+                    self._store.set_sync(f"{key}/clean/c/{slot}/0/0", buffer)
+            self._records.append(f'{{"row":{row},"slot":{slot},{body[1:]}')
+            group.count = slot + 1
+            return row
+
+    def _group(self, shape: tuple[int, int], dtype: np.dtype[Any]) -> _FrameGroup:
+        key = (shape, dtype.str)
+        group = self._groups.get(key)
+        if group is None:
+            name = frame_group_name(shape, dtype)
+            zgroup = self._frames_group.create_group(
+                name, attributes={"shape": list(shape), "dtype": dtype.name}
+            )
+            group = _FrameGroup(zgroup, shape, dtype)
+            self._groups[key] = group
+        return group
+
+    def append_event(
+        self,
+        kind: str,
+        payload: Mapping[str, Any],
+        *,
+        t_wall: float | None = None,
+        t_instrument: float | None = None,
+    ) -> int:
+        """Record an event (``perception``, ``decision``, ``command``, ``operator``, ``fault``,
+        ``status``); returns its sequence number. A command payload carries ``fate``
+        (issued/executed/rejected/vetoed/approved/held/failed) and ``reason``.
+
+        Raises :class:`DataError`, writing nothing, when ``payload`` is not JSON-able.
+        """
+        if not isinstance(kind, str) or not kind:
+            raise DataError(f"event kind must be a non-empty string, got {kind!r}")
+        if not isinstance(payload, Mapping):
+            raise DataError(f"{kind} event payload must be a mapping, got {type(payload).__name__}")
+        for name, value in (("t_wall", t_wall), ("t_instrument", t_instrument)):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
+                raise DataError(f"{kind} event {name} must be a finite number, got {value!r}")
+        body = to_json_text(  # validated before anything is written
+            {
+                "kind": kind,
+                "t_wall": time.time() if t_wall is None else float(t_wall),
+                "t_instrument": None if t_instrument is None else float(t_instrument),
+                "payload": dict(payload),
+            },
+            f"{kind} event payload",
+        )
+        with self._lock:
+            self._check_open()
+            return self._events.append(f'{{"seq":{self._events.count},{body[1:]}')
+
+    def set_summary(self, summary: Mapping[str, Any]) -> None:
+        """Store the end-of-session ``summary`` (a JSON-able mapping) as a root attribute."""
+        if not isinstance(summary, Mapping):
+            raise DataError(f"summary must be a mapping, got {type(summary).__name__}")
+        value = json.loads(to_json_text(dict(summary), "session summary"))
+        with self._lock:
+            self._check_open()
+            self._root.update_attributes({"summary": value})
+
+    def close(self) -> None:
+        """Trim the arrays to what was written and stamp the end time. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for group in self._groups.values():
+                group.trim(self._store)
+            self._records.trim()
+            self._events.trim()
+            ended = time.time()
+            self._root.update_attributes(
+                {
+                    "ended": datetime.datetime.fromtimestamp(ended, datetime.UTC).isoformat(),
+                    "ended_unix": ended,
+                    "frames_written": self._records.count,
+                    "events_written": self._events.count,
+                }
+            )
+        log.info(
+            "closed session %s: %d frames, %d events",
+            self.path,
+            self._records.count,
+            self._events.count,
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DataError(f"the session recorder for {self.path} is closed")
+
+    def __enter__(self) -> SessionRecorder:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"SessionRecorder({str(self.path)!r}, {state}, frames={self.frames_written}, "
+            f"events={self.events_written})"
+        )

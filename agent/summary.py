@@ -1,0 +1,172 @@
+"""Session summaries: the numbers a microscopist asks for after a run, from the record alone.
+
+:func:`summarize` works on the frame records and events of a session store (what
+:class:`agent.session.Session` returns), so ``scopepilot run`` and ``scopepilot summary S.zarr``
+print the same thing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+CONDITIONING = ("TipPulse", "TipDip")
+
+
+def _latency_stats(values: Sequence[float]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=float)
+    if arr.size == 0:
+        return {}
+    return {
+        "n": int(arr.size),
+        "mean_ms": float(arr.mean() * 1e3),
+        "p50_ms": float(np.percentile(arr, 50) * 1e3),
+        "p95_ms": float(np.percentile(arr, 95) * 1e3),
+        "max_ms": float(arr.max() * 1e3),
+    }
+
+
+def conditioning_episodes(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Runs of executed conditioning actions, each ended by the next frame assessed good.
+
+    Returns ``[{"start_frame", "end_frame", "actions", "recovered"}]``; ``recovered`` is False for
+    an episode still open when the session ended.
+    """
+    episodes: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    for event in events:
+        payload = event["payload"]
+        if event["kind"] == "command":
+            command = payload.get("command", {})
+            if payload.get("fate") == "executed" and command.get("type") in CONDITIONING:
+                if current is None:
+                    current = {"start_frame": payload.get("frame"), "actions": 0}
+                current["actions"] += 1
+        elif event["kind"] == "perception" and current is not None:
+            tip = payload.get("tip")
+            if tip is not None and tip.get("state") == "good":
+                current.update(end_frame=payload.get("frame"), recovered=True)
+                episodes.append(current)
+                current = None
+    if current is not None:
+        current.update(end_frame=None, recovered=False)
+        episodes.append(current)
+    return episodes
+
+
+def summarize(
+    frame_records: Sequence[Mapping[str, Any]],
+    events: Sequence[Mapping[str, Any]],
+    *,
+    latencies_s: Mapping[str, Sequence[float]] | None = None,
+) -> dict[str, Any]:
+    """Everything ``scopepilot summary`` prints, as a JSON-able dict."""
+    n = len(frame_records)
+    truths = [r.get("truth") for r in frame_records]
+    known = [t for t in truths if t]
+    usable = sum(1 for t in known if t.get("usable"))
+    flagged = sum(1 for r in frame_records if r.get("problems"))
+    true_states = Counter(t.get("tip_state") for t in known)
+    assessed = Counter(
+        (e["payload"].get("tip") or {}).get("state", "not assessed")
+        for e in events
+        if e["kind"] == "perception"
+    )
+    fates: Counter[str] = Counter()
+    by_kind: Counter[str] = Counter()
+    rejected: list[str] = []
+    for e in events:
+        if e["kind"] != "command":
+            continue
+        payload = e["payload"]
+        fates[payload.get("fate", "?")] += 1
+        if payload.get("fate") == "executed":
+            by_kind[payload.get("command", {}).get("type", "?")] += 1
+        if payload.get("fate") == "rejected":
+            rejected.append(payload.get("reason", ""))
+    episodes = conditioning_episodes(events)
+    lengths = [ep["actions"] for ep in episodes]
+    if latencies_s is None:
+        collected: dict[str, list[float]] = {}
+        for e in events:
+            if e["kind"] == "decision":
+                for stage, value in (e["payload"].get("latency_s") or {}).items():
+                    collected.setdefault(stage.removesuffix("_s"), []).append(value)
+        for r in frame_records:
+            value = (r.get("extra") or {}).get("acquire_s")
+            if value is not None:
+                collected.setdefault("acquire", []).append(value)
+        latencies_s = collected
+    stops = [
+        e["payload"]
+        for e in events
+        if e["kind"] == "status" and e["payload"].get("state") == "stopped"
+    ]
+    sim_time = [r["header"]["timestamp_s"] for r in frame_records if r.get("header")]
+    return {
+        "frames": n,
+        "frames_with_truth": len(known),
+        "usable_frames": usable,
+        "usable_fraction": usable / len(known) if known else None,
+        "flagged_frames": flagged,
+        "true_tip_states": dict(true_states),
+        "assessed_tip_states": dict(assessed),
+        "commands_executed_by_kind": dict(by_kind),
+        "command_fates": dict(fates),
+        "rejections": rejected[:20],
+        "conditioning_episodes": len(episodes),
+        "episode_lengths": lengths,
+        "episodes_recovered": sum(1 for ep in episodes if ep["recovered"]),
+        "mean_episode_length": float(np.mean(lengths)) if lengths else None,
+        "operator_actions": sum(1 for e in events if e["kind"] == "operator"),
+        "faults": sum(1 for e in events if e["kind"] == "fault"),
+        "stop_reason": stops[-1].get("reason", "") if stops else "session did not stop cleanly",
+        "stale_frames_skipped": stops[-1].get("stale_skipped", 0) if stops else None,
+        "instrument_time_s": float(max(sim_time)) if sim_time else 0.0,
+        "latency": {stage: _latency_stats(v) for stage, v in latencies_s.items()},
+    }
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """A readable multi-line report of :func:`summarize`'s output."""
+    lines = [
+        f"frames            {summary['frames']}  "
+        f"(flagged, not acted on: {summary['flagged_frames']})"
+    ]
+    if summary.get("usable_fraction") is not None:
+        lines.append(
+            f"usable frames     {summary['usable_frames']}/{summary['frames_with_truth']} = "
+            f"{summary['usable_fraction']:.1%}  (good tip, undamaged area; simulator ground truth)"
+        )
+        lines.append(f"true tip states   {_fmt_counts(summary['true_tip_states'])}")
+    lines.append(f"assessed states   {_fmt_counts(summary['assessed_tip_states'])}")
+    lines.append(f"commands executed {_fmt_counts(summary['commands_executed_by_kind']) or 'none'}")
+    lines.append(f"command fates     {_fmt_counts(summary['command_fates']) or 'none'}")
+    lengths = summary["episode_lengths"]
+    shown = str(lengths) if len(lengths) <= 12 else str(lengths[:12])[:-1] + ", ...]"
+    lines.append(
+        f"conditioning      {summary['conditioning_episodes']} episodes, "
+        f"{summary['episodes_recovered']} recovered; lengths {shown}"
+    )
+    lines.append(f"operator actions  {summary['operator_actions']}    faults {summary['faults']}")
+    lines.append(
+        f"instrument time   {summary['instrument_time_s'] / 3600:.2f} h (simulated for sim: URIs)"
+    )
+    lines.append(f"stopped because   {summary['stop_reason']}")
+    lat = summary.get("latency") or {}
+    if lat:
+        lines.append("stage latency     stage       mean ms    p95 ms    max ms")
+        for stage, stats in lat.items():
+            if stats:
+                lines.append(
+                    f"                  {stage:<10}{stats['mean_ms']:>9.2f}{stats['p95_ms']:>10.2f}"
+                    f"{stats['max_ms']:>10.2f}"
+                )
+    return "\n".join(lines)
+
+
+def _fmt_counts(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))

@@ -1,0 +1,1 @@
+"""Decision makers: the Policy protocol, rule policies (and later RL policies, scan planners)."""

@@ -1,0 +1,87 @@
+"""The :class:`Policy` protocol, the do-nothing baseline and the policy registry.
+
+A policy turns an :class:`~drivers.observation.Observation` into a
+:class:`~drivers.observation.Decision`. It never talks to an instrument: the agent passes every
+command of the decision through the safety gate.
+
+>>> policy = make_policy("none")
+>>> isinstance(policy, Policy)
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from drivers.errors import ConfigError
+from drivers.observation import Decision, Observation
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A decision maker. ``decide`` is called once per new assessed frame, in order."""
+
+    name: str
+    version: str
+
+    def decide(self, observation: Observation) -> Decision:
+        """What to do next, given the freshest frame and what perception made of it."""
+        ...
+
+    def reset(self) -> None:
+        """Forget everything learnt during a session (counters, damaged spots, ...)."""
+        ...
+
+
+class NoPolicy:
+    """The baseline that never acts: every decision is empty. Benchmarks compare against it."""
+
+    name = "none"
+    version = "1"
+
+    def decide(self, observation: Observation) -> Decision:
+        return Decision(
+            reason="baseline policy 'none' never acts",
+            confidence=1.0,
+            policy=self.name,
+        )
+
+    def reset(self) -> None:
+        return None
+
+
+def _make_none(**options: Any) -> Policy:
+    if options:
+        raise ConfigError(f"policy 'none' takes no options, got {sorted(options)}")
+    return NoPolicy()
+
+
+def _make_rule(**options: Any) -> Policy:
+    from policies.rule import RulePolicy
+
+    return RulePolicy.from_options(**options)
+
+
+_POLICIES: dict[str, Callable[..., Policy]] = {
+    "none": _make_none,
+    "rule": _make_rule,
+}
+
+
+def known_policies() -> list[str]:
+    """The names :func:`make_policy` accepts."""
+    return sorted(_POLICIES)
+
+
+def make_policy(name: str, **options: Any) -> Policy:
+    """Build the policy called ``name`` with keyword ``options``.
+
+    ``make_policy("rule", bad_frames_to_act=3)`` sets fields of
+    :class:`~policies.rule.RuleConfig`. Raises :class:`ConfigError` for an unknown name (listing
+    the known ones) or an unknown or invalid option.
+    """
+    factory = _POLICIES.get(name) if isinstance(name, str) else None
+    if factory is None:
+        raise ConfigError(f"unknown policy {name!r}; known policies: {', '.join(known_policies())}")
+    return factory(**options)

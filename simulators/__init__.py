@@ -1,0 +1,1 @@
+"""Physics forward models of microscopes, with ground truth."""

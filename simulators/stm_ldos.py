@@ -1,0 +1,502 @@
+"""Tersoff–Hamann LDOS of a :class:`~simulators.stm_surface.SurfaceModel` and the
+constant-current height.
+
+The sample LDOS at the tip apex is ``rho(r) = sum_i w_i exp(-2 kappa |r - R_i|)`` over atoms
+``R_i``. For each terrace the sum over its (infinite) lattice is evaluated exactly by Poisson
+summation: with ``alpha = 2 kappa`` and ``q = sqrt(alpha**2 + G**2)``,
+
+    sum_R exp(-alpha |r - R|) = (1/A) sum_G F(q, h) S_G exp(i G . r),
+    F(q, h) = 2 pi alpha (1 + q h) exp(-q h) / q**3,
+
+``h`` the height above the atom plane, ``A`` the cell area and ``S_G`` the basis structure
+factor; terms whose weight is below 1e-4 of the mean are dropped. Terraces are blended with a
+soft coverage at their edges, point defects (vacancies, adatoms, dangling bonds) are added
+atom by atom, and conditioning damage is a corrugation-free layer at a rough height.
+
+A tip is a set of apexes ``j`` (offset ``d_j``, height ``h_j``, weight ``a_j``) with current
+``I ∝ sum_j a_j rho(x - d_j, z + h_j)``; a blunt apex (Gaussian radius ``sigma``) multiplies
+each lattice term by ``exp(-G**2 sigma**2 / 2)`` and widens steps, defects and damage alike.
+The constant-current height solves ``I(z) = I_set`` by Newton steps on ``ln rho``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.special import ndtr
+
+from simulators.stm_surface import Features, Grid, SurfaceModel
+from simulators.stm_tip import Apex, TipConfig
+
+EDGE_SIGMA_M = 1.0e-10
+"""Softness of a step edge as seen by a sharp tip."""
+_H_MIN_M = 0.3e-10
+_MAX_NEWTON_STEPS = 8
+_NEWTON_TOL_M = 1e-13
+_MAX_STEP_M = 3e-10
+_TERM_CUTOFF = 2e-3
+_FEATURE_RADIUS_M = 1.2e-9
+_VACANCY_WINDOW_M = 0.6e-9  # pixels this close to a vacancy get the exact atom-by-atom sum
+_NEIGHBOUR_RADIUS_M = 0.9e-9  # atoms summed around each of those pixels
+_EXACT_MAX_BLUR_M = 2e-10  # blunter apexes subtract a blurred missing atom from the series
+_F32 = np.float32
+_DEBUG = False
+
+
+@dataclass(eq=False)
+class _Terms:
+    """Per-pixel terms defined on a subset ``idx`` of the pixels (None: all of them)."""
+
+    idx: np.ndarray | None
+    n_pixels: int
+    _inv: np.ndarray | None = None
+
+    def select(self, act: np.ndarray | None) -> tuple[np.ndarray | slice, np.ndarray | slice]:
+        """Where the active pixels ``act`` sit in this term's arrays and in the output."""
+        if act is None:
+            return slice(None), (slice(None) if self.idx is None else self.idx)
+        if self.idx is None:
+            return act, slice(None)
+        if self._inv is None:
+            inv = np.full(self.n_pixels, -1, dtype=np.int64)
+            inv[self.idx] = np.arange(self.idx.size)
+            self._inv = inv
+        pos = self._inv[act]
+        ok = np.nonzero(pos >= 0)[0]
+        return pos[ok], ok
+
+
+@dataclass(eq=False)
+class _LayerTerms(_Terms):
+    cov: np.ndarray = field(default_factory=lambda: np.zeros(0, _F32))
+    base_m: np.ndarray = field(default_factory=lambda: np.zeros(0, _F32))
+    gamma: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), _F32))  # (S + 1, k)
+    shells: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # Exact sum near vacancies: (pixel, position in this layer's arrays, squared distance).
+    ex_pix: np.ndarray | None = None
+    ex_pos: np.ndarray | None = None
+    ex_d2: np.ndarray | None = None
+
+
+@dataclass(eq=False)
+class _DamageTerms(_Terms):
+    dmg: np.ndarray = field(default_factory=lambda: np.zeros(0, _F32))
+    height_m: np.ndarray = field(default_factory=lambda: np.zeros(0, _F32))
+
+
+@dataclass(frozen=True, eq=False)
+class _FeatureTerms:
+    pix: np.ndarray
+    d2_m2: np.ndarray
+    z_m: np.ndarray
+    weight: np.ndarray  # relative to rho_set
+    alpha_per_m: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class _ApexTerms:
+    apex: Apex
+    layers: list[_LayerTerms]
+    damage: _DamageTerms | None
+    features: _FeatureTerms | None
+    guess_m: np.ndarray  # local surface height, for the first Newton step
+
+
+class LDOSModel:
+    """Evaluates the LDOS of ``surface`` and solves for constant-current heights.
+
+    ``conductance_ratio`` is ``(I_set / V) / (100 pA / 0.5 V)``; at ratio 1 the tip sits
+    ``gap_m`` above a flat terrace. LDOS values inside are in units of the setpoint LDOS.
+    """
+
+    def __init__(
+        self,
+        surface: SurfaceModel,
+        *,
+        kappa_per_m: float,
+        gap_m: float,
+        conductance_ratio: float = 1.0,
+    ) -> None:
+        self.surface = surface
+        self.alpha = 2.0 * kappa_per_m
+        self.c0 = 2.0 * math.pi * self.alpha
+        layer0 = surface.layer(0)
+        self.area_m2 = layer0.area_m2
+        self.n_basis = float(layer0.basis_m.shape[0])
+        self._select_terms(gap_m)
+        self.rho_set = self.rho_flat(gap_m) * conductance_ratio
+        self.h_set_m = self._solve_flat()
+        # Per-shell prefactors of F(q, h) / (A rho_set), mean term first.
+        q = np.concatenate([[self.alpha], self.shell_q])
+        scale = np.ones_like(q)
+        scale[0] = self.n_basis
+        self._q32 = q.astype(_F32)[:, None]
+        self._pref = (scale * self.c0 / (q**3 * self.area_m2 * self.rho_set)).astype(_F32)
+        self._prefq = (self._pref * q).astype(_F32)
+        self._dpref = (scale * self.c0 / (q * self.area_m2 * self.rho_set)).astype(_F32)
+
+    def _F(self, q: np.ndarray | float, h: np.ndarray | float) -> np.ndarray:
+        return np.asarray(self.c0 * (1.0 + q * h) * np.exp(-q * h) / q**3)
+
+    def rho_flat(self, h_m: float) -> float:
+        """LDOS above a flat, perfect terrace at height ``h_m``, averaged over the cell."""
+        return float(self.n_basis * self._F(self.alpha, h_m) / self.area_m2)
+
+    def _solve_flat(self) -> float:
+        h = 3e-10
+        for _ in range(50):
+            f = math.log(self.rho_flat(h) / self.rho_set)
+            d = (math.log(self.rho_flat(h + 1e-13)) - math.log(self.rho_flat(h))) / 1e-13
+            h -= f / d
+        return h
+
+    def _select_terms(self, gap_m: float) -> None:
+        """Pick the reciprocal vectors (m, n) worth keeping and group them in |G| shells."""
+        lay = self.surface.layer(0)
+        h_ref = 0.85 * gap_m
+        f0 = self.n_basis * float(self._F(self.alpha, h_ref))
+        terms: list[tuple[int, int, float, complex]] = []
+        for m in range(0, 8):
+            for n in range(-8, 9):
+                if m == 0 and n <= 0:
+                    continue
+                g = lay.recip_per_m @ np.array([m, n], dtype=np.float64)
+                gabs = float(np.hypot(g[0], g[1]))
+                sg = complex(np.sum(np.exp(-1j * (lay.basis_m @ g))))
+                q = math.hypot(self.alpha, gabs)
+                if 2.0 * abs(sg) * float(self._F(q, h_ref)) < _TERM_CUTOFF * f0:
+                    continue
+                terms.append((m, n, gabs, sg))
+        shells: list[float] = []
+        members: list[list[tuple[int, int, complex]]] = []
+        for m, n, gabs, sg in terms:
+            for s, val in enumerate(shells):
+                if abs(val - gabs) <= 1e-6 * gabs:
+                    members[s].append((m, n, sg))
+                    break
+            else:
+                shells.append(gabs)
+                members.append([(m, n, sg)])
+        self._shells = members
+        self.shell_g = np.array(shells)
+        self.shell_q = np.hypot(self.alpha, self.shell_g)
+
+    # -- lateral precomputation ------------------------------------------------------------------
+
+    def _gamma(self, level: int, grid: Grid, blur_m: float) -> tuple[np.ndarray, np.ndarray]:
+        """Lattice sums of the shells that survive the blunt-apex blur.
+
+        Returns ``(gamma, shells)``: ``(1 + S', nr * W)`` float32 with row 0 all ones (the mean
+        term), and the indices of those rows into ``[mean, shell 0, shell 1, ...]``.
+        """
+        lay = self.surface.layer(level)
+        damp = np.exp(-0.5 * self.shell_g**2 * blur_m**2)
+        kept = [s for s in range(len(self._shells)) if damp[s] > _TERM_CUTOFF]
+        out = np.empty((len(kept) + 1, grid.size), dtype=_F32)
+        out[0] = 1.0
+        if kept:
+            t_max = max(len(self._shells[s]) for s in kept)
+            k = np.zeros((len(kept), t_max, 2))
+            coef = np.zeros((len(kept), t_max), dtype=np.complex128)
+            for row, s in enumerate(kept):
+                members = self._shells[s]
+                mn = np.array([(m, n) for m, n, _ in members], dtype=np.float64)
+                k[row, : len(members)] = mn @ lay.recip_per_m.T
+                coef[row, : len(members)] = [2.0 * sg * damp[s] for _, _, sg in members]
+            out[1:] = grid.wave_sums(k, coef, lay.origin_m, dtype=_F32).reshape(len(kept), -1)
+        return out, np.array([0] + [s + 1 for s in kept], dtype=np.int64)
+
+    def _apex_terms(self, grid: Grid, apex: Apex, blur_m: float) -> _ApexTerms:
+        g = grid.shifted(apex.dx_m, apex.dy_m)
+        n_pix = g.size
+        surf = self.surface
+        phi, gnorm = surf.level_phi(g)
+        phi, gnorm = phi.ravel(), gnorm.ravel()
+        floor_phi = np.floor(phi)
+        width = gnorm * math.hypot(EDGE_SIGMA_M, blur_m)
+        frac = phi - floor_phi
+        near_lo = frac < 6.0 * width
+        near_hi = (1.0 - frac) < 6.0 * width
+        dmg, dmg_h = surf.damage_fields(g, blur_m)
+        x, y = g.xy()
+        hb = surf.herringbone_m(x.ravel(), y.ravel())
+        layers: list[_LayerTerms] = []
+        guess = np.zeros(n_pix)
+        radius = _FEATURE_RADIUS_M + 3.0 * blur_m
+        x0, x1, y0, y1 = g.bounds()
+        feats = surf.features_in_box(x0 - radius, x1 + radius, y0 - radius, y1 + radius)
+        if blur_m < _EXACT_MAX_BLUR_M:
+            vacancies = feats.subset(feats.weight < 0)
+            feats = feats.subset(feats.weight >= 0)
+        else:
+            vacancies = Features.empty()
+        lo, hi = int(floor_phi.min()), int(floor_phi.max())
+        near_any = bool(near_lo.any() or near_hi.any())
+        levels = [lo] if lo == hi and not near_any else list(range(lo - 1, hi + 2))
+        dmg_flat = None if dmg is None else dmg.ravel()
+        for level in levels:
+            idx: np.ndarray | None
+            if len(levels) == 1:
+                idx = None
+                cov = np.ones(n_pix)
+            else:
+                cand_mask = (floor_phi == level) | ((floor_phi == level + 1) & near_lo)
+                cand_mask |= (floor_phi == level - 1) & near_hi
+                idx = np.nonzero(cand_mask)[0]
+                if idx.size == 0:
+                    continue
+                ph, wd = phi[idx], width[idx]
+                cov = ndtr((ph - level) / wd) - ndtr((ph - level - 1.0) / wd)
+            if dmg_flat is not None:
+                cov = cov * (1.0 - (dmg_flat if idx is None else dmg_flat[idx]))
+            if idx is not None:
+                keep = cov > 1e-6
+                idx, cov = idx[keep], cov[keep]
+                if idx.size == 0:
+                    continue
+            sel = slice(None) if idx is None else idx
+            n_sel = n_pix if idx is None else idx.size
+            base = np.full(n_sel, surf.level_height_m(level))
+            if isinstance(hb, np.ndarray):
+                base += hb[sel]
+            gamma, shells = self._gamma(level, g, blur_m)
+            if idx is not None:
+                gamma = gamma[:, idx]
+            terms = _LayerTerms(idx, n_pix, cov=cov.astype(_F32),
+                                base_m=np.asarray(base, dtype=_F32), gamma=gamma, shells=shells)
+            on_level = vacancies.level == level
+            if np.any(on_level):
+                self._exact_near_vacancies(terms, level, g, vacancies.subset(on_level))
+            layers.append(terms)
+            guess[sel] += cov * base
+        damage = None
+        if dmg is not None and dmg_h is not None:
+            dflat, hflat = dmg.ravel(), dmg_h.ravel()
+            didx = np.nonzero(dflat > 1e-6)[0]
+            damage = _DamageTerms(didx, n_pix, dmg=dflat[didx].astype(_F32),
+                                  height_m=hflat[didx].astype(_F32))
+            guess[didx] += dflat[didx] * hflat[didx]
+        return _ApexTerms(apex, layers, damage, self._feature_terms(g, feats, radius), guess)
+
+    def _exact_near_vacancies(self, terms: _LayerTerms, level: int, grid: Grid,
+                              vacancies: Features) -> None:
+        """Replace the lattice series by the exact sum over the remaining atoms near vacancies.
+
+        Subtracting a missing atom from the truncated series would cancel two large numbers
+        where the tip dips into the hole; the direct sum has no such cancellation.
+        """
+        pix, _, which = _pixels_near(grid, vacancies, _VACANCY_WINDOW_M)
+        if pix.size == 0:
+            return
+        pix, first = np.unique(pix, return_index=True)
+        owner = which[first]
+        if terms.idx is None:
+            pos = pix
+        else:
+            pos = np.searchsorted(terms.idx, pix)
+            ok = pos < terms.idx.size
+            ok[ok] &= terms.idx[pos[ok]] == pix[ok]
+            pix, owner, pos = pix[ok], owner[ok], pos[ok]
+            if pix.size == 0:
+                return
+        terms.gamma[:, pos] = 0.0  # the exact sum replaces the series (mean term included)
+        layer = self.surface.layer(level)
+        removed = np.stack([vacancies.x_m, vacancies.y_m], axis=1)
+        rows, cols = pix // grid.width, pix % grid.width
+        px = grid.rows_m[rows, 0] + cols * grid.step_m[0]
+        py = grid.rows_m[rows, 1] + cols * grid.step_m[1]
+        parts_pix, parts_pos, parts_d2 = [], [], []
+        for v in np.unique(owner):
+            atoms = layer.atoms_near(float(removed[v, 0]), float(removed[v, 1]),
+                                     _VACANCY_WINDOW_M + _NEIGHBOUR_RADIUS_M)
+            gone = np.min(np.hypot(atoms[:, None, 0] - removed[None, :, 0],
+                                   atoms[:, None, 1] - removed[None, :, 1]), axis=1) < 1e-12
+            atoms = atoms[~gone]
+            mine = np.nonzero(owner == v)[0]
+            d2 = (px[mine, None] - atoms[None, :, 0]) ** 2 + (py[mine, None] - atoms[None, :, 1]) ** 2
+            r, _ = np.nonzero(d2 < _NEIGHBOUR_RADIUS_M**2)
+            parts_pix.append(pix[mine][r])
+            parts_pos.append(pos[mine][r])
+            parts_d2.append(d2[d2 < _NEIGHBOUR_RADIUS_M**2])
+        terms.ex_pix = np.concatenate(parts_pix)
+        terms.ex_pos = np.concatenate(parts_pos)
+        terms.ex_d2 = np.concatenate(parts_d2).astype(_F32)
+
+    def _feature_terms(self, grid: Grid, feats: Features, radius: float) -> _FeatureTerms | None:
+        if feats.x_m.size == 0:
+            return None
+        pix, d2, which = _pixels_near(grid, feats, radius)
+        if pix.size == 0:
+            return None
+        return _FeatureTerms(
+            pix,
+            d2.astype(_F32),
+            feats.z_m[which].astype(_F32),
+            (feats.weight[which] / self.rho_set).astype(_F32),
+            (self.alpha * feats.alpha_factor[which]).astype(_F32),
+        )
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def _rho(self, z: np.ndarray, act: np.ndarray | None, terms: list[_ApexTerms],
+             blur_m: float) -> tuple[np.ndarray, np.ndarray]:
+        """LDOS / rho_set and its z-derivative at heights ``z`` of the pixels ``act``."""
+        n_out = z.size
+        rho = np.zeros(n_out, dtype=_F32)
+        drho = np.zeros(n_out, dtype=_F32)
+        q, pref, prefq, dpref = self._q32, self._pref, self._prefq, self._dpref
+        alpha = _F32(self.alpha)
+        hmin = _F32(_H_MIN_M)
+        inv_rho_set = _F32(1.0 / self.rho_set)
+        act_pos: np.ndarray | None = None
+        if act is not None:
+            act_pos = np.full(self._n_pixels, -1, dtype=np.int64)
+            act_pos[act] = np.arange(act.size)
+        for t in terms:
+            a = _F32(t.apex.weight)
+            height = z + _F32(t.apex.dz_m)
+            for lay in t.layers:
+                src, dst = lay.select(act)
+                h = np.maximum(height[dst] - lay.base_m[src], hmin)
+                sh = lay.shells
+                amp = np.exp(-q[sh] * h[None, :])  # (S + 1, k)
+                amp *= lay.gamma[:, src]
+                r = np.einsum("s,sk->k", pref[sh], amp)
+                r += h * np.einsum("s,sk->k", prefq[sh], amp)
+                dr = -h * np.einsum("s,sk->k", dpref[sh], amp)
+                w = a * lay.cov[src]
+                rho[dst] += w * r
+                drho[dst] += w * dr
+                if lay.ex_pix is not None and lay.ex_pos is not None and lay.ex_d2 is not None:
+                    out_pix, sel = _active(lay.ex_pix, act_pos)
+                    pos = lay.ex_pos[sel]
+                    he = np.maximum(height[out_pix] - lay.base_m[pos], hmin)
+                    dist = np.sqrt(lay.ex_d2[sel] + he * he)
+                    k = (a * inv_rho_set) * lay.cov[pos] * np.exp(-alpha * dist)
+                    rho += np.bincount(out_pix, weights=k, minlength=n_out).astype(_F32)
+                    dk = -alpha * he / dist * k
+                    drho += np.bincount(out_pix, weights=dk, minlength=n_out).astype(_F32)
+            if t.damage is not None:
+                src, dst = t.damage.select(act)
+                h = np.maximum(height[dst] - t.damage.height_m[src], hmin)
+                e0 = np.exp(-alpha * h)
+                w = a * t.damage.dmg[src]
+                rho[dst] += w * pref[0] * (1.0 + alpha * h) * e0
+                drho[dst] -= w * dpref[0] * h * e0
+            f = t.features
+            if f is not None:
+                fp, sel = _active(f.pix, act_pos)
+                hf = height[fp] - f.z_m[sel]
+                al = f.alpha_per_m[sel]
+                if blur_m <= 0.0:
+                    dist = np.sqrt(f.d2_m2[sel] + hf**2)
+                    k = a * f.weight[sel] * np.exp(-al * dist)
+                    dk = -al * hf / np.maximum(dist, _F32(1e-12)) * k
+                else:
+                    habs = np.maximum(np.abs(hf), hmin)
+                    s0 = habs / al
+                    var = s0 + _F32(blur_m**2)
+                    k = a * f.weight[sel] * np.exp(-al * habs - f.d2_m2[sel] / (2 * var)) * s0 / var
+                    dk = -al * np.sign(hf) * k
+                rho += np.bincount(fp, weights=k, minlength=n_out).astype(_F32)
+                drho += np.bincount(fp, weights=dk, minlength=n_out).astype(_F32)
+        return rho, drho
+
+    def render(self, grid: Grid, config: TipConfig) -> np.ndarray:
+        """Constant-current topography ``(nr, W)`` float64 metres for tip ``config``.
+
+        Heights are relative to the tip height above a flat terrace 0 (terrace 0 reads about 0,
+        the terrace below ``-step``).
+        """
+        self._n_pixels = grid.size
+        terms = [self._apex_terms(grid, ap, config.blur_m) for ap in config.apexes]
+        main = max(range(len(terms)),
+                   key=lambda j: terms[j].apex.weight * math.exp(-self.alpha * terms[j].apex.dz_m))
+        z = (terms[main].guess_m + self.h_set_m - terms[main].apex.dz_m).astype(_F32)
+        tiny = _F32(1e-12)
+        min_slope = _F32(0.2 * self.alpha)
+        act: np.ndarray | None = None
+        for _ in range(_MAX_NEWTON_STEPS):
+            zact = z if act is None else z[act]
+            rho, drho = self._rho(zact, act, terms, config.blur_m)
+            rho = np.maximum(rho, tiny)
+            slope = np.maximum(-drho / rho, min_slope)  # -d ln(rho) / dz > 0
+            step = np.clip(np.log(rho) / slope, -_MAX_STEP_M, _MAX_STEP_M).astype(_F32)
+            moving = np.abs(step) > _NEWTON_TOL_M
+            if _DEBUG:
+                print("newton", zact.size, float(np.abs(step).max()))
+            if act is None:
+                z += step
+                act = np.nonzero(moving)[0]
+            else:
+                z[act] += step
+                act = act[moving]
+            if act.size == 0:
+                break
+        return (z.astype(np.float64) - self.h_set_m).reshape(grid.shape)
+
+    def residual(self, z_image_m: np.ndarray, grid: Grid, config: TipConfig) -> np.ndarray:
+        """``ln(I / I_set)`` at the given image heights (for tests of the solver)."""
+        self._n_pixels = grid.size
+        terms = [self._apex_terms(grid, ap, config.blur_m) for ap in config.apexes]
+        z = (z_image_m.ravel() + self.h_set_m).astype(_F32)
+        rho, _ = self._rho(z, None, terms, config.blur_m)
+        return np.asarray(np.log(rho.astype(np.float64)).reshape(grid.shape))
+
+
+def _active(pix: np.ndarray, act_pos: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | slice]:
+    """Output positions of the active pixels among ``pix``, and which entries they are."""
+    if act_pos is None:
+        return pix, slice(None)
+    out = act_pos[pix]
+    sel = np.nonzero(out >= 0)[0]
+    return out[sel], sel
+
+
+def _pixels_near(
+    grid: Grid, feats: Features, radius_m: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat pixel indices within ``radius_m`` of each feature, squared distances, feature index."""
+    ax, ay = grid.rows_m[:, 0], grid.rows_m[:, 1]
+    width = grid.width
+    bx, by = float(grid.step_m[0]), float(grid.step_m[1])
+    b2 = max(bx * bx + by * by, 1e-40)
+    pix_parts: list[np.ndarray] = []
+    which_parts: list[np.ndarray] = []
+    r2 = radius_m**2
+    for start in range(0, feats.x_m.size, 1024):
+        fx = feats.x_m[start : start + 1024]
+        fy = feats.y_m[start : start + 1024]
+        relx = fx[None, :] - ax[:, None]
+        rely = fy[None, :] - ay[:, None]
+        t = (relx * bx + rely * by) / b2
+        perp2 = relx**2 + rely**2 - t**2 * b2
+        rows, fi = np.nonzero(perp2 < r2)
+        if rows.size == 0:
+            continue
+        half = np.sqrt(np.maximum(r2 - perp2[rows, fi], 0.0) / b2)
+        lo = np.clip(np.ceil(t[rows, fi] - half), 0, width - 1).astype(np.int64)
+        hi = np.clip(np.floor(t[rows, fi] + half), -1, width - 1).astype(np.int64)
+        count = np.maximum(hi - lo + 1, 0)
+        ok = count > 0
+        rows, fi, lo, count = rows[ok], fi[ok], lo[ok], count[ok]
+        if rows.size == 0:
+            continue
+        rep_row = np.repeat(rows, count)
+        offsets = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+        cols = np.repeat(lo, count) + offsets
+        pix_parts.append(rep_row * width + cols)
+        which_parts.append(np.repeat(fi + start, count))
+    if not pix_parts:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, np.zeros(0), empty
+    pix = np.concatenate(pix_parts)
+    which = np.concatenate(which_parts)
+    rows_idx, cols_idx = pix // width, pix % width
+    px = grid.rows_m[rows_idx, 0] + cols_idx * bx
+    py = grid.rows_m[rows_idx, 1] + cols_idx * by
+    d2 = (px - feats.x_m[which]) ** 2 + (py - feats.y_m[which]) ** 2
+    keep = d2 < r2
+    return pix[keep], d2[keep], which[keep]
