@@ -92,7 +92,7 @@ def _timeline(
     markers = {
         "TipPulse": ("^", "tab:red"),
         "TipDip": ("v", "tab:blue"),
-        "MoveTo": ("|", "tab:gray"),
+        "MoveTo": ("x", "tab:gray"),
     }
     seen: set[str] = set()
     for e in events:
@@ -115,4 +115,4 @@ def _timeline(
     ax.set_yticks(range(len(STATE_ORDER) + 1), [*STATE_ORDER, "commands"])
     ax.set_xlabel("frame")
     ax.set_xlim(-0.5, max(n - 0.5, 0.5))
-    ax.legend(loc="upper right", fontsize=7, ncols=5)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=7, ncols=6, frameon=False)

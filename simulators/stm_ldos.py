@@ -9,14 +9,20 @@ summation: with ``alpha = 2 kappa`` and ``q = sqrt(alpha**2 + G**2)``,
     F(q, h) = 2 pi alpha (1 + q h) exp(-q h) / q**3,
 
 ``h`` the height above the atom plane, ``A`` the cell area and ``S_G`` the basis structure
-factor; terms whose weight is below 1e-4 of the mean are dropped. Terraces are blended with a
-soft coverage at their edges, point defects (vacancies, adatoms, dangling bonds) are added
-atom by atom, and conditioning damage is a corrugation-free layer at a rough height.
+factor; reciprocal vectors whose weight is below ``_TERM_CUTOFF`` of the mean are dropped.
+The lattice sums are separable over a raster (:meth:`Grid.wave_sums`), so their cost is a
+few small matrix products. Terraces are blended with a soft coverage at their edges; adatoms
+and dangling bonds are added atom by atom; near a vacancy the series is replaced by the exact
+sum over the remaining neighbours (no cancellation of large terms); conditioning damage is a
+corrugation-free layer at a rough height.
 
 A tip is a set of apexes ``j`` (offset ``d_j``, height ``h_j``, weight ``a_j``) with current
 ``I ∝ sum_j a_j rho(x - d_j, z + h_j)``; a blunt apex (Gaussian radius ``sigma``) multiplies
 each lattice term by ``exp(-G**2 sigma**2 / 2)`` and widens steps, defects and damage alike.
-The constant-current height solves ``I(z) = I_set`` by Newton steps on ``ln rho``.
+The constant-current height solves ``ln(I / I_set) = 0`` per pixel by Newton steps (two over
+the whole frame), then a bracketed Newton / Illinois false-position polish on the few pixels
+left. Closer than ``_H_CONTACT_M`` to an atom plane the apex "touches": the current keeps
+rising exponentially, which keeps ``I(z)`` monotonic and the solver safe.
 """
 
 from __future__ import annotations
@@ -27,22 +33,25 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import ndtr
 
-from simulators.stm_surface import Features, Grid, SurfaceModel
+from simulators.stm_grid import Grid
+from simulators.stm_solver import solve_decreasing
+from simulators.stm_surface import Features, SurfaceModel
 from simulators.stm_tip import Apex, TipConfig
 
 EDGE_SIGMA_M = 1.0e-10
 """Softness of a step edge as seen by a sharp tip."""
-_H_MIN_M = 0.3e-10
-_MAX_NEWTON_STEPS = 8
+_H_CONTACT_M = 1.2e-10  # closest approach to an atom plane where the s-wave sums are used ...
+_H_LOW_M = -3e-10  # ... below it the current keeps rising exponentially (the apex touches)
+_MAX_NEWTON_STEPS = 30
 _NEWTON_TOL_M = 1e-13
 _MAX_STEP_M = 3e-10
-_TERM_CUTOFF = 2e-3
+_TERM_CUTOFF = 5e-3  # drop lattice terms below 0.5 % of the mean (< 0.005 Å in z)
 _FEATURE_RADIUS_M = 1.2e-9
-_VACANCY_WINDOW_M = 0.6e-9  # pixels this close to a vacancy get the exact atom-by-atom sum
+_VACANCY_WINDOW_M = 0.5e-9  # pixels this close to a vacancy get the exact atom-by-atom sum
 _NEIGHBOUR_RADIUS_M = 0.9e-9  # atoms summed around each of those pixels
 _EXACT_MAX_BLUR_M = 2e-10  # blunter apexes subtract a blurred missing atom from the series
 _F32 = np.float32
-_DEBUG = False
+_TERMS_CACHE_SIZE = 6
 
 
 @dataclass(eq=False)
@@ -128,6 +137,7 @@ class LDOSModel:
         self._select_terms(gap_m)
         self.rho_set = self.rho_flat(gap_m) * conductance_ratio
         self.h_set_m = self._solve_flat()
+        self._terms_cache: dict[tuple[object, ...], _ApexTerms] = {}
         # Per-shell prefactors of F(q, h) / (A rho_set), mean term first.
         q = np.concatenate([[self.alpha], self.shell_q])
         scale = np.ones_like(q)
@@ -208,20 +218,42 @@ class LDOSModel:
             out[1:] = grid.wave_sums(k, coef, lay.origin_m, dtype=_F32).reshape(len(kept), -1)
         return out, np.array([0] + [s + 1 for s in kept], dtype=np.int64)
 
+    def _cached_apex_terms(self, grid: Grid, apex: Apex, blur_m: float) -> _ApexTerms:
+        """Lateral terms, reused while the grid, the apex offset and the sample are unchanged
+        (a double tip's main apex and the good-tip truth image share them)."""
+        key = (
+            grid.rows_m.tobytes(),
+            grid.step_m.tobytes(),
+            grid.width,
+            apex.dx_m,
+            apex.dy_m,
+            blur_m,
+            len(self.surface.damage.events),
+        )
+        hit = self._terms_cache.get(key)
+        if hit is None:
+            hit = self._apex_terms(grid, Apex(apex.dx_m, apex.dy_m), blur_m)
+            if len(self._terms_cache) >= _TERMS_CACHE_SIZE:
+                self._terms_cache.pop(next(iter(self._terms_cache)))
+            self._terms_cache[key] = hit
+        return _ApexTerms(apex, hit.layers, hit.damage, hit.features, hit.guess_m)
+
     def _apex_terms(self, grid: Grid, apex: Apex, blur_m: float) -> _ApexTerms:
         g = grid.shifted(apex.dx_m, apex.dy_m)
         n_pix = g.size
         surf = self.surface
-        phi, gnorm = surf.level_phi(g)
-        phi, gnorm = phi.ravel(), gnorm.ravel()
+        phi = surf.level_phi(g).ravel()
         floor_phi = np.floor(phi)
-        width = gnorm * math.hypot(EDGE_SIGMA_M, blur_m)
+        sigma = math.hypot(EDGE_SIGMA_M, blur_m)
         frac = phi - floor_phi
-        near_lo = frac < 6.0 * width
-        near_hi = (1.0 - frac) < 6.0 * width
+        edge_zone = 6.0 * sigma * surf.max_level_gradient_per_m  # in terraces
+        near_lo = frac < edge_zone
+        near_hi = (1.0 - frac) < edge_zone
         dmg, dmg_h = surf.damage_fields(g, blur_m)
-        x, y = g.xy()
-        hb = surf.herringbone_m(x.ravel(), y.ravel())
+        hb: np.ndarray | float = 0.0
+        if surf.spec.herringbone:
+            x, y = g.xy()
+            hb = surf.herringbone_m(x.ravel(), y.ravel())
         layers: list[_LayerTerms] = []
         guess = np.zeros(n_pix)
         radius = _FEATURE_RADIUS_M + 3.0 * blur_m
@@ -247,8 +279,17 @@ class LDOSModel:
                 idx = np.nonzero(cand_mask)[0]
                 if idx.size == 0:
                     continue
-                ph, wd = phi[idx], width[idx]
-                cov = ndtr((ph - level) / wd) - ndtr((ph - level - 1.0) / wd)
+                ph = phi[idx]
+                cov = np.ones(idx.size)
+                edge = near_lo[idx] | near_hi[idx]
+                if np.any(edge):  # soft coverage across step edges
+                    rows, cols = np.divmod(idx[edge], g.width)
+                    ex = g.rows_m[rows, 0] + cols * g.step_m[0]
+                    ey = g.rows_m[rows, 1] + cols * g.step_m[1]
+                    wd = surf.level_gradient(ex, ey) * sigma
+                    pe = ph[edge]
+                    cov[edge] = ndtr((pe - level) / wd) - ndtr((pe - level - 1.0) / wd)
+                cov[~edge] = (np.floor(ph[~edge]) == level).astype(np.float64)
             if dmg_flat is not None:
                 cov = cov * (1.0 - (dmg_flat if idx is None else dmg_flat[idx]))
             if idx is not None:
@@ -264,8 +305,14 @@ class LDOSModel:
             gamma, shells = self._gamma(level, g, blur_m)
             if idx is not None:
                 gamma = gamma[:, idx]
-            terms = _LayerTerms(idx, n_pix, cov=cov.astype(_F32),
-                                base_m=np.asarray(base, dtype=_F32), gamma=gamma, shells=shells)
+            terms = _LayerTerms(
+                idx,
+                n_pix,
+                cov=cov.astype(_F32),
+                base_m=np.asarray(base, dtype=_F32),
+                gamma=gamma,
+                shells=shells,
+            )
             on_level = vacancies.level == level
             if np.any(on_level):
                 self._exact_near_vacancies(terms, level, g, vacancies.subset(on_level))
@@ -275,59 +322,49 @@ class LDOSModel:
         if dmg is not None and dmg_h is not None:
             dflat, hflat = dmg.ravel(), dmg_h.ravel()
             didx = np.nonzero(dflat > 1e-6)[0]
-            damage = _DamageTerms(didx, n_pix, dmg=dflat[didx].astype(_F32),
-                                  height_m=hflat[didx].astype(_F32))
+            damage = _DamageTerms(
+                didx, n_pix, dmg=dflat[didx].astype(_F32), height_m=hflat[didx].astype(_F32)
+            )
             guess[didx] += dflat[didx] * hflat[didx]
         return _ApexTerms(apex, layers, damage, self._feature_terms(g, feats, radius), guess)
 
-    def _exact_near_vacancies(self, terms: _LayerTerms, level: int, grid: Grid,
-                              vacancies: Features) -> None:
+    def _exact_near_vacancies(
+        self, terms: _LayerTerms, level: int, grid: Grid, vacancies: Features
+    ) -> None:
         """Replace the lattice series by the exact sum over the remaining atoms near vacancies.
 
         Subtracting a missing atom from the truncated series would cancel two large numbers
         where the tip dips into the hole; the direct sum has no such cancellation.
         """
-        pix, _, which = _pixels_near(grid, vacancies, _VACANCY_WINDOW_M)
+        pix, _, _ = grid.pixels_near(vacancies.x_m, vacancies.y_m, _VACANCY_WINDOW_M)
         if pix.size == 0:
             return
-        pix, first = np.unique(pix, return_index=True)
-        owner = which[first]
+        pix = np.unique(pix)
         if terms.idx is None:
             pos = pix
         else:
             pos = np.searchsorted(terms.idx, pix)
             ok = pos < terms.idx.size
             ok[ok] &= terms.idx[pos[ok]] == pix[ok]
-            pix, owner, pos = pix[ok], owner[ok], pos[ok]
+            pix, pos = pix[ok], pos[ok]
             if pix.size == 0:
                 return
         terms.gamma[:, pos] = 0.0  # the exact sum replaces the series (mean term included)
         layer = self.surface.layer(level)
-        removed = np.stack([vacancies.x_m, vacancies.y_m], axis=1)
         rows, cols = pix // grid.width, pix % grid.width
         px = grid.rows_m[rows, 0] + cols * grid.step_m[0]
         py = grid.rows_m[rows, 1] + cols * grid.step_m[1]
-        parts_pix, parts_pos, parts_d2 = [], [], []
-        for v in np.unique(owner):
-            atoms = layer.atoms_near(float(removed[v, 0]), float(removed[v, 1]),
-                                     _VACANCY_WINDOW_M + _NEIGHBOUR_RADIUS_M)
-            gone = np.min(np.hypot(atoms[:, None, 0] - removed[None, :, 0],
-                                   atoms[:, None, 1] - removed[None, :, 1]), axis=1) < 1e-12
-            atoms = atoms[~gone]
-            mine = np.nonzero(owner == v)[0]
-            d2 = (px[mine, None] - atoms[None, :, 0]) ** 2 + (py[mine, None] - atoms[None, :, 1]) ** 2
-            r, _ = np.nonzero(d2 < _NEIGHBOUR_RADIUS_M**2)
-            parts_pix.append(pix[mine][r])
-            parts_pos.append(pos[mine][r])
-            parts_d2.append(d2[d2 < _NEIGHBOUR_RADIUS_M**2])
-        terms.ex_pix = np.concatenate(parts_pix)
-        terms.ex_pos = np.concatenate(parts_pos)
-        terms.ex_d2 = np.concatenate(parts_d2).astype(_F32)
+        point, key, d2 = layer.neighbours(px, py, _NEIGHBOUR_RADIUS_M)
+        present = ~np.isin(key, layer.atom_keys(vacancies.x_m, vacancies.y_m))
+        point, d2 = point[present], d2[present]
+        terms.ex_pix = pix[point]
+        terms.ex_pos = pos[point]
+        terms.ex_d2 = d2.astype(_F32)
 
     def _feature_terms(self, grid: Grid, feats: Features, radius: float) -> _FeatureTerms | None:
         if feats.x_m.size == 0:
             return None
-        pix, d2, which = _pixels_near(grid, feats, radius)
+        pix, d2, which = grid.pixels_near(feats.x_m, feats.y_m, radius)
         if pix.size == 0:
             return None
         return _FeatureTerms(
@@ -340,15 +377,17 @@ class LDOSModel:
 
     # -- evaluation ------------------------------------------------------------------------------
 
-    def _rho(self, z: np.ndarray, act: np.ndarray | None, terms: list[_ApexTerms],
-             blur_m: float) -> tuple[np.ndarray, np.ndarray]:
+    def _rho(
+        self, z: np.ndarray, act: np.ndarray | None, terms: list[_ApexTerms], blur_m: float
+    ) -> tuple[np.ndarray, np.ndarray]:
         """LDOS / rho_set and its z-derivative at heights ``z`` of the pixels ``act``."""
         n_out = z.size
         rho = np.zeros(n_out, dtype=_F32)
         drho = np.zeros(n_out, dtype=_F32)
         q, pref, prefq, dpref = self._q32, self._pref, self._prefq, self._dpref
         alpha = _F32(self.alpha)
-        hmin = _F32(_H_MIN_M)
+        hmin = _F32(_H_CONTACT_M)
+        hlow = _F32(_H_LOW_M)
         inv_rho_set = _F32(1.0 / self.rho_set)
         act_pos: np.ndarray | None = None
         if act is not None:
@@ -359,47 +398,56 @@ class LDOSModel:
             height = z + _F32(t.apex.dz_m)
             for lay in t.layers:
                 src, dst = lay.select(act)
-                h = np.maximum(height[dst] - lay.base_m[src], hmin)
+                h_raw = height[dst] - lay.base_m[src]
+                h = np.maximum(h_raw, hmin)
                 sh = lay.shells
-                amp = np.exp(-q[sh] * h[None, :])  # (S + 1, k)
+                amp = np.exp(-q[sh] * h[None, :])  # (S + 1, k); row 0 is the mean term
                 amp *= lay.gamma[:, src]
+                below = h_raw < hmin
+                # Closer than contact the corrugation freezes and the mean keeps growing, so
+                # the current rises monotonically as the tip descends.
+                amp[0] *= np.exp(alpha * (h - np.maximum(h_raw, hlow)))
                 r = np.einsum("s,sk->k", pref[sh], amp)
                 r += h * np.einsum("s,sk->k", prefq[sh], amp)
-                dr = -h * np.einsum("s,sk->k", dpref[sh], amp)
+                dr = np.where(
+                    below,
+                    -(prefq[0] + dpref[0] * h) * amp[0],
+                    -h * np.einsum("s,sk->k", dpref[sh], amp),
+                )
                 w = a * lay.cov[src]
                 rho[dst] += w * r
                 drho[dst] += w * dr
                 if lay.ex_pix is not None and lay.ex_pos is not None and lay.ex_d2 is not None:
                     out_pix, sel = _active(lay.ex_pix, act_pos)
                     pos = lay.ex_pos[sel]
-                    he = np.maximum(height[out_pix] - lay.base_m[pos], hmin)
-                    dist = np.sqrt(lay.ex_d2[sel] + he * he)
-                    k = (a * inv_rho_set) * lay.cov[pos] * np.exp(-alpha * dist)
-                    rho += np.bincount(out_pix, weights=k, minlength=n_out).astype(_F32)
-                    dk = -alpha * he / dist * k
-                    drho += np.bincount(out_pix, weights=dk, minlength=n_out).astype(_F32)
+                    he = height[out_pix] - lay.base_m[pos]
+                    k, dk = _atom_kernel(lay.ex_d2[sel], he, alpha)
+                    w_ex = (a * inv_rho_set) * lay.cov[pos]
+                    rho += np.bincount(out_pix, weights=w_ex * k, minlength=n_out).astype(_F32)
+                    drho += np.bincount(out_pix, weights=w_ex * dk, minlength=n_out).astype(_F32)
             if t.damage is not None:
                 src, dst = t.damage.select(act)
-                h = np.maximum(height[dst] - t.damage.height_m[src], hmin)
-                e0 = np.exp(-alpha * h)
+                h_raw = height[dst] - t.damage.height_m[src]
+                h = np.maximum(h_raw, hmin)
+                e0 = np.exp(-alpha * np.maximum(h_raw, hlow))
                 w = a * t.damage.dmg[src]
                 rho[dst] += w * pref[0] * (1.0 + alpha * h) * e0
-                drho[dst] -= w * dpref[0] * h * e0
+                drho[dst] -= w * (dpref[0] * h + (h_raw < hmin) * prefq[0]) * e0
             f = t.features
             if f is not None:
                 fp, sel = _active(f.pix, act_pos)
                 hf = height[fp] - f.z_m[sel]
                 al = f.alpha_per_m[sel]
                 if blur_m <= 0.0:
-                    dist = np.sqrt(f.d2_m2[sel] + hf**2)
-                    k = a * f.weight[sel] * np.exp(-al * dist)
-                    dk = -al * hf / np.maximum(dist, _F32(1e-12)) * k
+                    k, dk = _atom_kernel(f.d2_m2[sel], hf, al)
+                    k *= a * f.weight[sel]
+                    dk *= a * f.weight[sel]
                 else:
-                    habs = np.maximum(np.abs(hf), hmin)
-                    s0 = habs / al
+                    s0 = np.maximum(hf, hmin) / al
                     var = s0 + _F32(blur_m**2)
-                    k = a * f.weight[sel] * np.exp(-al * habs - f.d2_m2[sel] / (2 * var)) * s0 / var
-                    dk = -al * np.sign(hf) * k
+                    gauss = np.exp(-al * np.maximum(hf, hlow) - f.d2_m2[sel] / (2 * var))
+                    k = a * f.weight[sel] * gauss * s0 / var
+                    dk = -al * k
                 rho += np.bincount(fp, weights=k, minlength=n_out).astype(_F32)
                 drho += np.bincount(fp, weights=dk, minlength=n_out).astype(_F32)
         return rho, drho
@@ -411,30 +459,24 @@ class LDOSModel:
         the terrace below ``-step``).
         """
         self._n_pixels = grid.size
-        terms = [self._apex_terms(grid, ap, config.blur_m) for ap in config.apexes]
-        main = max(range(len(terms)),
-                   key=lambda j: terms[j].apex.weight * math.exp(-self.alpha * terms[j].apex.dz_m))
+        terms = [self._cached_apex_terms(grid, ap, config.blur_m) for ap in config.apexes]
+        main = max(
+            range(len(terms)),
+            key=lambda j: terms[j].apex.weight * math.exp(-self.alpha * terms[j].apex.dz_m),
+        )
         z = (terms[main].guess_m + self.h_set_m - terms[main].apex.dz_m).astype(_F32)
         tiny = _F32(1e-12)
         min_slope = _F32(0.2 * self.alpha)
-        act: np.ndarray | None = None
-        for _ in range(_MAX_NEWTON_STEPS):
-            zact = z if act is None else z[act]
-            rho, drho = self._rho(zact, act, terms, config.blur_m)
+
+        def newton_step(zs: np.ndarray, act: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+            """f = ln(I / I_set) (falls monotonically with z) and its Newton step."""
+            rho, drho = self._rho(zs, act, terms, config.blur_m)
             rho = np.maximum(rho, tiny)
-            slope = np.maximum(-drho / rho, min_slope)  # -d ln(rho) / dz > 0
-            step = np.clip(np.log(rho) / slope, -_MAX_STEP_M, _MAX_STEP_M).astype(_F32)
-            moving = np.abs(step) > _NEWTON_TOL_M
-            if _DEBUG:
-                print("newton", zact.size, float(np.abs(step).max()))
-            if act is None:
-                z += step
-                act = np.nonzero(moving)[0]
-            else:
-                z[act] += step
-                act = act[moving]
-            if act.size == 0:
-                break
+            f = np.log(rho)
+            slope = np.maximum(-drho / rho, min_slope)  # -df/dz > 0
+            return f, np.clip(f / slope, -_MAX_STEP_M, _MAX_STEP_M).astype(_F32)
+
+        solve_decreasing(z, newton_step, tol=_NEWTON_TOL_M, max_iter=_MAX_NEWTON_STEPS)
         return (z.astype(np.float64) - self.h_set_m).reshape(grid.shape)
 
     def residual(self, z_image_m: np.ndarray, grid: Grid, config: TipConfig) -> np.ndarray:
@@ -443,7 +485,25 @@ class LDOSModel:
         terms = [self._apex_terms(grid, ap, config.blur_m) for ap in config.apexes]
         z = (z_image_m.ravel() + self.h_set_m).astype(_F32)
         rho, _ = self._rho(z, None, terms, config.blur_m)
-        return np.asarray(np.log(rho.astype(np.float64)).reshape(grid.shape))
+        return np.asarray(np.log(np.maximum(rho.astype(np.float64), 1e-30)).reshape(grid.shape))
+
+
+def _atom_kernel(
+    d2_m2: np.ndarray, h_m: np.ndarray, alpha_per_m: np.ndarray | np.floating
+) -> tuple[np.ndarray, np.ndarray]:
+    """``exp(-alpha |r - R|)`` of one atom and its derivative in the tip height ``h_m``.
+
+    Closer than the contact height the distance keeps shrinking linearly, so the current
+    rises monotonically as the tip descends.
+    """
+    contact = _F32(_H_CONTACT_M)
+    above = h_m >= contact
+    h = np.maximum(h_m, contact)
+    dist = np.sqrt(d2_m2 + h * h)
+    dist = np.where(above, dist, dist - (contact - np.maximum(h_m, _H_LOW_M)))
+    k = np.exp(-alpha_per_m * dist)
+    slope = np.where(above, h / np.sqrt(d2_m2 + h * h), _F32(1.0))
+    return k, -alpha_per_m * slope * k
 
 
 def _active(pix: np.ndarray, act_pos: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | slice]:
@@ -453,50 +513,3 @@ def _active(pix: np.ndarray, act_pos: np.ndarray | None) -> tuple[np.ndarray, np
     out = act_pos[pix]
     sel = np.nonzero(out >= 0)[0]
     return out[sel], sel
-
-
-def _pixels_near(
-    grid: Grid, feats: Features, radius_m: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flat pixel indices within ``radius_m`` of each feature, squared distances, feature index."""
-    ax, ay = grid.rows_m[:, 0], grid.rows_m[:, 1]
-    width = grid.width
-    bx, by = float(grid.step_m[0]), float(grid.step_m[1])
-    b2 = max(bx * bx + by * by, 1e-40)
-    pix_parts: list[np.ndarray] = []
-    which_parts: list[np.ndarray] = []
-    r2 = radius_m**2
-    for start in range(0, feats.x_m.size, 1024):
-        fx = feats.x_m[start : start + 1024]
-        fy = feats.y_m[start : start + 1024]
-        relx = fx[None, :] - ax[:, None]
-        rely = fy[None, :] - ay[:, None]
-        t = (relx * bx + rely * by) / b2
-        perp2 = relx**2 + rely**2 - t**2 * b2
-        rows, fi = np.nonzero(perp2 < r2)
-        if rows.size == 0:
-            continue
-        half = np.sqrt(np.maximum(r2 - perp2[rows, fi], 0.0) / b2)
-        lo = np.clip(np.ceil(t[rows, fi] - half), 0, width - 1).astype(np.int64)
-        hi = np.clip(np.floor(t[rows, fi] + half), -1, width - 1).astype(np.int64)
-        count = np.maximum(hi - lo + 1, 0)
-        ok = count > 0
-        rows, fi, lo, count = rows[ok], fi[ok], lo[ok], count[ok]
-        if rows.size == 0:
-            continue
-        rep_row = np.repeat(rows, count)
-        offsets = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
-        cols = np.repeat(lo, count) + offsets
-        pix_parts.append(rep_row * width + cols)
-        which_parts.append(np.repeat(fi + start, count))
-    if not pix_parts:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, np.zeros(0), empty
-    pix = np.concatenate(pix_parts)
-    which = np.concatenate(which_parts)
-    rows_idx, cols_idx = pix // width, pix % width
-    px = grid.rows_m[rows_idx, 0] + cols_idx * bx
-    py = grid.rows_m[rows_idx, 1] + cols_idx * by
-    d2 = (px - feats.x_m[which]) ** 2 + (py - feats.y_m[which]) ** 2
-    keep = d2 < r2
-    return pix[keep], d2[keep], which[keep]

@@ -20,12 +20,13 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import ndtr
+
+from simulators.stm_damage import DamageMap
+from simulators.stm_grid import Grid
 
 TILE_M = 32e-9
 """Edge of the square tiles in which point defects are drawn."""
 
-_MAX_DAMAGE_RADIUS_M = 30e-9
 _TILE_TAG = 0x5EED_D3F
 _SURFACE_TAG = 0x5EED_5F
 _INDEX_OFFSET = 2**31
@@ -85,6 +86,11 @@ def _rot(angle_rad: float) -> np.ndarray:
     return np.array([[c, -s], [s, c]])
 
 
+def _site_key(i: np.ndarray, j: np.ndarray, b: np.ndarray, n_basis: int) -> np.ndarray:
+    """One int64 per lattice site (cell i, j within ±2**20, basis atom b)."""
+    return ((i + 2**20) * 2**21 + (j + 2**20)) * n_basis + b
+
+
 @dataclass(frozen=True)
 class Layer:
     """The lattice of one terrace level in sample coordinates."""
@@ -97,19 +103,51 @@ class Layer:
     basis_m: np.ndarray  # (B, 2)
     area_m2: float
 
-    def atoms_near(self, x_m: float, y_m: float, radius_m: float) -> np.ndarray:
-        """``(n, 2)`` positions of this layer's atoms within ``radius_m`` of a point."""
-        frac = np.linalg.solve(self.cell_m, np.array([x_m, y_m]) - self.origin_m)
-        lengths = np.hypot(self.cell_m[0], self.cell_m[1])
-        # Cells needed along each primitive direction (with slack for oblique cells).
-        reach = np.ceil(radius_m / (lengths * 0.5) + 2).astype(int)
-        i = np.arange(-reach[0], reach[0] + 1) + round(frac[0])
-        j = np.arange(-reach[1], reach[1] + 1) + round(frac[1])
-        ii, jj = np.meshgrid(i, j, indexing="ij")
-        cells = self.cell_m @ np.stack([ii.ravel(), jj.ravel()]).astype(np.float64)
-        pts = (cells.T[:, None, :] + self.origin_m + self.basis_m[None, :, :]).reshape(-1, 2)
-        keep = np.hypot(pts[:, 0] - x_m, pts[:, 1] - y_m) <= radius_m
-        return np.asarray(pts[keep])
+    def neighbours(
+        self, x_m: np.ndarray, y_m: np.ndarray, radius_m: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Atoms of this layer within ``radius_m`` of each point, without any loop over atoms.
+
+        Returns ``(point index, atom key, squared distance)`` per pair; keys identify atoms as
+        :meth:`atom_keys` does.
+        """
+        pts = np.stack([x_m - self.origin_m[0], y_m - self.origin_m[1]])
+        cell0 = np.rint(np.linalg.solve(self.cell_m, pts)).astype(np.int64)  # (2, n)
+        local = (pts - self.cell_m @ cell0).T.astype(np.float32)  # within half a cell
+        a1, a2 = self.cell_m[:, 0], self.cell_m[:, 1]
+        reach = radius_m + 0.5 * (float(np.hypot(*(a1 + a2))) + float(np.hypot(*(a1 - a2))))
+        reach += float(np.max(np.hypot(*self.basis_m.T)))
+        area = abs(float(a1[0] * a2[1] - a1[1] * a2[0]))
+        span = int(np.ceil(reach / min(area / float(np.hypot(*a1)), area / float(np.hypot(*a2)))))
+        di, dj = np.meshgrid(np.arange(-span, span + 1), np.arange(-span, span + 1), indexing="ij")
+        off = np.stack([di.ravel(), dj.ravel()])
+        off = off[:, np.hypot(*(self.cell_m @ off)) <= reach]
+        nb = self.basis_m.shape[0]
+        # Stencil of atom positions relative to the point's nearest cell origin: (O * nb, 2).
+        stencil = ((self.cell_m @ off).T[:, None, :] + self.basis_m[None, :, :]).reshape(-1, 2)
+        st = stencil.astype(np.float32)
+        d2 = (local[:, 0:1] - st[None, :, 0]) ** 2 + (local[:, 1:2] - st[None, :, 1]) ** 2
+        point, which = np.nonzero(d2 < np.float32(radius_m**2))
+        o, b = np.divmod(which, nb)
+        key = _site_key(cell0[0, point] + off[0, o], cell0[1, point] + off[1, o], b, nb)
+        return point, key, d2[point, which]
+
+    def atom_keys(self, x_m: np.ndarray, y_m: np.ndarray) -> np.ndarray:
+        """Keys of the atoms at (or nearest to) the given positions."""
+        pts = np.stack([x_m, y_m]) - self.origin_m[:, None]
+        inv = np.linalg.inv(self.cell_m)
+        nb = self.basis_m.shape[0]
+        best = np.full(pts.shape[1], np.inf)
+        keys = np.zeros(pts.shape[1], dtype=np.int64)
+        for bi, bvec in enumerate(self.basis_m):
+            cell = np.rint(inv @ (pts - bvec[:, None])).astype(np.int64)
+            err = np.hypot(*(pts - bvec[:, None] - self.cell_m @ cell))
+            better = err < best
+            best = np.where(better, err, best)
+            keys = np.where(
+                better, _site_key(cell[0], cell[1], np.full_like(cell[0], bi), nb), keys
+            )
+        return keys
 
     def nearest_site(self, x_m: np.ndarray, y_m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The lattice-cell origins (without basis) nearest to the points."""
@@ -136,8 +174,14 @@ class Features:
         return Features(e, e, e, e, e, np.zeros(0, dtype=np.int64))
 
     def subset(self, mask: np.ndarray) -> Features:
-        return Features(self.x_m[mask], self.y_m[mask], self.z_m[mask], self.weight[mask],
-                        self.alpha_factor[mask], self.level[mask])
+        return Features(
+            self.x_m[mask],
+            self.y_m[mask],
+            self.z_m[mask],
+            self.weight[mask],
+            self.alpha_factor[mask],
+            self.level[mask],
+        )
 
 
 @dataclass(frozen=True)
@@ -150,103 +194,6 @@ class SurfaceDefect:
     level: int
 
 
-@dataclass(frozen=True, eq=False)
-class DamageEvent:
-    """A disc of disordered material left by a pulse or a dip."""
-
-    x_m: float
-    y_m: float
-    radius_m: float
-    kind: str  # "pulse" or "dip"
-    strength: float
-    base_z_m: float
-    mode_k_per_m: np.ndarray  # (M, 2) rough-surface wave vectors
-    mode_amp_m: np.ndarray  # (M,)
-    mode_phase: np.ndarray  # (M,)
-    edge_amp: np.ndarray  # (3,) relative radius modulation for harmonics 2, 3, 5
-    edge_phase: np.ndarray  # (3,)
-
-    def radius_at(self, x_m: np.ndarray, y_m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Distance from the centre and the (irregular) disc radius in that direction."""
-        dx, dy = x_m - self.x_m, y_m - self.y_m
-        ang = np.arctan2(dy, dx)
-        wobble = sum(a * np.cos(n * ang + p) for a, n, p in
-                     zip(self.edge_amp, (2, 3, 5), self.edge_phase, strict=True))
-        return np.hypot(dx, dy), self.radius_m * (1.0 + wobble)
-
-    def profile_m(self, r_m: np.ndarray) -> np.ndarray:
-        """Mean height of the disordered material above ``base_z_m`` at distance ``r_m``."""
-        R, s = self.radius_m, self.strength
-        if self.kind == "pulse":  # a mound of material from the tip
-            return (0.3e-9 + 0.9e-9 * s) * np.exp(-(r_m**2) / (2.0 * (0.3 * R) ** 2))
-        crater = -(0.3e-9 + 1.0e-9 * s) * np.exp(-(r_m**2) / (2.0 * (0.2 * R) ** 2))
-        rim = (0.2e-9 + 0.4e-9 * s) * np.exp(-((r_m - 0.35 * R) ** 2) / (2.0 * (0.08 * R) ** 2))
-        return np.asarray(crater + rim)
-
-
-@dataclass(frozen=True, eq=False)
-class Grid:
-    """Pixel positions of (part of) a raster scan: row ``k``, column ``c`` lies at
-    ``rows_m[k] + c * step_m`` (sample metres). Rows are straight and equally sampled; each
-    row has its own origin (drift and creep move whole lines).
-    """
-
-    rows_m: np.ndarray  # (nr, 2)
-    step_m: np.ndarray  # (2,)
-    width: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (int(self.rows_m.shape[0]), self.width)
-
-    @property
-    def size(self) -> int:
-        return int(self.rows_m.shape[0]) * self.width
-
-    def xy(self) -> tuple[np.ndarray, np.ndarray]:
-        """Full ``(nr, W)`` float64 coordinate arrays."""
-        c = np.arange(self.width, dtype=np.float64)
-        x = self.rows_m[:, 0:1] + c[None, :] * self.step_m[0]
-        y = self.rows_m[:, 1:2] + c[None, :] * self.step_m[1]
-        return x, y
-
-    def shifted(self, dx_m: float, dy_m: float) -> Grid:
-        return Grid(self.rows_m - np.array([dx_m, dy_m]), self.step_m, self.width)
-
-    def bounds(self) -> tuple[float, float, float, float]:
-        """``(xmin, xmax, ymin, ymax)`` of the pixel centres."""
-        end = self.rows_m + (self.width - 1) * self.step_m
-        both = np.concatenate([self.rows_m, end])
-        return (float(both[:, 0].min()), float(both[:, 0].max()),
-                float(both[:, 1].min()), float(both[:, 1].max()))
-
-    def wave_sums(self, k_per_m: np.ndarray, coef: np.ndarray,
-                  origin_m: np.ndarray | None = None, dtype: type = np.float64) -> np.ndarray:
-        """``sum_t Re(coef[s, t] exp(i k[s, t] . (r - origin)))`` for each set ``s``.
-
-        ``k_per_m`` is ``(S, T, 2)``, ``coef`` ``(S, T)`` complex; returns ``(S, nr, W)``.
-        Separable in rows and columns, so it costs one batched matrix product.
-        """
-        k = np.asarray(k_per_m, dtype=np.float64)
-        rows = self.rows_m if origin_m is None else self.rows_m - origin_m
-        row_phase = np.exp(1j * (rows @ k.reshape(-1, 2).T)).reshape(
-            rows.shape[0], k.shape[0], k.shape[1]
-        ).transpose(1, 0, 2) * np.asarray(coef)[:, None, :]  # (S, nr, T)
-        col = np.arange(self.width, dtype=np.float64)
-        col_phase = (k @ self.step_m)[:, :, None] * col[None, None, :]  # (S, T, W)
-        left = np.concatenate([row_phase.real, -row_phase.imag], axis=2).astype(dtype)
-        right = np.concatenate([np.cos(col_phase), np.sin(col_phase)], axis=1).astype(dtype)
-        return np.asarray(np.matmul(left, right))
-
-    def wave_sum(self, k_per_m: np.ndarray, coef: np.ndarray,
-                 origin_m: np.ndarray | None = None) -> np.ndarray:
-        """``sum_t Re(coef_t exp(i k_t . (r - origin)))`` over the grid, ``(nr, W)`` float64."""
-        k = np.asarray(k_per_m, dtype=np.float64).reshape(1, -1, 2)
-        if k.shape[1] == 0:
-            return np.zeros(self.shape)
-        return self.wave_sums(k, np.asarray(coef).reshape(1, -1), origin_m)[0]
-
-
 @dataclass
 class SurfaceModel:
     """A lazily generated, seeded sample surface."""
@@ -257,7 +204,7 @@ class SurfaceModel:
     terrace_width_m: float = 60e-9
     herringbone_amplitude_m: float = 0.15e-10
     lattice_angle_rad: float | None = None
-    damage: list[DamageEvent] = field(default_factory=list)
+    damage: DamageMap = field(default_factory=DamageMap)
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng(np.random.SeedSequence([self.entropy, _SURFACE_TAG]))
@@ -282,24 +229,34 @@ class SurfaceModel:
 
     # -- terraces --------------------------------------------------------------------------------
 
-    def level_phi(self, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-        """The continuous terrace coordinate ``phi`` (level = floor(phi)) and ``|grad phi|``.
-
-        Both ``(nr, W)`` float64 over ``grid``.
-        """
+    def level_phi(self, grid: Grid) -> np.ndarray:
+        """The continuous terrace coordinate ``phi`` (level = floor(phi)), ``(nr, W)`` float64."""
         n = self.step_normal
         inv_w = 1.0 / self.terrace_width_m
         lin_rows = (grid.rows_m @ n) * inv_w + self.step_offset
         lin_cols = np.arange(grid.width) * float(grid.step_m @ n) * inv_w
         c = self.meander_amp * np.exp(1j * self.meander_phase)
-        k = np.broadcast_to(self.meander_k, (3, *self.meander_k.shape))
-        sums = grid.wave_sums(
-            k, np.stack([-1j * c, c * self.meander_k[:, 0], c * self.meander_k[:, 1]])
-        )
-        phi = lin_rows[:, None] + lin_cols[None, :] + sums[0]
-        gx = n[0] * inv_w + sums[1]
-        gy = n[1] * inv_w + sums[2]
-        return phi, np.maximum(np.hypot(gx, gy), 0.1 * inv_w)
+        meander = grid.wave_sums(self.meander_k[None], (-1j * c)[None])[0]
+        meander += lin_rows[:, None]
+        meander += lin_cols[None, :]
+        return meander
+
+    @property
+    def max_level_gradient_per_m(self) -> float:
+        """An upper bound of ``|grad phi|`` (terraces per metre)."""
+        k = np.hypot(self.meander_k[:, 0], self.meander_k[:, 1])
+        return float(1.0 / self.terrace_width_m + np.sum(self.meander_amp * k))
+
+    def level_gradient(self, x_m: np.ndarray, y_m: np.ndarray) -> np.ndarray:
+        """``|grad phi|`` at arbitrary points (terraces per metre)."""
+        inv_w = 1.0 / self.terrace_width_m
+        gx = np.full(np.shape(x_m), self.step_normal[0] * inv_w)
+        gy = np.full(np.shape(x_m), self.step_normal[1] * inv_w)
+        for k, amp, ph in zip(self.meander_k, self.meander_amp, self.meander_phase, strict=True):
+            c = amp * np.cos(k[0] * x_m + k[1] * y_m + ph)
+            gx += c * k[0]
+            gy += c * k[1]
+        return np.maximum(np.sqrt(gx * gx + gy * gy), 0.1 * inv_w)
 
     def level_at(self, x_m: np.ndarray, y_m: np.ndarray) -> np.ndarray:
         """Terrace level (int) at arbitrary points."""
@@ -372,53 +329,45 @@ class SurfaceModel:
         which = rng.choice(len(kinds), size=n, p=p / p.sum())
         lobe = rng.integers(0, len(self.spec.basis_m), size=n)
         levels = self.level_at(xs, ys)
-        fx: list[float] = []
-        fy: list[float] = []
-        fz: list[float] = []
-        fw: list[float] = []
-        fa: list[float] = []
-        fl: list[int] = []
-        truth: list[SurfaceDefect] = []
-        for k in range(n):
-            layer = self.layer(int(levels[k]))
-            sx, sy = layer.nearest_site(xs[k : k + 1], ys[k : k + 1])
-            site = np.array([sx[0], sy[0]])
-            z0 = layer.height_m + float(
-                np.sum(self.herringbone_m(site[0:1], site[1:2]))
-            )
-            kind = kinds[int(which[k])]
-            if kind == "vacancy":
-                # Au: one missing atom; H:Si: a dimer vacancy (both lobes missing).
-                for b in layer.basis_m:
-                    fx.append(site[0] + b[0])
-                    fy.append(site[1] + b[1])
-                    fz.append(z0)
-                    fw.append(-1.0)
-                    fa.append(1.0)
-                    fl.append(layer.level)
-                pos = site + layer.basis_m.mean(axis=0)
-            elif kind == "adatom":
-                if self.spec.name == "au111":  # fcc hollow site
-                    pos = site + (layer.cell_m[:, 0] + layer.cell_m[:, 1]) / 3.0
-                else:  # on top of a dimer
-                    pos = site + layer.basis_m.mean(axis=0)
-                fx.append(pos[0])
-                fy.append(pos[1])
-                fz.append(z0 + self.spec.adatom_height_m)
-                fw.append(_ADATOM_WEIGHT[self.spec.name])
-                fa.append(1.0)
-                fl.append(layer.level)
-            else:  # dangling bond: a bright, extended state on one lobe
-                pos = site + layer.basis_m[int(lobe[k])]
-                fx.append(pos[0])
-                fy.append(pos[1])
-                fz.append(z0 + _DB_HEIGHT_M)
-                fw.append(_DB_WEIGHT)
-                fa.append(_DB_DECAY_FACTOR)
-                fl.append(layer.level)
-            truth.append(SurfaceDefect(float(pos[0]), float(pos[1]), kind, int(levels[k])))
-        feats = Features(np.array(fx), np.array(fy), np.array(fz), np.array(fw), np.array(fa),
-                         np.array(fl, dtype=np.int64))
+        sites = np.zeros((n, 2))
+        cells = np.zeros((n, 2, 2))
+        bases = np.zeros((n, len(self.spec.basis_m), 2))
+        for level in np.unique(levels):  # snap each defect to its terrace's lattice
+            on = levels == level
+            layer = self.layer(int(level))
+            sx, sy = layer.nearest_site(xs[on], ys[on])
+            sites[on] = np.stack([sx, sy], axis=1)
+            cells[on] = layer.cell_m
+            bases[on] = layer.basis_m
+        z0 = -levels * self.spec.step_height_m + self.herringbone_m(sites[:, 0], sites[:, 1])
+        names = np.array(kinds)[which] if n else np.zeros(0, dtype=str)
+        centre = sites + bases.mean(axis=1)
+        pos = centre.copy()
+        vac, ad, db = names == "vacancy", names == "adatom", names == "dangling_bond"
+        if self.spec.name == "au111":  # adatoms sit in fcc hollow sites
+            pos[ad] = sites[ad] + (cells[ad, :, 0] + cells[ad, :, 1]) / 3.0
+        pos[db] = sites[db] + bases[db, lobe[db]]
+        # Vacancies remove every basis atom of the cell (H:Si: a dimer vacancy).
+        nb = bases.shape[1]
+        vac_xy = (sites[vac][:, None, :] + bases[vac]).reshape(-1, 2)
+        vac_z = np.repeat(z0[vac], nb)
+        vac_l = np.repeat(levels[vac], nb)
+        one = ad | db
+        feat_z = z0[one] + np.where(db[one], _DB_HEIGHT_M, self.spec.adatom_height_m)
+        feat_w = np.where(db[one], _DB_WEIGHT, _ADATOM_WEIGHT[self.spec.name])
+        feat_a = np.where(db[one], _DB_DECAY_FACTOR, 1.0)
+        feats = Features(
+            np.concatenate([vac_xy[:, 0], pos[one, 0]]),
+            np.concatenate([vac_xy[:, 1], pos[one, 1]]),
+            np.concatenate([vac_z, feat_z]),
+            np.concatenate([np.full(vac_z.size, -1.0), feat_w]),
+            np.concatenate([np.ones(vac_z.size), feat_a]),
+            np.concatenate([vac_l, levels[one]]).astype(np.int64),
+        )
+        truth = [
+            SurfaceDefect(float(x), float(y), str(k), int(lv))
+            for x, y, k, lv in zip(pos[:, 0], pos[:, 1], names, levels, strict=True)
+        ]
         self._tiles[(i, j)] = (feats, truth)
         return feats, truth
 
@@ -434,8 +383,10 @@ class SurfaceModel:
         parts = [f for f, _ in self._tiles_in_box(x0, x1, y0, y1) if f.x_m.size]
         if not parts:
             return Features.empty()
-        arrays = [np.concatenate([getattr(p, n) for p in parts]) for n in
-                  ("x_m", "y_m", "z_m", "weight", "alpha_factor", "level")]
+        arrays = [
+            np.concatenate([getattr(p, n) for p in parts])
+            for n in ("x_m", "y_m", "z_m", "weight", "alpha_factor", "level")
+        ]
         feats = Features(*arrays)
         x, y = feats.x_m, feats.y_m
         keep = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
@@ -452,9 +403,7 @@ class SurfaceModel:
             if x0 <= d.x_m <= x1 and y0 <= d.y_m <= y1
         ]
         if found and self.damage:
-            dmg = self.damage_at(
-                np.array([d.x_m for d in found]), np.array([d.y_m for d in found])
-            )
+            dmg = self.damage_at(np.array([d.x_m for d in found]), np.array([d.y_m for d in found]))
             found = [d for d, v in zip(found, dmg, strict=True) if v < 0.5]
         return found
 
@@ -468,73 +417,17 @@ class SurfaceModel:
         radius_m: float,
         kind: str,
         strength: float,
-    ) -> DamageEvent:
-        """Record a disc of disordered material around ``(x_m, y_m)``."""
+    ) -> None:
+        """Spoil a disc of radius ``radius_m`` around ``(x_m, y_m)`` (see :mod:`stm_damage`)."""
         base = float(self.surface_height_m(np.array([x_m]), np.array([y_m]))[0])
-        n_modes = 32
-        wavelength = np.exp(rng.uniform(math.log(0.6e-9), math.log(4e-9), n_modes))
-        angle = rng.uniform(0.0, 2.0 * math.pi, n_modes)
-        k = (2.0 * math.pi / wavelength)[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1)
-        amp = wavelength / wavelength.sum() * (1.5e-10 + 1.5e-10 * strength) * math.sqrt(n_modes)
-        event = DamageEvent(
-            x_m, y_m, radius_m, kind, strength, base, k, amp, rng.uniform(0, 2 * math.pi, n_modes),
-            rng.uniform(0.0, 0.08, 3), rng.uniform(0.0, 2 * math.pi, 3),
-        )
-        self.damage.append(event)
-        return event
-
-    def _events_near(self, bounds: tuple[float, float, float, float],
-                     margin_m: float) -> list[DamageEvent]:
-        x0, x1, y0, y1 = bounds
-        out = []
-        for ev in self.damage:
-            reach = ev.radius_m + margin_m
-            if ev.x_m + reach < x0 or ev.x_m - reach > x1:
-                continue
-            if ev.y_m + reach < y0 or ev.y_m - reach > y1:
-                continue
-            out.append(ev)
-        return out
+        self.damage.add(rng, x_m, y_m, radius_m, kind, strength, base)
 
     def damage_at(self, x_m: np.ndarray, y_m: np.ndarray) -> np.ndarray:
-        """Damage indicator in [0, 1] at arbitrary points (0 on pristine surface)."""
-        free = np.ones(np.shape(x_m))
-        if not self.damage or free.size == 0:
-            return 1.0 - free
-        bounds = (float(np.min(x_m)), float(np.max(x_m)), float(np.min(y_m)), float(np.max(y_m)))
-        for ev in self._events_near(bounds, 0.3 * _MAX_DAMAGE_RADIUS_M):
-            r, edge_r = ev.radius_at(x_m, y_m)
-            free *= 1.0 - ndtr((edge_r - r) / 0.5e-9)
-        return 1.0 - free
+        """Damage indicator in [0, 1] at arbitrary points."""
+        return self.damage.at(x_m, y_m)
 
     def damage_fields(
         self, grid: Grid, blur_m: float
     ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Damage indicator ``D`` in [0, 1] and disordered-material height, ``(nr, W)`` each.
-
-        Returns ``(None, None)`` when no damage event reaches the grid. ``blur_m`` is the
-        Gaussian apex radius of a blunt tip: it softens the edge and the roughness.
-        """
-        if not self.damage:
-            return None, None
-        edge = math.hypot(0.5e-9, blur_m)
-        events = self._events_near(grid.bounds(), 0.3 * _MAX_DAMAGE_RADIUS_M + 4.0 * edge)
-        if not events:
-            return None, None
-        x, y = grid.xy()
-        free = np.ones(grid.shape)
-        weighted = np.zeros(grid.shape)
-        total = np.zeros(grid.shape)
-        for ev in events:
-            r, edge_r = ev.radius_at(x, y)
-            d = ndtr((edge_r - r) / edge)
-            kmag2 = np.sum(ev.mode_k_per_m**2, axis=1)
-            amp = ev.mode_amp_m * np.exp(-0.5 * kmag2 * blur_m**2)
-            rough = grid.wave_sum(ev.mode_k_per_m, amp * np.exp(1j * ev.mode_phase))
-            h = ev.base_z_m + ev.profile_m(r) + rough
-            free *= 1.0 - d
-            weighted += d * h
-            total += d
-        dmg = 1.0 - free
-        height = np.divide(weighted, total, out=np.zeros_like(weighted), where=total > 1e-12)
-        return dmg, height
+        """Damage indicator and debris height over ``grid`` (``(None, None)`` if untouched)."""
+        return self.damage.fields(grid, blur_m)

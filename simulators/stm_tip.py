@@ -91,26 +91,36 @@ class _Response:
 
 
 _RESPONSES: dict[tuple[str, TipState], _Response] = {
-    ("pulse", GOOD): _Response(0, 1, 0.05, 0.45, ((MULTIPLE, .35), (UNSTABLE, .35), (BLUNT, .2),
-                                                   (CRASHED, .1))),
-    ("pulse", MULTIPLE): _Response(0.55, 0.35, 0.03, 0.25, ((UNSTABLE, .45), (BLUNT, .4),
-                                                             (CRASHED, .15))),
-    ("pulse", UNSTABLE): _Response(0.6, 0.3, 0.03, 0.25, ((MULTIPLE, .45), (BLUNT, .4),
-                                                           (CRASHED, .15))),
-    ("pulse", BLUNT): _Response(0.3, 1.0, 0.02, 0.2, ((MULTIPLE, .5), (UNSTABLE, .3),
-                                                       (CRASHED, .2))),
-    ("pulse", CRASHED): _Response(0.15, 1.0, 0.05, 0.0, ((BLUNT, .7), (MULTIPLE, .2),
-                                                          (UNSTABLE, .1)), change_slope=0.3),
-    ("dip", GOOD): _Response(0, 1, 0.08, 0.45, ((BLUNT, .4), (MULTIPLE, .35), (UNSTABLE, .15),
-                                                 (CRASHED, .1))),
-    ("dip", MULTIPLE): _Response(0.5, 0.4, 0.05, 0.3, ((BLUNT, .5), (UNSTABLE, .3),
-                                                        (CRASHED, .2))),
-    ("dip", UNSTABLE): _Response(0.5, 0.4, 0.05, 0.3, ((BLUNT, .5), (MULTIPLE, .3),
-                                                        (CRASHED, .2))),
-    ("dip", BLUNT): _Response(0.75, 0.5, 0.04, 0.25, ((MULTIPLE, .6), (UNSTABLE, .25),
-                                                       (CRASHED, .15))),
-    ("dip", CRASHED): _Response(0.6, 0.6, 0.1, 0.0, ((BLUNT, .6), (MULTIPLE, .3),
-                                                      (UNSTABLE, .1)), change_slope=0.3),
+    ("pulse", GOOD): _Response(
+        0, 1, 0.05, 0.45, ((MULTIPLE, 0.35), (UNSTABLE, 0.35), (BLUNT, 0.2), (CRASHED, 0.1))
+    ),
+    ("pulse", MULTIPLE): _Response(
+        0.55, 0.35, 0.03, 0.25, ((UNSTABLE, 0.45), (BLUNT, 0.4), (CRASHED, 0.15))
+    ),
+    ("pulse", UNSTABLE): _Response(
+        0.6, 0.3, 0.03, 0.25, ((MULTIPLE, 0.45), (BLUNT, 0.4), (CRASHED, 0.15))
+    ),
+    ("pulse", BLUNT): _Response(
+        0.3, 1.0, 0.02, 0.2, ((MULTIPLE, 0.5), (UNSTABLE, 0.3), (CRASHED, 0.2))
+    ),
+    ("pulse", CRASHED): _Response(
+        0.15, 1.0, 0.05, 0.0, ((BLUNT, 0.7), (MULTIPLE, 0.2), (UNSTABLE, 0.1)), change_slope=0.3
+    ),
+    ("dip", GOOD): _Response(
+        0, 1, 0.08, 0.45, ((BLUNT, 0.4), (MULTIPLE, 0.35), (UNSTABLE, 0.15), (CRASHED, 0.1))
+    ),
+    ("dip", MULTIPLE): _Response(
+        0.5, 0.4, 0.05, 0.3, ((BLUNT, 0.5), (UNSTABLE, 0.3), (CRASHED, 0.2))
+    ),
+    ("dip", UNSTABLE): _Response(
+        0.5, 0.4, 0.05, 0.3, ((BLUNT, 0.5), (MULTIPLE, 0.3), (CRASHED, 0.2))
+    ),
+    ("dip", BLUNT): _Response(
+        0.75, 0.5, 0.04, 0.25, ((MULTIPLE, 0.6), (UNSTABLE, 0.25), (CRASHED, 0.15))
+    ),
+    ("dip", CRASHED): _Response(
+        0.6, 0.6, 0.1, 0.0, ((BLUNT, 0.6), (MULTIPLE, 0.3), (UNSTABLE, 0.1)), change_slope=0.3
+    ),
 }
 
 
@@ -124,7 +134,9 @@ def dip_strength(depth_m: float, bias_V: float) -> float:
     return min(2.0, max(depth_m, 0.0) / DIP_REFERENCE_M * (1.0 + 0.5 * min(abs(bias_V), 1.0)))
 
 
-def conditioning_probabilities(state: TipState, kind: str, strength: float) -> dict[TipState, float]:
+def conditioning_probabilities(
+    state: TipState, kind: str, strength: float
+) -> dict[TipState, float]:
     """Outcome distribution of conditioning a tip in ``state`` with a ``kind`` action.
 
     ``kind`` is ``"pulse"`` or ``"dip"``; ``strength`` from :func:`pulse_strength` or
@@ -133,14 +145,12 @@ def conditioning_probabilities(state: TipState, kind: str, strength: float) -> d
     resp = _RESPONSES[(kind, state)]
     s = max(0.0, strength)
     out = dict.fromkeys(TipState, 0.0)
-    if state is GOOD:
-        p_fix = 0.0
-    else:
-        p_fix = resp.fix_max * (1.0 - math.exp(-s / resp.fix_scale))
+    p_fix = 0.0 if state is GOOD else resp.fix_max * (1.0 - math.exp(-s / resp.fix_scale))
     p_change = resp.change_base + resp.change_slope * s + resp.change_quad * s * s
     p_change = min(p_change, 0.95 - p_fix)
-    weights = {st: w * (1.0 + 2.0 * s if st in (BLUNT, CRASHED) else 1.0)
-               for st, w in resp.change_to}
+    weights = {
+        st: w * (1.0 + 2.0 * s if st in (BLUNT, CRASHED) else 1.0) for st, w in resp.change_to
+    }
     total = sum(weights.values())
     for st, w in weights.items():
         out[st] += p_change * w / total
@@ -201,19 +211,30 @@ class TipModel:
             for _ in range(n_extra):
                 dist = rng.uniform(0.4e-9, 2.5e-9)
                 ang = rng.uniform(0.0, 2.0 * math.pi)
-                extra.append(Apex(dist * math.cos(ang), dist * math.sin(ang),
-                                  rng.uniform(-0.1e-10, 1.0e-10), 1.0))
+                extra.append(
+                    Apex(
+                        dist * math.cos(ang),
+                        dist * math.sin(ang),
+                        rng.uniform(-0.1e-10, 1.0e-10),
+                        1.0,
+                    )
+                )
             self._configs = (TipConfig(next(self._ids), state, (Apex(), *extra)),)
         elif state is BLUNT:
-            self._configs = (TipConfig(next(self._ids), state, (Apex(),),
-                                       blur_m=rng.uniform(4e-10, 12e-10)),)
+            self._configs = (
+                TipConfig(next(self._ids), state, (Apex(),), blur_m=rng.uniform(4e-10, 12e-10)),
+            )
         elif state is UNSTABLE:
-            self._configs = (TipConfig(next(self._ids), state, (Apex(),),
-                                       blur_m=rng.uniform(0.0, 1.0e-10)),)
+            self._configs = (
+                TipConfig(next(self._ids), state, (Apex(),), blur_m=rng.uniform(0.0, 1.0e-10)),
+            )
             self._add_unstable_alternates()
         else:
-            self._configs = (TipConfig(next(self._ids), state, (Apex(),),
-                                       crash_depth_m=rng.uniform(0.3e-9, 5e-9)),)
+            self._configs = (
+                TipConfig(
+                    next(self._ids), state, (Apex(),), crash_depth_m=rng.uniform(0.3e-9, 5e-9)
+                ),
+            )
         return self.config
 
     def _add_unstable_alternates(self) -> None:
@@ -225,8 +246,12 @@ class TipModel:
             shift = rng.uniform(0.0, 3e-10)
             ang = rng.uniform(0.0, 2.0 * math.pi)
             moved = tuple(
-                Apex(a.dx_m + shift * math.cos(ang), a.dy_m + shift * math.sin(ang),
-                     a.dz_m + jump, a.weight)
+                Apex(
+                    a.dx_m + shift * math.cos(ang),
+                    a.dy_m + shift * math.sin(ang),
+                    a.dz_m + jump,
+                    a.weight,
+                )
                 for a in base.apexes
             )
             blur = base.blur_m + rng.uniform(0.0, 2e-10)
@@ -251,7 +276,9 @@ class TipModel:
             return 0.0
         return self._leave_rate if self._active == 0 else self._return_rate
 
-    def evolve(self, t0_s: float, dt_s: float, *, active: bool = True) -> list[tuple[float, TipConfig]]:
+    def evolve(
+        self, t0_s: float, dt_s: float, *, active: bool = True
+    ) -> list[tuple[float, TipConfig]]:
         """Let ``dt_s`` pass from ``t0_s``; returns ``(time, new config)`` for each change.
 
         ``active=False`` (tip retracted) suspends all spontaneous changes.

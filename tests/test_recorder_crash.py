@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ SEED = 20240611
 @dataclass
 class Trial:
     index: int
-    delay_s: float
+    after_frames: int  # kill once the child has acknowledged this many frames (0: at READY)
+    delay_s: float  # ... and then this much later
     close_after: int | None
 
 
@@ -40,15 +42,21 @@ class Outcome:
 
 
 def _trials() -> list[Trial]:
+    """Kill points measured in progress, so that slow and fast machines test the same states.
+
+    They range from "right after the store exists" (group creation, first chunks) to well into
+    the run (chunk roll-overs, array growth), plus a random sub-append delay so the kill lands
+    anywhere inside an append. Every sixth child closes early on its own, so some kills land in
+    or after ``close()``.
+    """
     rng = random.Random(SEED)
     trials = []
     for k in range(TRIALS):
-        # Kills spread from "right after the store exists" (group creation, first chunks) to
-        # well into the run (chunk roll-overs, array growth); every sixth child closes early on
-        # its own, so some kills land in or after close().
-        delay = rng.uniform(0.0, 0.8)
         close_after = rng.randint(1, 8) if k % 6 == 5 else None
-        trials.append(Trial(k, delay, close_after))
+        after = (
+            rng.randint(0, close_after) if close_after else rng.choice([0, 1, 2, 3, 5, 8, 20, 40])
+        )
+        trials.append(Trial(k, after, rng.uniform(0.0, 0.03), close_after))
     return trials
 
 
@@ -57,26 +65,40 @@ def _run_and_kill(trial: Trial, base: Path) -> Outcome:
     cmd = [sys.executable, "-m", "tests.recorder_child", str(store)]
     if trial.close_after is not None:
         cmd += ["--close-after", str(trial.close_after)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    lines: list[bytes] = []
+    with (
+        tempfile.TemporaryFile() as err,
+        subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err) as proc,
+    ):
         assert proc.stdout is not None
-        first = proc.stdout.readline()
-        if first.strip() != b"READY":
-            proc.kill()
-            _, err = proc.communicate(timeout=10)
-            pytest.fail(f"child did not start: {first!r} {err.decode(errors='replace')}")
-        time.sleep(trial.delay_s)
-        os.kill(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+        try:
+            first = proc.stdout.readline()
+            if first.strip() != b"READY":
+                proc.kill()
+                proc.wait()
+                err.seek(0)
+                pytest.fail(f"child did not start: {first!r} {err.read().decode(errors='replace')}")
+            target = f"FRAME {trial.after_frames - 1}".encode()
+            while trial.after_frames > 0:
+                line = proc.stdout.readline()
+                lines.append(line)
+                if not line or line.strip() in (target, b"CLOSED"):
+                    break
+            time.sleep(trial.delay_s)
+            os.kill(proc.pid, signal.SIGKILL)
+            lines.append(proc.stdout.read())  # what the child printed up to the kill
+            proc.wait(timeout=30)
+            if proc.returncode != -signal.SIGKILL:  # it died on its own: show why
+                err.seek(0)
+                pytest.fail(f"child exited with {proc.returncode}: {err.read().decode()}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     frames = events = 0
     closed = False
-    for line in out.decode().splitlines():
-        word, _, number = line.partition(" ")
+    for text in b"".join(lines).decode().splitlines():
+        word, _, number = text.partition(" ")
         if word == "FRAME":
             assert int(number) == frames, "child acknowledged frames out of order"
             frames += 1
@@ -132,6 +154,5 @@ def test_kill_9_at_random_instants_loses_nothing_acknowledged(tmp_path: Path) ->
         outcomes = list(pool.map(lambda t: _run_and_kill(t, tmp_path), _trials()))
     for outcome in outcomes:
         _check(outcome)
-    # The trials must actually have killed writers mid-stream, not only idle ones.
-    assert sum(o.frames_acked for o in outcomes) > 5 * TRIALS
-    assert sum(1 for o in outcomes if not o.closed and o.frames_acked > 0) >= TRIALS // 2
+    # The kills must have hit writers mid-stream, not only idle or closed ones.
+    assert sum(1 for o in outcomes if not o.closed and o.frames_acked >= 20) >= 3
