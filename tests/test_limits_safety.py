@@ -590,6 +590,18 @@ def reference_violations(
                 bad.add("height_m")
             if off_stage(region.center_x_m, region.center_y_m):
                 bad.add("center_m")
+            # every corner of the scan (its bounding circle when rotated) must be on the stage
+            if region.rotation_deg % 180:
+                hx = hy = math.hypot(region.width_m, region.height_m) / 2
+            else:
+                hx, hy = region.width_m / 2, region.height_m / 2
+            corners = [
+                (region.center_x_m + sx * hx, region.center_y_m + sy * hy)
+                for sx in (-1, 1)
+                for sy in (-1, 1)
+            ]
+            if any(off_stage(x, y) for x, y in corners):
+                bad.add("region")
     return bad
 
 

@@ -77,6 +77,7 @@ class ClassicalConfig:
     coherence_width: float = 0.03
     # unstable: second-largest excursion of a line from its neighbours (robust z-score)
     jump_window_lines: int = 15
+    jump_rank: int = 3
     jump_at: float = 9.0
     jump_width: float = 1.5
     # blunt: atomic lattice peaks above the noise, log10 units
@@ -176,7 +177,7 @@ class ClassicalTipAssessor:
         lines = flat - np.median(flat, axis=1, keepdims=True)
         feats["rms_m"] = _robust_std(lines) * unit_m
         feats["line_coherence"] = _line_coherence(lines)
-        feats.update(_jump_features(flat, self.config.jump_window_lines))
+        feats.update(_jump_features(flat, self.config.jump_window_lines, self.config.jump_rank))
         local = self._local_detail(flat, py, px)
         feats.update(self._lattice_features(local, py, px))
         feats.update(self._ghost_features(local, py, px))
@@ -406,7 +407,7 @@ def _line_coherence(lines: np.ndarray) -> float:
     return float(np.median(corr))
 
 
-def _jump_features(flat: np.ndarray, window_lines: int) -> dict[str, float]:
+def _jump_features(flat: np.ndarray, window_lines: int, rank: int) -> dict[str, float]:
     """Lines that differ from the lines on *both* sides: height and content excursions.
 
     Each pixel is compared with the median of its column over the ``window_lines // 2``
@@ -414,8 +415,9 @@ def _jump_features(flat: np.ndarray, window_lines: int) -> dict[str, float]:
     of the two differences. A step edge or any lasting change matches one side and so scores
     nothing; an apex that flips away for a few lines and back, or a streak, differs from both
     sides. The excursion of a line is the median of its difference (height) and the median
-    absolute deviation around that (content), as robust z-scores over the frame. The *second*
-    largest is reported, so that one odd line (a burst of line noise) is not enough.
+    absolute deviation around that (content), as robust z-scores over the frame. The
+    ``rank``-th largest is reported (``jump_rank``, default the third), so that one or two odd
+    lines (a burst of line noise, the line that runs along a step edge) are not enough.
     """
     half = max(1, min(window_lines // 2, flat.shape[0] // 2))
     h = flat.shape[0]
@@ -427,9 +429,10 @@ def _jump_features(flat: np.ndarray, window_lines: int) -> dict[str, float]:
     content = np.median(np.abs(nearer - np.median(nearer, axis=1, keepdims=True)), axis=1)
     off_z = _robust_z(offset)
     con_z = _robust_z(content)
+    k = rank - 1
     return {
-        "offset_jump_z": float(off_z[1]) if off_z.size > 1 else 0.0,
-        "content_jump_z": float(con_z[1]) if con_z.size > 1 else 0.0,
+        "offset_jump_z": float(off_z[k]) if off_z.size > k else 0.0,
+        "content_jump_z": float(con_z[k]) if con_z.size > k else 0.0,
         "offset_jump_max_z": float(off_z[0]) if off_z.size else 0.0,
         "content_jump_max_z": float(con_z[0]) if con_z.size else 0.0,
     }
