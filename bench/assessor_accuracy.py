@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", type=int, default=256, help="pixels per side")
     parser.add_argument("--noise-scale", type=float, default=1.0, help="x white and line noise")
     parser.add_argument("--lines", type=int, default=0, help="assess only the first N lines")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results" / "assessor")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "out" / "assessor")
     args = parser.parse_args(argv)
     if args.frames_per_state < 1:
         parser.error("--frames-per-state must be >= 1")
