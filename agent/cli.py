@@ -46,9 +46,13 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing store")
     run.add_argument("--seed", type=int, default=0, help="simulator seed (sim: URIs only)")
     run.add_argument("--mode", default="autonomous", choices=["autonomous", "supervised", "manual"])
-    run.add_argument("--shape", type=int, default=256, help="frame size in pixels (square)")
-    run.add_argument("--size-nm", type=float, default=16.0, help="scan size in nm (square)")
-    run.add_argument("--dwell-ms", type=float, default=1.0, help="dwell per pixel in ms")
+    run.add_argument(
+        "--shape", type=int, help="frame size in pixels, square (default: the instrument's)"
+    )
+    run.add_argument(
+        "--size-nm", type=float, help="scan size in nm, square (default: instrument's)"
+    )
+    run.add_argument("--dwell-us", type=float, help="dwell per pixel in µs (default: instrument's)")
     run.add_argument(
         "--sim",
         action="append",
@@ -100,6 +104,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from agent.recorder import SessionRecorder
     from agent.session import Session
     from agent.summary import format_summary, summarize
+    from drivers.commands import Scan
     from drivers.errors import ConfigError
     from drivers.frame import ScanRegion
     from drivers.registry import open_instrument
@@ -109,16 +114,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--frames must be >= 1, got {args.frames}")
     options: dict[str, Any] = {}
     if args.instrument.startswith("sim:"):
-        size_m = args.size_nm * 1e-9
-        options = {
-            "seed": args.seed,
-            "shape_px": (args.shape, args.shape),
-            "dwell_s": args.dwell_ms * 1e-3,
-            "region": ScanRegion(0.0, 0.0, size_m, size_m),
-            **_parse_sim_options(args.sim),
-        }
+        options = {"seed": args.seed, **_parse_sim_options(args.sim)}
     elif args.sim:
         raise ConfigError("--sim options apply to sim: instruments only")
+    scan: dict[str, Any] = {}
+    if args.shape is not None:
+        scan["shape_px"] = (args.shape, args.shape)
+    if args.dwell_us is not None:
+        scan["dwell_s"] = args.dwell_us * 1e-6
+    if args.size_nm is not None:
+        scan["region"] = ScanRegion(0.0, 0.0, args.size_nm * 1e-9, args.size_nm * 1e-9)
     policy = make_policy(args.policy)
     assessor = ClassicalTipAssessor()
     config = {
@@ -127,9 +132,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "frames": args.frames,
         "seed": args.seed,
         "mode": args.mode,
-        "shape_px": [args.shape, args.shape],
+        "shape": args.shape,
         "size_nm": args.size_nm,
-        "dwell_ms": args.dwell_ms,
+        "dwell_us": args.dwell_us,
         "sim_options": _parse_sim_options(args.sim),
         "lockstep": not args.free_running,
     }
@@ -140,6 +145,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     }
     instrument = open_instrument(args.instrument, **options)
     try:
+        if scan:  # scan settings go through the instrument's envelope like any other command
+            instrument.execute(Scan(source="console", reason="command-line scan settings", **scan))
         recorder = SessionRecorder(
             args.out, overwrite=args.overwrite, config=config, versions=versions
         )

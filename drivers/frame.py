@@ -129,7 +129,7 @@ class GroundTruth:
             "defects": [d.to_json() for d in self.defects],
             "damaged_fraction": float(self.damaged_fraction),
             "usable": self.usable,
-            "extra": dict(self.extra),
+            "extra": {k: _small_json(v) for k, v in self.extra.items()},
         }
 
 
@@ -220,3 +220,17 @@ def frame_problems(frame: Frame, *, expected_shape: tuple[int, int] | None = Non
     if n_bad:
         problems.append(f"{n_bad} of {done.size} pixels are NaN or infinite")
     return problems
+
+
+def _small_json(value: Any) -> Any:
+    """A JSON-able stand-in for a ground-truth extra: arrays become their shape and dtype
+    (masks and maps are kept as arrays by whoever needs them, not in small JSON records)."""
+    if isinstance(value, np.ndarray):
+        return {"array": {"shape": list(value.shape), "dtype": str(value.dtype)}}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {str(k): _small_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_small_json(v) for v in value]
+    return value

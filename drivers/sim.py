@@ -280,7 +280,13 @@ class SimulatedSTM:
         return self._sim.tip_state
 
 
-_SIMULATED: dict[str, Callable[..., Any]] = {"stm": SimulatedSTM}
+def _open_sem(**options: Any) -> Any:
+    from drivers.sim_sem import SimulatedSEM
+
+    return SimulatedSEM(**options)
+
+
+_SIMULATED: dict[str, Callable[..., Any]] = {"stm": SimulatedSTM, "sem": _open_sem}
 
 
 def open_simulated(name: str, **options: Any) -> Any:

@@ -91,7 +91,7 @@ def test_same_seed_same_frames_and_decisions(tmp_path: Path) -> None:
         (["--instrument", "bogus:thing"], "unknown instrument scheme 'bogus'"),
         (["--instrument", "sim:tem"], "unknown simulated instrument 'sim:tem'"),
         (["--frames", "0"], "--frames must be >= 1"),
-        (["--dwell-ms", "500"], "dwell_s"),
+        (["--dwell-us", "500000"], "dwell_s"),
         (["--sim", "surface=graphite"], "graphite"),
     ],
 )

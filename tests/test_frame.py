@@ -309,3 +309,16 @@ def test_moved_to_keeps_size_and_rotation() -> None:
     moved = region.moved_to(1e-7, -2e-7)
     assert moved == ScanRegion(1e-7, -2e-7, 3e-8, 4e-8, 30.0)
     assert region == ScanRegion(0.0, 0.0, 3e-8, 4e-8, 30.0)
+
+
+def test_ground_truth_json_replaces_arrays_by_their_shape() -> None:
+    truth = GroundTruth(
+        TipState.GOOD,
+        extra={"mask": np.zeros((3, 4), bool), "x": np.float32(1.5), "ids": [np.int64(2)]},
+    )
+    out = json.loads(json.dumps(truth.to_json()))
+    assert out["extra"] == {
+        "mask": {"array": {"shape": [3, 4], "dtype": "bool"}},
+        "x": 1.5,
+        "ids": [2],
+    }
