@@ -267,3 +267,33 @@ def command_from_json(obj: Mapping[str, Any] | str | bytes) -> Command:
         return cls(**kwargs)
     except TypeError as exc:
         raise DataError(f"{kind}: {exc}") from None
+
+
+SCAN_PATTERNS: tuple[str, ...] = ("raster", "random", "lines", "spiral")
+
+
+@dataclass(frozen=True, repr=False)
+class SetScanPattern(Command):
+    """Scan the following frames with ``pattern`` visiting ``fraction`` of the pixels.
+
+    ``raster`` visits every pixel (``fraction`` 1); ``random`` (random pixels), ``lines``
+    (every k-th line) and ``spiral`` are partial scans: the pixels they skip are NaN.
+    """
+
+    requires: ClassVar[Capability] = Capability.PARTIAL_SCAN
+    pattern: str = "raster"
+    fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.pattern, str) or self.pattern not in SCAN_PATTERNS:
+            raise DataError(
+                f"SetScanPattern.pattern must be one of {SCAN_PATTERNS}, got {self.pattern!r}"
+            )
+        if not 0.0 < self.fraction <= 1.0:
+            raise DataError(f"SetScanPattern.fraction must be in (0, 1], got {self.fraction!r}")
+        if self.pattern == "raster" and self.fraction != 1.0:
+            raise DataError(
+                f"SetScanPattern: a raster visits every pixel, so fraction must be 1, got "
+                f"{self.fraction!r}; use 'random', 'lines' or 'spiral' for partial scans"
+            )

@@ -286,7 +286,17 @@ def _open_sem(**options: Any) -> Any:
     return SimulatedSEM(**options)
 
 
-_SIMULATED: dict[str, Callable[..., Any]] = {"stm": SimulatedSTM, "sem": _open_sem}
+def _open_stem(**options: Any) -> Any:
+    from drivers.sim_stem import SimulatedSTEM
+
+    return SimulatedSTEM(**options)
+
+
+_SIMULATED: dict[str, Callable[..., Any]] = {
+    "stm": SimulatedSTM,
+    "stem": _open_stem,
+    "sem": _open_sem,
+}
 
 
 def open_simulated(name: str, **options: Any) -> Any:

@@ -21,6 +21,7 @@ from drivers.commands import (
     Scan,
     SetBias,
     SetDwell,
+    SetScanPattern,
     TipDip,
     TipPulse,
     command_from_json,
@@ -43,6 +44,7 @@ EXAMPLES: dict[str, Command] = {
     "AbortScan": AbortScan(**META),
     "Retract": Retract(**META),
     "Approach": Approach(**META),
+    "SetScanPattern": SetScanPattern("spiral", 0.05, **META),
 }
 
 REQUIRES = {
@@ -55,6 +57,7 @@ REQUIRES = {
     "Approach": Capability.Z_CONTROL,
     "Retract": Capability.Z_CONTROL,
     "SetBias": Capability.BIAS,
+    "SetScanPattern": Capability.PARTIAL_SCAN,
 }
 
 
