@@ -13,6 +13,7 @@ simulated seconds; lengths are metres.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -38,21 +39,31 @@ def flicker_series(
     white = rng.standard_normal(n_samples, dtype=np.float32)
     if rms_per_decade_m <= 0.0 or n_samples < 4:
         return np.zeros(n_samples)
+    shape32, expected_var = _flicker_shape(n_samples, dt_s)
     spec = scipy.fft.rfft(white)
+    spec *= shape32
+    series = scipy.fft.irfft(spec, n_samples, overwrite_x=True)
+    decades = math.log10((1.0 / (2.0 * dt_s)) * (n_samples * dt_s))
+    target_var = rms_per_decade_m**2 * max(decades, 0.0)
+    series *= math.sqrt(target_var / expected_var)
+    return np.asarray(series)
+
+
+@functools.lru_cache(maxsize=8)
+def _flicker_shape(n_samples: int, dt_s: float) -> tuple[np.ndarray, float]:
+    """The 1/f amplitude shape (float32, read-only) of :func:`flicker_series` and the expected
+    variance of the shaped series, from Parseval over the full two-sided spectrum."""
     freq = scipy.fft.rfftfreq(n_samples, dt_s)
     shape = np.zeros_like(freq)
     shape[1:] = 1.0 / np.sqrt(freq[1:])
-    spec *= shape.astype(np.float32)
-    series = scipy.fft.irfft(spec, n_samples)
-    # Expected variance of the shaped series, from Parseval over the full two-sided spectrum.
     weights = np.full(freq.shape, 2.0)
     weights[0] = 1.0
     if n_samples % 2 == 0:
         weights[-1] = 1.0
     expected_var = float(np.sum(weights * shape**2)) / n_samples
-    decades = math.log10((1.0 / (2.0 * dt_s)) * (n_samples * dt_s))
-    target_var = rms_per_decade_m**2 * max(decades, 0.0)
-    return np.asarray(series * math.sqrt(target_var / expected_var))
+    shape32 = shape.astype(np.float32)
+    shape32.flags.writeable = False
+    return shape32, expected_var
 
 
 @dataclass

@@ -28,6 +28,7 @@ rising exponentially, which keeps ``I(z)`` monotonic and the solver safe.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,6 +53,47 @@ _NEIGHBOUR_RADIUS_M = 0.9e-9  # atoms summed around each of those pixels
 _EXACT_MAX_BLUR_M = 2e-10  # blunter apexes subtract a blurred missing atom from the series
 _F32 = np.float32
 _TERMS_CACHE_SIZE = 6
+_SMALL_ACTIVE_RATIO = 16  # fewer active pixels than entries / this: search sorted entries
+
+
+class _EntryIndex:
+    """Which entries of a per-entry array (``pix``: the output pixel of each entry) belong to a
+    set of active pixels, without a pass over all entries when the set is small."""
+
+    def __init__(self, pix: np.ndarray) -> None:
+        self.pix = pix
+        self._order: np.ndarray | None = None
+        self._sorted: np.ndarray | None = None
+
+    def active(
+        self, act: np.ndarray | None, act_pos: Callable[[], np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray | slice]:
+        """Output positions (in ``act``) of the entries of active pixels, and the entries, in
+        entry order. ``act_pos()``: each pixel's position in ``act`` (-1: inactive)."""
+        pix = self.pix
+        if act is None:
+            return pix, slice(None)
+        if act.size * _SMALL_ACTIVE_RATIO >= pix.size or not _increasing(act):
+            out = np.take(act_pos(), pix)
+            sel = np.flatnonzero(out >= 0)
+            return np.take(out, sel), sel
+        if self._order is None or self._sorted is None:
+            self._order = np.argsort(pix, kind="stable")
+            self._sorted = pix[self._order]
+        lo = np.searchsorted(self._sorted, act, "left")
+        count = np.searchsorted(self._sorted, act, "right") - lo
+        n = int(count.sum())
+        if n == 0:
+            empty = np.zeros(0, dtype=np.intp)
+            return empty, empty
+        ends = np.cumsum(count)
+        at = np.arange(n) + np.repeat(lo - (ends - count), count)
+        sel = np.sort(self._order[at])
+        return np.searchsorted(act, pix[sel]), sel
+
+
+def _increasing(a: np.ndarray) -> bool:
+    return a.size < 2 or bool(np.all(a[1:] > a[:-1]))
 
 
 @dataclass(eq=False)
@@ -87,6 +129,7 @@ class _LayerTerms(_Terms):
     ex_pix: np.ndarray | None = None
     ex_pos: np.ndarray | None = None
     ex_d2: np.ndarray | None = None
+    ex_index: _EntryIndex | None = None
 
 
 @dataclass(eq=False)
@@ -102,6 +145,7 @@ class _FeatureTerms:
     z_m: np.ndarray
     weight: np.ndarray  # relative to rho_set
     alpha_per_m: np.ndarray
+    index: _EntryIndex
 
 
 @dataclass(frozen=True, eq=False)
@@ -358,6 +402,7 @@ class LDOSModel:
         present = ~np.isin(key, layer.atom_keys(vacancies.x_m, vacancies.y_m))
         point, d2 = point[present], d2[present]
         terms.ex_pix = pix[point]
+        terms.ex_index = _EntryIndex(terms.ex_pix)
         terms.ex_pos = pos[point]
         terms.ex_d2 = d2.astype(_F32)
 
@@ -373,6 +418,7 @@ class LDOSModel:
             feats.z_m[which].astype(_F32),
             (feats.weight[which] / self.rho_set).astype(_F32),
             (self.alpha * feats.alpha_factor[which]).astype(_F32),
+            _EntryIndex(pix),
         )
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -389,10 +435,16 @@ class LDOSModel:
         hmin = _F32(_H_CONTACT_M)
         hlow = _F32(_H_LOW_M)
         inv_rho_set = _F32(1.0 / self.rho_set)
-        act_pos: np.ndarray | None = None
-        if act is not None:
-            act_pos = np.full(self._n_pixels, -1, dtype=np.int64)
-            act_pos[act] = np.arange(act.size)
+        act_pos_cache: list[np.ndarray] = []
+
+        def act_pos() -> np.ndarray:
+            if not act_pos_cache:
+                assert act is not None
+                pos = np.full(self._n_pixels, -1, dtype=np.int64)
+                pos[act] = np.arange(act.size)
+                act_pos_cache.append(pos)
+            return act_pos_cache[0]
+
         for t in terms:
             a = _F32(t.apex.weight)
             height = z + _F32(t.apex.dz_m)
@@ -402,23 +454,24 @@ class LDOSModel:
                 h = np.maximum(h_raw, hmin)
                 sh = lay.shells
                 amp = np.exp(-q[sh] * h[None, :])  # (S + 1, k); row 0 is the mean term
-                amp *= lay.gamma[:, src]
+                amp *= lay.gamma if isinstance(src, slice) else np.take(lay.gamma, src, axis=1)
                 below = h_raw < hmin
+                any_below = bool(below.any())
                 # Closer than contact the corrugation freezes and the mean keeps growing, so
-                # the current rises monotonically as the tip descends.
-                amp[0] *= np.exp(alpha * (h - np.maximum(h_raw, hlow)))
+                # the current rises monotonically as the tip descends (elsewhere the factor
+                # is exactly exp(0) = 1).
+                if any_below:
+                    amp[0] *= np.exp(alpha * (h - np.maximum(h_raw, hlow)))
                 r = np.einsum("s,sk->k", pref[sh], amp)
                 r += h * np.einsum("s,sk->k", prefq[sh], amp)
-                dr = np.where(
-                    below,
-                    -(prefq[0] + dpref[0] * h) * amp[0],
-                    -h * np.einsum("s,sk->k", dpref[sh], amp),
-                )
+                dr = -h * np.einsum("s,sk->k", dpref[sh], amp)
+                if any_below:
+                    dr = np.where(below, -(prefq[0] + dpref[0] * h) * amp[0], dr)
                 w = a * lay.cov[src]
                 rho[dst] += w * r
                 drho[dst] += w * dr
-                if lay.ex_pix is not None and lay.ex_pos is not None and lay.ex_d2 is not None:
-                    out_pix, sel = _active(lay.ex_pix, act_pos)
+                if lay.ex_index is not None and lay.ex_pos is not None and lay.ex_d2 is not None:
+                    out_pix, sel = lay.ex_index.active(act, act_pos)
                     pos = lay.ex_pos[sel]
                     he = height[out_pix] - lay.base_m[pos]
                     k, dk = _atom_kernel(lay.ex_d2[sel], he, alpha)
@@ -435,7 +488,7 @@ class LDOSModel:
                 drho[dst] -= w * (dpref[0] * h + (h_raw < hmin) * prefq[0]) * e0
             f = t.features
             if f is not None:
-                fp, sel = _active(f.pix, act_pos)
+                fp, sel = f.index.active(act, act_pos)
                 hf = height[fp] - f.z_m[sel]
                 al = f.alpha_per_m[sel]
                 if blur_m <= 0.0:
@@ -474,7 +527,7 @@ class LDOSModel:
             rho = np.maximum(rho, tiny)
             f = np.log(rho)
             slope = np.maximum(-drho / rho, min_slope)  # -df/dz > 0
-            return f, np.clip(f / slope, -_MAX_STEP_M, _MAX_STEP_M).astype(_F32)
+            return f, np.clip(f / slope, -_MAX_STEP_M, _MAX_STEP_M).astype(_F32, copy=False)
 
         solve_decreasing(z, newton_step, tol=_NEWTON_TOL_M, max_iter=_MAX_NEWTON_STEPS)
         return (z.astype(np.float64) - self.h_set_m).reshape(grid.shape)
@@ -499,17 +552,16 @@ def _atom_kernel(
     contact = _F32(_H_CONTACT_M)
     above = h_m >= contact
     h = np.maximum(h_m, contact)
-    dist = np.sqrt(d2_m2 + h * h)
-    dist = np.where(above, dist, dist - (contact - np.maximum(h_m, _H_LOW_M)))
+    root = h * h
+    root += d2_m2
+    np.sqrt(root, out=root)
+    if above.all():
+        dist = root
+        slope = h / root
+    else:
+        dist = np.where(above, root, root - (contact - np.maximum(h_m, _H_LOW_M)))
+        slope = np.where(above, h / root, _F32(1.0))
     k = np.exp(-alpha_per_m * dist)
-    slope = np.where(above, h / np.sqrt(d2_m2 + h * h), _F32(1.0))
-    return k, -alpha_per_m * slope * k
-
-
-def _active(pix: np.ndarray, act_pos: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | slice]:
-    """Output positions of the active pixels among ``pix``, and which entries they are."""
-    if act_pos is None:
-        return pix, slice(None)
-    out = act_pos[pix]
-    sel = np.nonzero(out >= 0)[0]
-    return out[sel], sel
+    slope *= -alpha_per_m
+    slope *= k
+    return k, slope

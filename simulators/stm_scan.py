@@ -51,6 +51,8 @@ class FrameScan:
         self._line_offset = rng.standard_normal(h_px) * cfg.line_noise_m
         flicker = flicker_series(rng, h_px * 2 * w_px, dwell_s, cfg.flicker_noise_m_per_decade)
         self._flicker = flicker.reshape(h_px, 2 * w_px)[:, :w_px]
+        # Every line's noise at once (the same element-wise arithmetic as line by line).
+        self._noise = self._sigma_white * self._white + self._line_offset[:, None] + self._flicker
         self._row_t = np.zeros(h_px)
         self._rows_m = np.zeros((h_px, 2))
         self._step_m = np.zeros(2)
@@ -102,54 +104,67 @@ class FrameScan:
 
     def next_line(self) -> np.ndarray:
         """Scan the next row: ``(W,)`` float32 metres; advances simulated time by a line."""
-        if self.done:
-            raise CommandRejected(f"frame {self.index} is complete ({self.shape_px[0]} lines)")
-        sim = self._sim
         row = self.lines_done
-        w_px = self.shape_px[1]
-        t0 = sim.time_s
+        h_px, w_px = self.shape_px
+        if row >= h_px:
+            raise CommandRejected(f"frame {self.index} is complete ({h_px} lines)")
+        sim = self._sim
+        t0 = sim._t
         if abs(t0 - self._row_t[row]) > 1e-9 or sim._epoch != self._epoch:
             self._epoch = sim._epoch
             self._plan(row, t0)
-        retracted = sim.tip_retracted
-        segments: list[tuple[int, TipConfig]] = [(0, sim._tip.config)]
-        previous = sim._tip.config
-        for t_event, config in sim._pass_time(self.line_time_s):
-            if config.state is not previous.state:
-                self._tip_changes += 1
-            else:
-                self._apex_switches += 1
-            previous = config
-            col = int((t_event - t0) / self.dwell_s)
-            if col < w_px:
-                if col <= segments[-1][0]:
-                    segments[-1] = (segments[-1][0], config)
-                else:
-                    segments.append((col, config))
-        if len(segments) == 1:
-            config = segments[0][1]
-            line = self._line_values(row, config, retracted).copy()
-            majority = config.state
+        retracted = sim._retracted
+        first = sim._tip.config
+        events = sim._pass_time(self.line_time_s)
+        if not events:
+            majority = first.state
             if majority not in self._seen:
                 self._seen.append(majority)
+            values = self._line_values(row, first, retracted)
+            if values.dtype == np.float64:
+                line = values + self._noise[row]
+            else:  # float32 values (a crashed tip): add in float64, round back as ``+=`` does
+                line = values.copy()
+                line += self._noise[row]
         else:
-            line = np.empty(w_px)
-            counts: Counter[TipState] = Counter()
-            for i, (c0, config) in enumerate(segments):
-                c1 = segments[i + 1][0] if i + 1 < len(segments) else w_px
-                line[c0:c1] = self._line_values(row, config, retracted)[c0:c1]
-                counts[config.state] += c1 - c0
-                if config.state not in self._seen:
-                    self._seen.append(config.state)
-            majority = counts.most_common(1)[0][0]
-        line += self._sigma_white * self._white[row] + self._line_offset[row] + self._flicker[row]
+            segments: list[tuple[int, TipConfig]] = [(0, first)]
+            previous = first
+            for t_event, config in events:
+                if config.state is not previous.state:
+                    self._tip_changes += 1
+                else:
+                    self._apex_switches += 1
+                previous = config
+                col = int((t_event - t0) / self.dwell_s)
+                if col < w_px:
+                    if col <= segments[-1][0]:
+                        segments[-1] = (segments[-1][0], config)
+                    else:
+                        segments.append((col, config))
+            if len(segments) == 1:
+                config = segments[0][1]
+                line = self._line_values(row, config, retracted).copy()
+                majority = config.state
+                if majority not in self._seen:
+                    self._seen.append(majority)
+            else:
+                line = np.empty(w_px)
+                counts: Counter[TipState] = Counter()
+                for i, (c0, config) in enumerate(segments):
+                    c1 = segments[i + 1][0] if i + 1 < len(segments) else w_px
+                    line[c0:c1] = self._line_values(row, config, retracted)[c0:c1]
+                    counts[config.state] += c1 - c0
+                    if config.state not in self._seen:
+                        self._seen.append(config.state)
+                majority = counts.most_common(1)[0][0]
+            line += self._noise[row]
         self._line_states.append(majority)
         if retracted:
             self._retracted_lines += 1
         out = line.astype(np.float32)
         self.data[row] = out
         self._row_t[row] = t0
-        self.lines_done += 1
+        self.lines_done = row + 1
         return out
 
     def _grid_all(self) -> Grid:

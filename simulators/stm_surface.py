@@ -102,6 +102,9 @@ class Layer:
     recip_per_m: np.ndarray  # (2, 2), columns b1, b2 with a_i . b_j = 2π δ_ij
     basis_m: np.ndarray  # (B, 2)
     area_m2: float
+    _stencils: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def neighbours(
         self, x_m: np.ndarray, y_m: np.ndarray, radius_m: float
@@ -114,6 +117,20 @@ class Layer:
         pts = np.stack([x_m - self.origin_m[0], y_m - self.origin_m[1]])
         cell0 = np.rint(np.linalg.solve(self.cell_m, pts)).astype(np.int64)  # (2, n)
         local = (pts - self.cell_m @ cell0).T.astype(np.float32)  # within half a cell
+        st_x, st_y, st_key = self._stencil(radius_m)
+        d2 = (local[:, 0:1] - st_x[None, :]) ** 2 + (local[:, 1:2] - st_y[None, :]) ** 2
+        point, which = np.nonzero(d2 < np.float32(radius_m**2))
+        # _site_key is linear in the cell indices: the point's cell plus the stencil's offset.
+        cell_key = ((cell0[0] + 2**20) * 2**21 + (cell0[1] + 2**20)) * self.basis_m.shape[0]
+        key = cell_key[point] + st_key[which]
+        return point, key, d2[point, which]
+
+    def _stencil(self, radius_m: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Atom positions (float32 x, y) relative to a point's nearest cell origin, within reach
+        of ``radius_m`` from anywhere in that cell, and each atom's key offset (cached)."""
+        cached = self._stencils.get(radius_m)
+        if cached is not None:
+            return cached
         a1, a2 = self.cell_m[:, 0], self.cell_m[:, 1]
         reach = radius_m + 0.5 * (float(np.hypot(*(a1 + a2))) + float(np.hypot(*(a1 - a2))))
         reach += float(np.max(np.hypot(*self.basis_m.T)))
@@ -126,11 +143,11 @@ class Layer:
         # Stencil of atom positions relative to the point's nearest cell origin: (O * nb, 2).
         stencil = ((self.cell_m @ off).T[:, None, :] + self.basis_m[None, :, :]).reshape(-1, 2)
         st = stencil.astype(np.float32)
-        d2 = (local[:, 0:1] - st[None, :, 0]) ** 2 + (local[:, 1:2] - st[None, :, 1]) ** 2
-        point, which = np.nonzero(d2 < np.float32(radius_m**2))
-        o, b = np.divmod(which, nb)
-        key = _site_key(cell0[0, point] + off[0, o], cell0[1, point] + off[1, o], b, nb)
-        return point, key, d2[point, which]
+        o, b = np.divmod(np.arange(st.shape[0]), nb)
+        key = _site_key(off[0, o], off[1, o], b, nb) - (2**20 * 2**21 + 2**20) * nb
+        out = (np.ascontiguousarray(st[:, 0]), np.ascontiguousarray(st[:, 1]), key)
+        self._stencils[radius_m] = out
+        return out
 
     def atom_keys(self, x_m: np.ndarray, y_m: np.ndarray) -> np.ndarray:
         """Keys of the atoms at (or nearest to) the given positions."""
@@ -297,16 +314,43 @@ class SurfaceModel:
         c, s = math.cos(self.theta0), math.sin(self.theta0)
         zz = 15e-9  # length of one arm of the zig-zag
         period = 6.3e-9
-        along = ((c * x_m + s * y_m) / zz).astype(np.float32)  # along a close-packed row
-        across = ((-s * x_m + c * y_m) / period).astype(np.float32)
-        tri = np.abs(((along + np.float32(self.herringbone_phase[0])) % 2.0) - 1.0)
-        u = across + np.float32(math.tan(math.radians(30.0)) * zz / period) * tri
-        ph = np.float32(2.0 * math.pi) * (u + np.float32(self.herringbone_phase[1]))
+        along = c * x_m
+        along += s * y_m
+        along /= zz
+        tri = along.astype(np.float32)  # along a close-packed row
+        across = -s * x_m
+        across += c * y_m
+        across /= period
+        u = across.astype(np.float32)
+        # tri = |((along + phase) mod 2) - 1|, the mod without the slow float remainder loop
+        # (a - 2 floor(a / 2) is exact, and negative results get the + 2 that ``%`` adds).
+        tri += np.float32(self.herringbone_phase[0])
+        half = tri * np.float32(0.5)
+        np.floor(half, out=half)
+        half *= np.float32(2.0)
+        tri -= half
+        negative = tri < 0
+        if negative.any():
+            tri = np.where(negative, tri + np.float32(2.0), tri)
+        tri -= 1.0
+        np.abs(tri, out=tri)
+        tri *= np.float32(math.tan(math.radians(30.0)) * zz / period)
+        u += tri
+        u += np.float32(self.herringbone_phase[1])
+        u *= np.float32(2.0 * math.pi)  # the phase
         sharp = np.float32(8.0)
-        ridges = np.exp(sharp * (np.cos(ph) - 1.0)) + np.exp(
-            sharp * (np.cos(ph - np.float32(2.0 * math.pi * 2.5 / 6.3)) - 1.0)
-        )
-        return np.asarray(self.herringbone_amplitude_m * ridges, dtype=np.float64)
+        second = u - np.float32(2.0 * math.pi * 2.5 / 6.3)
+        ridges = np.cos(u, out=u)
+        ridges -= 1.0
+        ridges *= sharp
+        np.exp(ridges, out=ridges)
+        np.cos(second, out=second)
+        second -= 1.0
+        second *= sharp
+        np.exp(second, out=second)
+        ridges += second
+        ridges *= self.herringbone_amplitude_m
+        return np.asarray(ridges, dtype=np.float64)
 
     def surface_height_m(self, x_m: np.ndarray, y_m: np.ndarray) -> np.ndarray:
         """Atom-plane height under each point (terrace + herringbone), without damage."""
