@@ -36,6 +36,7 @@ import scipy.ndimage
 
 from drivers.errors import CommandRejected, ConfigError, LimitViolation
 from drivers.frame import ScanRegion
+from simulators.checks import check_region_centre, check_stage_target, finite
 from simulators.noise import DriftModel
 from simulators.sem_config import ELEMENTARY_CHARGE_C, SEMConfig
 from simulators.sem_sample import SampleModel, SurfaceMaps
@@ -122,23 +123,14 @@ class SEMSimulator:
 
     def advance(self, dt_s: float) -> None:
         """Let ``dt_s`` of simulated time pass (drift, charge leaking away)."""
-        dt = _finite("dt_s", dt_s)
+        dt = finite("dt_s", dt_s)
         if dt < 0:
             raise CommandRejected(f"dt_s must be >= 0, got {dt_s!r}")
         self._t += dt
 
     def move_to(self, x_m: float, y_m: float) -> None:
         """Move the stage so that the scan centre is ``(x_m, y_m)``; takes travel + settle."""
-        x, y = _finite("x_m", x_m), _finite("y_m", y_m)
-        limit = self.config.stage_range_m
-        for name, v in (("x_m", x), ("y_m", y)):
-            if abs(v) > limit:
-                raise LimitViolation(
-                    f"move_to {name}={v!r} is outside the stage range ±{limit!r} m",
-                    value=v,
-                    limit=(-limit, limit),
-                    field=name,
-                )
+        x, y = check_stage_target(x_m, y_m, self.config.stage_range_m)
         distance = math.hypot(x - self._pos[0], y - self._pos[1])
         if distance > 0.0:
             self._t += distance / self.config.stage_speed_m_per_s + self.config.stage_settle_s
@@ -229,7 +221,7 @@ class SEMSimulator:
         """``(H, W)`` float32: the expected detector counts of ``region`` (no noise, no drift,
         no charging) at ``dwell_s`` (default ``config.default_dwell_s``)."""
         shape = check_shape(shape_px)
-        dwell = self.config.default_dwell_s if dwell_s is None else _finite("dwell_s", dwell_s)
+        dwell = self.config.default_dwell_s if dwell_s is None else finite("dwell_s", dwell_s)
         x, y = self.positions(region, shape, np.arange(shape[0], dtype=np.float64), None)
         pitch = (region.height_m / shape[0], region.width_m / shape[1])
         maps = self.surface(x, y, min(pitch))
@@ -242,7 +234,7 @@ class SEMSimulator:
         if not isinstance(region, ScanRegion):
             raise CommandRejected(f"region must be a ScanRegion, got {region!r}")
         shape = check_shape(shape_px)
-        dwell = _finite("dwell_s", dwell_s)
+        dwell = finite("dwell_s", dwell_s)
         if dwell <= 0:
             raise CommandRejected(f"dwell_s must be > 0, got {dwell_s!r}")
         cfg = self.config
@@ -255,16 +247,7 @@ class SEMSimulator:
                 limit=cfg.max_fov_m,
                 field="width_m",
             )
-        limit = cfg.stage_range_m + size
-        for name in ("center_x_m", "center_y_m"):
-            v = getattr(region, name)
-            if abs(v) > limit:
-                raise LimitViolation(
-                    f"scan region {name}={v!r} is outside the stage range",
-                    value=v,
-                    limit=(-limit, limit),
-                    field=name,
-                )
+        check_region_centre(region, cfg.stage_range_m)
         if self._active is not None:
             self._active.commit_charge()  # an unfinished (aborted) frame charged what it scanned
         self._frames += 1
@@ -279,9 +262,3 @@ class SEMSimulator:
     @property
     def noise_rng(self) -> np.random.Generator:
         return self._noise_rng
-
-
-def _finite(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise CommandRejected(f"{name} must be a finite number, got {value!r}")
-    return float(value)

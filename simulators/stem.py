@@ -28,8 +28,9 @@ import math
 
 import numpy as np
 
-from drivers.errors import CommandRejected, ConfigError, LimitViolation
+from drivers.errors import CommandRejected, ConfigError
 from drivers.frame import ScanRegion
+from simulators.checks import check_region_centre, check_stage_target, finite
 from simulators.noise import DriftModel
 from simulators.scan_patterns import SCAN_PATTERNS, check_pattern
 from simulators.stem_config import (
@@ -175,23 +176,14 @@ class STEMSimulator:
 
     def advance(self, dt_s: float) -> None:
         """Let ``dt_s`` of simulated time pass (the specimen drifts)."""
-        dt = _finite("dt_s", dt_s)
+        dt = finite("dt_s", dt_s)
         if dt < 0:
             raise CommandRejected(f"dt_s must be >= 0, got {dt_s!r}")
         self._pass_time(dt)
 
     def move_to(self, x_m: float, y_m: float) -> None:
         """Move the stage so that the beam is over ``(x_m, y_m)`` (takes distance / speed)."""
-        x, y = _finite("x_m", x_m), _finite("y_m", y_m)
-        limit = self.config.stage_range_m
-        for name, v in (("x_m", x), ("y_m", y)):
-            if abs(v) > limit:
-                raise LimitViolation(
-                    f"move_to {name}={v!r} is outside the stage range ±{limit!r} m",
-                    value=v,
-                    limit=(-limit, limit),
-                    field=name,
-                )
+        x, y = check_stage_target(x_m, y_m, self.config.stage_range_m)
         dist = math.hypot(x - self._pos[0], y - self._pos[1])
         self._pass_time(dist / self.config.move_speed_m_per_s)
         self._pos = (x, y)
@@ -256,16 +248,7 @@ class STEMSimulator:
             pattern, fraction = check_pattern(pattern, fraction)
         except ConfigError as exc:
             raise CommandRejected(str(exc)) from None
-        limit = self.config.stage_range_m + max(region.width_m, region.height_m)
-        for name in ("center_x_m", "center_y_m"):
-            v = getattr(region, name)
-            if abs(v) > limit:
-                raise LimitViolation(
-                    f"scan region {name}={v!r} is outside the stage range",
-                    value=v,
-                    limit=(-limit, limit),
-                    field=name,
-                )
+        check_region_centre(region, self.config.stage_range_m)
         self._frames += 1
         return STEMFrameScan(
             self, region, shape, dwell, self._frames - 1, pattern=pattern, fraction=fraction
@@ -289,14 +272,8 @@ def _check_shape(shape_px: tuple[int, int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _finite(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise CommandRejected(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
 def _positive(name: str, value: float) -> float:
-    v = _finite(name, value)
+    v = finite(name, value)
     if v <= 0:
         raise CommandRejected(f"{name} must be > 0, got {value!r}")
     return v

@@ -26,8 +26,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from drivers.errors import CommandRejected, ConfigError, LimitViolation
+from drivers.errors import CommandRejected, ConfigError
 from drivers.frame import ScanRegion, TipState
+from simulators.checks import check_region_centre, check_stage_target, finite
 from simulators.noise import CreepModel, DriftModel
 from simulators.stm_config import (
     DAMAGE_RADIUS_M,
@@ -173,23 +174,14 @@ class STMSimulator:
 
     def advance(self, dt_s: float) -> None:
         """Let ``dt_s`` of simulated time pass (drift, creep, spontaneous tip changes)."""
-        dt = _finite("dt_s", dt_s)
+        dt = finite("dt_s", dt_s)
         if dt < 0:
             raise CommandRejected(f"dt_s must be >= 0, got {dt_s!r}")
         self._pass_time(dt)
 
     def move_to(self, x_m: float, y_m: float) -> None:
         """Move the tip to ``(x_m, y_m)`` at ``move_speed_m_per_s``; starts piezo creep."""
-        x, y = _finite("x_m", x_m), _finite("y_m", y_m)
-        limit = self.config.stage_range_m
-        for name, v in (("x_m", x), ("y_m", y)):
-            if abs(v) > limit:
-                raise LimitViolation(
-                    f"move_to {name}={v!r} is outside the stage range ±{limit!r} m",
-                    value=v,
-                    limit=(-limit, limit),
-                    field=name,
-                )
+        x, y = check_stage_target(x_m, y_m, self.config.stage_range_m)
         dx, dy = x - self._pos[0], y - self._pos[1]
         self._pass_time(math.hypot(dx, dy) / self.config.move_speed_m_per_s)
         self._creep.add_move(self._t, dx, dy)
@@ -207,7 +199,7 @@ class STMSimulator:
 
     def set_bias(self, bias_V: float) -> None:
         """Change the imaging bias (the tip height follows the new conductance setpoint)."""
-        v = _finite("bias_V", bias_V)
+        v = finite("bias_V", bias_V)
         if v == 0.0:
             raise CommandRejected("bias_V must be non-zero (no tunnelling current at 0 V)")
         self._bias_V = v
@@ -267,14 +259,14 @@ class STMSimulator:
         Returns JSON-able detail: ``tip_before``, ``tip_after``, ``damage_radius_m``,
         ``strength``, ``x_m``, ``y_m`` (where the damage is), ``time_s`` (after settling).
         """
-        v, d = _finite("bias_V", bias_V), _finite("duration_s", duration_s)
+        v, d = finite("bias_V", bias_V), finite("duration_s", duration_s)
         if d <= 0:
             raise CommandRejected(f"duration_s must be > 0, got {duration_s!r}")
         return self._condition("pulse", pulse_strength(v, d), d + self.config.pulse_settle_s)
 
     def dip(self, depth_m: float, bias_V: float) -> dict[str, object]:
         """A controlled dip ``depth_m`` into the sample at ``bias_V``; same detail as pulse."""
-        depth, v = _finite("depth_m", depth_m), _finite("bias_V", bias_V)
+        depth, v = finite("depth_m", depth_m), finite("bias_V", bias_V)
         if depth <= 0:
             raise CommandRejected(f"depth_m must be > 0, got {depth_m!r}")
         busy = 2.0 * depth / self.config.dip_speed_m_per_s + self.config.dip_settle_s
@@ -315,19 +307,10 @@ class STMSimulator:
         if not isinstance(region, ScanRegion):
             raise CommandRejected(f"region must be a ScanRegion, got {region!r}")
         shape = _check_shape(shape_px)
-        dwell = _finite("dwell_s", dwell_s)
+        dwell = finite("dwell_s", dwell_s)
         if dwell <= 0:
             raise CommandRejected(f"dwell_s must be > 0, got {dwell_s!r}")
-        limit = self.config.stage_range_m + max(region.width_m, region.height_m)
-        for name in ("center_x_m", "center_y_m"):
-            v = getattr(region, name)
-            if abs(v) > limit:
-                raise LimitViolation(
-                    f"scan region {name}={v!r} is outside the stage range",
-                    value=v,
-                    limit=(-limit, limit),
-                    field=name,
-                )
+        check_region_centre(region, self.config.stage_range_m)
         self._frames += 1
         return FrameScan(self, region, shape, dwell, self._frames - 1)
 
@@ -341,9 +324,3 @@ def _check_shape(shape_px: tuple[int, int]) -> tuple[int, int]:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= 8192:
             raise CommandRejected(f"shape_px must be two ints in 1..8192, got {shape_px!r}")
     return int(h), int(w)
-
-
-def _finite(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise CommandRejected(f"{name} must be a finite number, got {value!r}")
-    return float(value)

@@ -1,0 +1,43 @@
+"""Argument checks shared by the simulators (clear errors, nothing changed on bad input)."""
+
+from __future__ import annotations
+
+import math
+
+from drivers.errors import CommandRejected, LimitViolation
+from drivers.frame import ScanRegion
+
+
+def finite(name: str, value: float) -> float:
+    """``value`` as a float; a bool, non-number, NaN or inf raises :class:`CommandRejected`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CommandRejected(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_stage_target(x_m: float, y_m: float, stage_range_m: float) -> tuple[float, float]:
+    """A move target inside ``±stage_range_m`` on both axes, else :class:`LimitViolation`."""
+    x, y = finite("x_m", x_m), finite("y_m", y_m)
+    for name, v in (("x_m", x), ("y_m", y)):
+        if abs(v) > stage_range_m:
+            raise LimitViolation(
+                f"move_to {name}={v!r} is outside the stage range ±{stage_range_m!r} m",
+                value=v,
+                limit=(-stage_range_m, stage_range_m),
+                field=name,
+            )
+    return x, y
+
+
+def check_region_centre(region: ScanRegion, stage_range_m: float) -> None:
+    """The scan centre must lie within the stage range plus the scan size."""
+    limit = stage_range_m + max(region.width_m, region.height_m)
+    for name in ("center_x_m", "center_y_m"):
+        v = getattr(region, name)
+        if abs(v) > limit:
+            raise LimitViolation(
+                f"scan region {name}={v!r} is outside the stage range",
+                value=v,
+                limit=(-limit, limit),
+                field=name,
+            )
