@@ -17,7 +17,9 @@ from drivers.limits import Limits
 from drivers.sim_base import Handler, SimulatedScanInstrument, build_config
 from simulators.stm import STMConfig, STMSimulator
 
-_DRIVER_KEYWORDS = "seed, config, limits, region, shape_px, dwell_s, lines_per_chunk, instrument_id"
+_DRIVER_KEYWORDS = (
+    "seed, config, limits, region, shape_px, dwell_s, lines_per_chunk, instrument_id, cube"
+)
 
 STM_LIMITS = Limits(
     bias_V=(-10.0, 10.0),
@@ -39,7 +41,9 @@ class SimulatedSTM(SimulatedScanInstrument):
     ``lines_per_chunk`` sets how often :meth:`stream` yields a partial frame. All timing is
     simulated: a 256 x 256 frame at 1 ms dwell takes about two minutes of instrument time and
     a few tens of milliseconds of CPU. Keyword options not named here are
-    :class:`simulators.stm.STMConfig` fields (``surface="hsi100"``, ...).
+    :class:`simulators.stm.STMConfig` fields (``surface="hsi100"``, ...). ``cube`` images a
+    DFT LDOS from a Gaussian cube file instead of the generated surface (``"graphene"`` is the
+    shipped GPAW graphene LDOS, see ``simulators/data/README.md``).
     """
 
     kind = "stm"
@@ -59,11 +63,21 @@ class SimulatedSTM(SimulatedScanInstrument):
         dwell_s: float = 1e-3,
         lines_per_chunk: int = 32,
         instrument_id: str = "sim:stm",
+        cube: str | None = None,
         **config_overrides: Any,
     ) -> None:
         config = build_config(STMConfig, config, config_overrides, "sim:stm", _DRIVER_KEYWORDS)
+        sim: STMSimulator
+        if cube is None:
+            sim = STMSimulator(config, seed=seed)
+        else:  # a DFT LDOS instead of the generated surface ("graphene" = the shipped cube)
+            from simulators.stm_dft import GRAPHENE_CUBE, CubeSTMSimulator
+
+            sim = CubeSTMSimulator(
+                config, seed=seed, cube=GRAPHENE_CUBE if cube == "graphene" else cube
+            )
         super().__init__(
-            STMSimulator(config, seed=seed),
+            sim,
             limits=limits,
             region=region if region is not None else ScanRegion(),
             shape_px=shape_px,

@@ -61,3 +61,24 @@ def test_conditioning_damage_shows_in_a_later_scan_of_that_area_only() -> None:
 def test_unknown_simulator_option_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="warp_factor"):
         open_instrument("sim:stm", warp_factor=9)
+
+
+def test_dft_cube_option_images_the_graphene_lattice() -> None:
+    inst = open_instrument(
+        "sim:stm",
+        seed=7,
+        cube="graphene",
+        shape_px=(128, 128),
+        region=ScanRegion(0.0, 0.0, 4e-9, 4e-9),
+        drift_m_per_s=0.0,
+    )
+    frame = inst.acquire()
+    clean = frame.truth.clean - frame.truth.clean.mean()
+    spectrum = np.abs(np.fft.fft2(clean))
+    spectrum[0, 0] = 0.0
+    ky, kx = np.unravel_index(np.argmax(spectrum), spectrum.shape)
+    fy = np.fft.fftfreq(128, d=4e-9 / 128)[ky]
+    fx = np.fft.fftfreq(128, d=4e-9 / 128)[kx]
+    period_m = 1.0 / np.hypot(fx, fy)
+    # graphene row spacing a*sqrt(3)/2 = 2.13 Å, within one FFT bin of a 4 nm frame
+    assert abs(period_m - 2.46e-10 * np.sqrt(3) / 2) < 0.1e-10
