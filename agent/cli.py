@@ -22,6 +22,8 @@ from drivers.errors import ScopePilotError
 
 log = logging.getLogger("scopepilot")
 
+SPM_KINDS = ("stm", "afm")  # instruments with a tip the classical assessor can judge
+
 
 def _package_version() -> str:
     try:
@@ -65,6 +67,12 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="scan continuously instead of waiting for each decision",
     )
+    run.add_argument(
+        "--target-snr",
+        type=float,
+        help="rule policy: keep the image SNR near this by changing the dwell (default 5 for "
+        "STEM/SEM, off for STM/AFM; 0 switches it off)",
+    )
     run.add_argument("--png", help="also write the overview figure here")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -101,6 +109,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from agent.gate import Mode
     from agent.loop import Agent, AgentConfig, Step
     from agent.perception.classical import ClassicalTipAssessor
+    from agent.perception.quality import ImageQualityAssessor
     from agent.recorder import SessionRecorder
     from agent.session import Session
     from agent.summary import format_summary, summarize
@@ -112,6 +121,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if args.frames < 1:
         raise ConfigError(f"--frames must be >= 1, got {args.frames}")
+    quality = ImageQualityAssessor()
     options: dict[str, Any] = {}
     if args.instrument.startswith("sim:"):
         options = {"seed": args.seed, **_parse_sim_options(args.sim)}
@@ -124,29 +134,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
         scan["dwell_s"] = args.dwell_us * 1e-6
     if args.size_nm is not None:
         scan["region"] = ScanRegion(0.0, 0.0, args.size_nm * 1e-9, args.size_nm * 1e-9)
-    policy = make_policy(args.policy)
-    assessor = ClassicalTipAssessor()
-    config = {
-        "instrument": args.instrument,
-        "policy": args.policy,
-        "frames": args.frames,
-        "seed": args.seed,
-        "mode": args.mode,
-        "shape": args.shape,
-        "size_nm": args.size_nm,
-        "dwell_us": args.dwell_us,
-        "sim_options": _parse_sim_options(args.sim),
-        "lockstep": not args.free_running,
-    }
-    versions = {
-        "scopepilot": _package_version(),
-        "policy": f"{policy.name} {policy.version}",
-        "assessor": f"{assessor.name} {getattr(assessor, 'version', '')}".strip(),
-    }
     instrument = open_instrument(args.instrument, **options)
     try:
+        kind = instrument.info().kind
+        spm = kind in SPM_KINDS
+        assessor = ClassicalTipAssessor() if spm else None
+        target_snr = args.target_snr if args.target_snr is not None else (None if spm else 5.0)
+        if target_snr is not None and target_snr <= 0:
+            target_snr = None  # --target-snr 0 switches dose control off
+        policy_options = {"target_snr": target_snr} if args.policy == "rule" else {}
+        policy = make_policy(args.policy, **policy_options)
         if scan:  # scan settings go through the instrument's envelope like any other command
             instrument.execute(Scan(source="console", reason="command-line scan settings", **scan))
+        config = {
+            "instrument": args.instrument,
+            "policy": args.policy,
+            "policy_options": policy_options,
+            "frames": args.frames,
+            "seed": args.seed,
+            "mode": args.mode,
+            "shape": args.shape,
+            "size_nm": args.size_nm,
+            "dwell_us": args.dwell_us,
+            "sim_options": _parse_sim_options(args.sim),
+            "lockstep": not args.free_running,
+        }
+        versions = {
+            "scopepilot": _package_version(),
+            "policy": f"{policy.name} {policy.version}",
+            "assessor": f"{assessor.name} {assessor.version}" if assessor else "none",
+            "quality": f"{quality.name} {quality.version}",
+        }
         recorder = SessionRecorder(
             args.out, overwrite=args.overwrite, config=config, versions=versions
         )
@@ -158,9 +176,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         def on_step(step: Step) -> None:
             executed = [f.command.kind for f in step.fates if f.fate in ("executed", "pending")]
+            if step.problems:
+                seen = "flagged"
+            elif step.tip is not None:
+                seen = f"tip {step.tip.state}"
+            else:
+                seen = "no tip"
             bar.set_postfix_str(
-                f"tip {step.tip.state if step.tip else 'flagged'}"
-                + (f" -> {', '.join(executed)}" if executed else ""),
+                seen + (f" -> {', '.join(executed)}" if executed else ""),
                 refresh=False,
             )
             bar.update(1)
@@ -169,6 +192,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             instrument,
             policy,
             assessor=assessor,
+            quality=quality,
             recorder=recorder,
             config=AgentConfig(
                 frames=args.frames, mode=Mode(args.mode), lockstep=not args.free_running

@@ -31,7 +31,7 @@ from agent.gate import CommandGate, Fate, Mode
 from drivers.commands import AbortScan, Capability, Command, Retract
 from drivers.errors import ConfigError, ScopePilotError
 from drivers.frame import Frame, frame_problems
-from drivers.observation import Decision, Observation, TipEstimate
+from drivers.observation import Decision, Observation, QualityEstimate, TipEstimate
 from drivers.protocol import Instrument
 from drivers.safety import SafetyEnvelope
 from policies.base import Policy
@@ -45,6 +45,14 @@ class Assessor(Protocol):
     name: str
 
     def assess(self, frame: Frame) -> TipEstimate: ...
+
+
+class QualityAssessor(Protocol):
+    """Image quality (signal-to-noise) of a frame, whatever the instrument."""
+
+    name: str
+
+    def assess(self, frame: Frame) -> QualityEstimate: ...
 
 
 class Recorder(Protocol):
@@ -152,7 +160,8 @@ class Agent:
         instrument: Instrument,
         policy: Policy,
         *,
-        assessor: Assessor,
+        assessor: Assessor | None,
+        quality: QualityAssessor | None = None,
         recorder: Recorder | None = None,
         envelope: SafetyEnvelope | None = None,
         config: AgentConfig | None = None,
@@ -164,6 +173,7 @@ class Agent:
         self.instrument = instrument
         self.policy = policy
         self.assessor = assessor
+        self.quality = quality
         self.config = config or AgentConfig()
         self.info = instrument.info()
         self._recorder: Recorder = recorder if recorder is not None else _NullRecorder()
@@ -244,7 +254,8 @@ class Agent:
                 "state": "started",
                 "mode": self.gate.mode.value,
                 "policy": self.policy.name,
-                "assessor": self.assessor.name,
+                "assessor": self.assessor.name if self.assessor is not None else None,
+                "quality": self.quality.name if self.quality is not None else None,
                 "instrument": self.info.to_json(),
             },
         )
@@ -374,9 +385,13 @@ class Agent:
     def _decide_on(self, seq: int, frame: Frame, problems: tuple[str, ...]) -> None:
         t0 = self._clock()
         tip: TipEstimate | None = None
+        quality: QualityEstimate | None = None
         if not problems and frame.complete:
             try:
-                tip = self.assessor.assess(frame)
+                if self.assessor is not None:
+                    tip = self.assessor.assess(frame)
+                if self.quality is not None:
+                    quality = self.quality.assess(frame)
             except ScopePilotError as exc:
                 problems = (*problems, f"assessor failed: {exc}")
         elif not frame.complete:
@@ -387,8 +402,9 @@ class Agent:
             {
                 "frame": seq,
                 "frame_index": frame.frame_index,
-                "assessor": self.assessor.name,
+                "assessor": self.assessor.name if self.assessor is not None else None,
                 "tip": tip.to_json() if tip is not None else None,
+                "quality": quality.to_json() if quality is not None else None,
                 "problems": list(problems),
             },
             frame,
@@ -403,6 +419,7 @@ class Agent:
             history=tuple(self._history),
             frames_seen=seq + 1,
             commands_so_far=self._commands_so_far,
+            quality=quality,
         )
         try:
             if problems:  # never act on a corrupted, partial or unassessable frame

@@ -32,7 +32,7 @@ from drivers.errors import (
 )
 from drivers.frame import Defect, Frame, GroundTruth, ScanRegion, TipState, frame_problems
 from drivers.limits import Limits
-from drivers.observation import Decision, Observation, TipEstimate
+from drivers.observation import Decision, Observation, QualityEstimate, TipEstimate
 from drivers.protocol import CommandResult, Instrument, InstrumentInfo, InstrumentState
 from drivers.registry import known_schemes, open_instrument, register_scheme
 from drivers.safety import ForbiddenArea, SafetyEnvelope
@@ -62,6 +62,7 @@ __all__ = [
     "MoveTo",
     "NotConnected",
     "Observation",
+    "QualityEstimate",
     "Retract",
     "SafetyEnvelope",
     "Scan",

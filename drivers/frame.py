@@ -202,7 +202,9 @@ class Frame:
 def frame_problems(frame: Frame, *, expected_shape: tuple[int, int] | None = None) -> list[str]:
     """Reasons not to act on ``frame`` (empty when it is fine).
 
-    Checks numeric dtype, finite values in the scanned lines and the expected shape. A flat
+    Checks numeric dtype, finite values in the scanned lines and the expected shape (for a
+    sparse scan, ``metadata["pattern"]`` not ``"raster"``, unvisited NaN pixels are expected:
+    only infinities and a visited fraction far below ``metadata["fraction"]`` count). A flat
     image is *not* a problem here: it is what a crashed tip looks like, and the assessor must
     see it.
     """
@@ -215,6 +217,19 @@ def frame_problems(frame: Frame, *, expected_shape: tuple[int, int] | None = Non
     done = frame.done_data
     if done.size == 0:
         problems.append("no completed lines")
+        return problems
+    pattern = frame.metadata.get("pattern", "raster")
+    if pattern != "raster":  # a sparse scan leaves unvisited pixels NaN by design
+        n_inf = int(np.count_nonzero(np.isinf(done)))
+        if n_inf:
+            problems.append(f"{n_inf} of {done.size} pixels are infinite")
+        fraction = frame.metadata.get("fraction", 1.0)
+        visited = int(np.count_nonzero(np.isfinite(done)))
+        if isinstance(fraction, (int, float)) and visited < 0.5 * fraction * done.size:
+            problems.append(
+                f"only {visited} of {done.size} pixels hold values; a {pattern!r} scan at "
+                f"fraction {fraction:g} should fill about {fraction * done.size:.0f}"
+            )
         return problems
     n_bad = int(np.count_nonzero(~np.isfinite(done)))
     if n_bad:

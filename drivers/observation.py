@@ -44,11 +44,33 @@ class TipEstimate:
 
 
 @dataclass(frozen=True)
+class QualityEstimate:
+    """How good the image itself is (independent of the tip): ``snr`` = signal std / noise std.
+
+    ``noise_std`` and ``signal_std`` are in the frame's data units.
+    """
+
+    snr: float
+    noise_std: float
+    signal_std: float
+    source: str = "classical"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "snr": float(self.snr),
+            "noise_std": float(self.noise_std),
+            "signal_std": float(self.signal_std),
+            "source": self.source,
+        }
+
+
+@dataclass(frozen=True)
 class Observation:
     """The freshest complete frame, what perception made of it, and context.
 
     ``problems`` lists why the frame must not be acted on (empty when it is fine);
-    ``history`` holds the tip estimates of earlier frames, oldest first.
+    ``history`` holds the tip estimates of earlier frames, oldest first; ``quality`` is the
+    image-quality estimate (None when no quality assessor runs).
     """
 
     frame: Frame
@@ -59,6 +81,7 @@ class Observation:
     history: tuple[TipEstimate, ...] = ()
     frames_seen: int = 0
     commands_so_far: int = 0
+    quality: QualityEstimate | None = None
 
 
 @dataclass(frozen=True)

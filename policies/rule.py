@@ -40,6 +40,7 @@ from drivers.frame import ScanRegion, TipState
 from drivers.limits import Limits
 from drivers.observation import Decision, Observation, TipEstimate
 from drivers.safety import ForbiddenArea
+from policies.dose import dose_command
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,9 @@ class RuleConfig:
     damage_radius_m: float = 25e-9
     move_step_m: float = 60e-9
     ladders: Mapping[TipState, tuple[LadderStep, ...]] = field(default_factory=default_ladders)
+    target_snr: float | None = None  # None: no dose control (see policies.dose)
+    snr_tolerance: float = 1.5
+    dwell_step: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("bad_frames_to_act", "max_actions_per_episode"):
@@ -184,6 +188,14 @@ class RuleConfig:
                 f"RuleConfig.move_step_m={self.move_step_m!r} must be at least twice "
                 f"damage_radius_m={self.damage_radius_m!r} so that moves leave damaged areas"
             )
+        if self.target_snr is not None and not (
+            isinstance(self.target_snr, (int, float)) and 0 < self.target_snr < math.inf
+        ):
+            raise ConfigError(f"RuleConfig.target_snr must be > 0 or None, got {self.target_snr!r}")
+        for name in ("snr_tolerance", "dwell_step"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 1 < value < math.inf):
+                raise ConfigError(f"RuleConfig.{name} must be a number > 1, got {value!r}")
         for state in BAD_STATES:
             ladder = self.ladders.get(state) if isinstance(self.ladders, Mapping) else None
             if not ladder or not all(isinstance(s, LadderStep) for s in ladder):
@@ -272,6 +284,25 @@ class RulePolicy:
     # ------------------------------------------------------------------ decide
 
     def decide(self, observation: Observation) -> Decision:
+        """The tip ladder's decision, plus a dwell change when dose control is on."""
+        decision = self._decide_tip(observation)
+        cfg = self.config
+        if cfg.target_snr is None or observation.problems or decision.stop:
+            return decision
+        command, why = dose_command(
+            observation,
+            target_snr=cfg.target_snr,
+            tolerance=cfg.snr_tolerance,
+            dwell_step=cfg.dwell_step,
+        )
+        commands = decision.commands
+        if command is not None:
+            commands = (*commands, command.with_meta(source=self.name))
+        return dataclasses.replace(
+            decision, commands=commands, reason=f"{decision.reason}; dose: {why}"
+        )
+
+    def _decide_tip(self, observation: Observation) -> Decision:
         if self._stopped is not None:
             return self._decision(reason=f"stopped: {self._stopped}", confidence=1.0, stop=True)
         if self._origin is None:
@@ -286,6 +317,11 @@ class RulePolicy:
                 confidence=0.0,
             )
         tip = observation.tip
+        if tip is None and Capability.TIP_CONDITIONING not in observation.info.capabilities:
+            return self._decision(
+                reason=f"{frame_label}: instrument {observation.info.id!r} has no tip to condition",
+                confidence=1.0,
+            )
         if tip is None:
             return self._decision(
                 reason=f"{frame_label} has no tip estimate: no conditioning, rescan",
