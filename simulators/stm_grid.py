@@ -7,9 +7,11 @@ own origin (drift and creep move whole lines). That structure makes lattice sums
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,7 +80,11 @@ class Grid:
         right: np.ndarray = np.concatenate([np.cos(col_phase), np.sin(col_phase)], axis=1).astype(
             dtype
         )
-        return np.asarray(np.matmul(left, right))
+        # One BLAS thread: the products are small, so threads only add overhead (several
+        # times slower with 2 threads at 512²), and the result cannot depend on how many
+        # cores the machine has (deterministic frames for a seed on any machine).
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            return np.asarray(np.matmul(left, right))
 
     def wave_sum(
         self, k_per_m: np.ndarray, coef: np.ndarray, origin_m: np.ndarray | None = None
@@ -135,3 +141,9 @@ class Grid:
         d2 = (px - x_m[which]) ** 2 + (py - y_m[which]) ** 2
         keep = d2 < r2
         return pix[keep], d2[keep], which[keep]
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """The process's thread pools (found once: discovery walks the loaded libraries)."""
+    return ThreadpoolController()

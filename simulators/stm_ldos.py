@@ -64,6 +64,14 @@ class _EntryIndex:
         self.pix = pix
         self._order: np.ndarray | None = None
         self._sorted: np.ndarray | None = None
+        self._groups: tuple[np.ndarray, np.ndarray] | None = None
+
+    def groups(self) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct pixels of the entries and each entry's place among them."""
+        if self._groups is None:
+            uniq, inv = np.unique(self.pix, return_inverse=True)
+            self._groups = (uniq, inv.ravel())
+        return self._groups
 
     def active(
         self, act: np.ndarray | None, act_pos: Callable[[], np.ndarray]
@@ -90,6 +98,30 @@ class _EntryIndex:
         at = np.arange(n) + np.repeat(lo - (ends - count), count)
         sel = np.sort(self._order[at])
         return np.searchsorted(act, pix[sel]), sel
+
+
+def _scatter_add(
+    rho: np.ndarray,
+    drho: np.ndarray,
+    out: np.ndarray,
+    k: np.ndarray,
+    dk: np.ndarray,
+    groups: tuple[np.ndarray, np.ndarray] | None,
+) -> None:
+    """``rho += bincount(out, k)``, ``drho += bincount(out, dk)`` (float64 sums rounded to
+    float32), touching only the pixels in ``out``: the per-pixel sums run over the same entries
+    in the same order, so the result is bit-identical to full-length bincounts."""
+    n_out = rho.size
+    if groups is None and out.size * _SMALL_ACTIVE_RATIO < n_out:
+        uniq, inv = np.unique(out, return_inverse=True)
+        groups = (uniq, inv.ravel())
+    if groups is None:
+        rho += np.bincount(out, weights=k, minlength=n_out).astype(_F32)
+        drho += np.bincount(out, weights=dk, minlength=n_out).astype(_F32)
+        return
+    uniq, inv = groups
+    rho[uniq] += np.bincount(inv, weights=k, minlength=uniq.size).astype(_F32)
+    drho[uniq] += np.bincount(inv, weights=dk, minlength=uniq.size).astype(_F32)
 
 
 def _increasing(a: np.ndarray) -> bool:
@@ -476,8 +508,8 @@ class LDOSModel:
                     he = height[out_pix] - lay.base_m[pos]
                     k, dk = _atom_kernel(lay.ex_d2[sel], he, alpha)
                     w_ex = (a * inv_rho_set) * lay.cov[pos]
-                    rho += np.bincount(out_pix, weights=w_ex * k, minlength=n_out).astype(_F32)
-                    drho += np.bincount(out_pix, weights=w_ex * dk, minlength=n_out).astype(_F32)
+                    groups = lay.ex_index.groups() if act is None else None
+                    _scatter_add(rho, drho, out_pix, w_ex * k, w_ex * dk, groups)
             if t.damage is not None:
                 src, dst = t.damage.select(act)
                 h_raw = height[dst] - t.damage.height_m[src]
@@ -501,8 +533,7 @@ class LDOSModel:
                     gauss = np.exp(-al * np.maximum(hf, hlow) - f.d2_m2[sel] / (2 * var))
                     k = a * f.weight[sel] * gauss * s0 / var
                     dk = -al * k
-                rho += np.bincount(fp, weights=k, minlength=n_out).astype(_F32)
-                drho += np.bincount(fp, weights=dk, minlength=n_out).astype(_F32)
+                _scatter_add(rho, drho, fp, k, dk, f.index.groups() if act is None else None)
         return rho, drho
 
     def render(self, grid: Grid, config: TipConfig) -> np.ndarray:
