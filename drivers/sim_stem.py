@@ -45,7 +45,10 @@ class SimulatedSTEM(SimulatedScanInstrument):
     (``SetScanPattern`` changes them); in a partial scan the pixels the beam skips are NaN by
     design, and ``frame.truth.extra["sampling_mask"]`` says which were visited. Keyword options
     not named here are :class:`simulators.stem.STEMConfig` fields (``specimen="ws2"``,
-    ``beam_current_A=50e-12``, ...).
+    ``beam_current_A=50e-12``, ...). ``backend="multislice"`` renders with abTEM (an optional
+    extra; opening raises :class:`ConfigError` with the install hint when it is missing) at
+    ideal probe positions, with no drift, jitter or flyback: keep such frames small (a 32 x 32
+    frame over a few Å takes tens of seconds).
     """
 
     kind = "stem"
@@ -100,6 +103,7 @@ class SimulatedSTEM(SimulatedScanInstrument):
             "voltage_V": cfg.voltage_V,
             "convergence_rad": cfg.convergence_rad,
             "beam_current_A": cfg.beam_current_A,
+            "backend": cfg.backend,
             "units": "counts",
         }
 

@@ -23,8 +23,10 @@ detector counts (``detector_gain`` per detected electron).
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
+from collections import OrderedDict
 
 import numpy as np
 
@@ -34,6 +36,7 @@ from simulators.checks import check_region_centre, check_stage_target, finite
 from simulators.noise import DriftModel
 from simulators.scan_patterns import SCAN_PATTERNS, check_pattern
 from simulators.stem_config import (
+    BACKENDS,
     DEFAULT_DWELL_S,
     DEFAULT_FOV_M,
     DEFAULT_SHAPE_PX,
@@ -41,15 +44,18 @@ from simulators.stem_config import (
     electrons_per_pixel,
 )
 from simulators.stem_probe import ANG, ImagingKernel, ProbeOptics, probe_profile, wavelength_m
+from simulators.stem_multislice import MultisliceSettings, import_abtem, render_simulator
 from simulators.stem_render import HAADFRenderer, ScanGeometry, render_reference
 from simulators.stem_scan import STEMFrameScan
 from simulators.stem_specimen import DEFECT_CLASSES, SPECIMENS, Specimen, SpecimenModel
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_DWELL_S",
     "DEFAULT_FOV_M",
     "DEFAULT_SHAPE_PX",
     "DEFECT_CLASSES",
+    "INSTRUMENT_MULTISLICE",
     "SCAN_PATTERNS",
     "SPECIMENS",
     "STEMConfig",
@@ -62,6 +68,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+INSTRUMENT_MULTISLICE = MultisliceSettings(method="prism", sampling_ang=0.06, margin_ang=4.0)
+"""abTEM settings of ``backend="multislice"`` frames: PRISM on a 0.06 Å grid, 4 Å of specimen
+around the region, no frozen phonons (the thermal and source blur are applied to the image).
+Coarse enough for small validation frames; cost grows with the field of view and pixel count."""
+MULTISLICE_CACHE_SIZE = 8
+"""Multislice frames kept per simulator, keyed by (region, shape, defects)."""
 
 
 @functools.lru_cache(maxsize=16)
@@ -114,6 +127,9 @@ class STEMSimulator:
         self._pos = (0.0, 0.0)
         self._epoch = 0  # bumped whenever the imaging conditions change
         self._frames = 0
+        self._multislice_cache: OrderedDict[tuple[object, ...], np.ndarray] = OrderedDict()
+        if cfg.backend == "multislice":
+            import_abtem()  # fail now, with the install hint, rather than at the first frame
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -207,6 +223,30 @@ class STEMSimulator:
         geom = self._ideal_geometry(_check_region(region), _check_shape(shape_px))
         defects = self._model.defects_in_box(*geom.bounds(self._kernel.cutoff_ang))
         return self._renderer.render(geom, defects)
+
+    def multislice_fraction(self, region: ScanRegion, shape_px: tuple[int, int]) -> np.ndarray:
+        """The abTEM counterpart of :meth:`scattered_fraction` (``INSTRUMENT_MULTISLICE``
+        settings), cached by (region, shape, defects) so that frames of an area already imaged
+        cost nothing. Raises :class:`ConfigError` with the install hint when abTEM is missing.
+        The returned array is shared with the cache: read it, do not write it."""
+        region = _check_region(region)
+        shape = _check_shape(shape_px)
+        geom = self._ideal_geometry(region, shape)
+        defects = self._model.defects_in_box(*geom.bounds(self._kernel.cutoff_ang))
+        digest = hashlib.sha256(np.ascontiguousarray(defects.xy_ang).tobytes())
+        digest.update("|".join(defects.kinds).encode())
+        key = (region, shape, digest.hexdigest())
+        cached = self._multislice_cache.get(key)
+        if cached is not None:
+            self._multislice_cache.move_to_end(key)
+            return cached
+        result = render_simulator(self, region, shape, settings=INSTRUMENT_MULTISLICE)
+        fraction = np.clip(result.fraction, 0.0, None)
+        fraction.setflags(write=False)
+        self._multislice_cache[key] = fraction
+        while len(self._multislice_cache) > MULTISLICE_CACHE_SIZE:
+            self._multislice_cache.popitem(last=False)
+        return fraction
 
     def render_clean(
         self, region: ScanRegion, shape_px: tuple[int, int], *, dwell_s: float = DEFAULT_DWELL_S

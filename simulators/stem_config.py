@@ -18,6 +18,8 @@ DEFAULT_FOV_M = 6.4e-9
 DEFAULT_DWELL_S = 2e-6
 ELECTRONS_PER_PA_S = 6.241509074e6
 """Electrons per pA·s (1 / e)."""
+BACKENDS = ("fast", "multislice")
+"""Renderers of ``STEMConfig.backend``: the fast model, or abTEM (optional extra)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,12 @@ class STEMConfig:
     the beam lags ``flyback_amplitude_m * exp(-t / flyback_decay_s)`` behind its commanded
     position ``t`` seconds into a line. ``class_radius_m`` is the radius of a defect's disc in
     the ground-truth class mask.
+
+    Backend: ``backend="fast"`` (the default) images with the fast ``|ψ|² ⊛ O`` model;
+    ``"multislice"`` renders each frame's noise-free fraction with abTEM (an optional extra,
+    ``pip install 'scopepilot[multislice]'``, looked for when the simulator is built) at the
+    ideal probe positions: drift, line jitter and flyback lag are not applied to the image
+    (time still passes as usual), and ``truth.extra["backend"]`` names the renderer.
     """
 
     specimen: str = "mos2"
@@ -74,8 +82,13 @@ class STEMConfig:
     class_radius_m: float = 0.8e-10
     stage_range_m: float = 1e-6
     move_speed_m_per_s: float = 2e-6
+    backend: str = "fast"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.backend, str) or self.backend not in BACKENDS:
+            raise ConfigError(
+                f"STEMConfig.backend={self.backend!r} is unknown; choose one of {list(BACKENDS)}"
+            )
         if not isinstance(self.specimen, str) or self.specimen not in SPECIMENS:
             raise ConfigError(
                 f"STEMConfig.specimen={self.specimen!r} is unknown; choose one of "
@@ -87,7 +100,7 @@ class STEMConfig:
         if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= 200:
             raise ConfigError(f"STEMConfig.thickness_cells must be an int in 1..200, got {t!r}")
         for f in fields(self):
-            if f.name in ("specimen", "dopant", "thickness_cells"):
+            if f.name in ("specimen", "dopant", "thickness_cells", "backend"):
                 continue
             value = getattr(self, f.name)
             if value is None and f.name == "lattice_angle_deg":

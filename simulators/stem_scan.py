@@ -32,6 +32,12 @@ class STEMFrameScan:
     the start of each line. Moving or advancing the simulator between lines re-plans the
     remaining lines from the new time. Partial patterns are charged time per visited pixel but
     are placed in raster order (drift within a frame is a few Å, so the order hardly matters).
+
+    With ``config.backend == "multislice"`` the noise-free fraction of the whole frame is
+    rendered by abTEM when the frame begins (:meth:`STEMSimulator.multislice_fraction`, cached
+    per area) at the ideal probe positions: a precomputed image cannot follow drift, jitter or
+    flyback, so they are left out of the positions (and of the ground truth, which stays
+    aligned with the data); timing, dose, noise and partial patterns are as usual.
     """
 
     def __init__(
@@ -54,6 +60,8 @@ class STEMFrameScan:
         self.pattern = pattern
         self.fraction = fraction
         self.lines_done = 0
+        self.backend = cfg.backend
+        self._ideal = cfg.backend == "multislice"
         h_px, w_px = shape_px
         rng = sim._noise_rng
         self.mask = sampling_mask(pattern, fraction, shape_px, rng)
@@ -70,6 +78,8 @@ class STEMFrameScan:
         t_in_line = (np.arange(w_px) + 0.5) * dwell_s
         lag = (cfg.flyback_amplitude_m / ANG) * np.exp(-t_in_line / cfg.flyback_decay_s)
         v_drift = np.asarray(sim.drift_velocity_m_per_s(sim.time_s)) / ANG
+        if self._ideal:
+            lag, v_drift = np.zeros_like(lag), np.zeros_like(v_drift)
         self._cols_ang = np.outer(u - lag, self._e_col) + np.outer(t_in_line, v_drift)
         self._factors = sim._renderer.column_factors(self._cols_ang)
         self._rows_ang = np.zeros((h_px, 2))
@@ -79,6 +89,7 @@ class STEMFrameScan:
         self._rendered_to = 0
         self._epoch = sim._epoch
         self._plan(0, sim.time_s)
+        self._multislice = sim.multislice_fraction(region, shape_px) if self._ideal else None
 
     @property
     def done(self) -> bool:
@@ -100,19 +111,24 @@ class STEMFrameScan:
         self._row_t[first_row:] = times
         rows = np.arange(first_row, h_px)
         v = (-region.height_m / 2 + (rows + 0.5) * region.height_m / h_px) / ANG
-        dx, dy = self._sim.offset_m(times)
         centre = np.array([region.center_x_m, region.center_y_m]) / ANG
-        self._rows_ang[first_row:] = (
-            centre
-            + np.outer(v, self._e_row)
-            + np.outer(self._jitter_ang[first_row:], self._e_col)
-            + np.stack([dx, dy], axis=1) / ANG
-        )
+        if self._ideal:
+            self._rows_ang[first_row:] = centre + np.outer(v, self._e_row)
+        else:
+            dx, dy = self._sim.offset_m(times)
+            self._rows_ang[first_row:] = (
+                centre
+                + np.outer(v, self._e_row)
+                + np.outer(self._jitter_ang[first_row:], self._e_col)
+                + np.stack([dx, dy], axis=1) / ANG
+            )
         self._rendered_to = min(self._rendered_to, first_row)
         geom = self.geometry()
         self._defects = self._sim._model.defects_in_box(*geom.bounds(self._sim._kernel.cutoff_ang))
 
     def _fraction(self, r0: int, r1: int) -> np.ndarray:
+        if self._multislice is not None:
+            return self._multislice[r0:r1]
         geom = self.geometry().sub(r0, r1)
         return self._sim._renderer.render(geom, self._defects, self._factors)
 
@@ -183,6 +199,7 @@ class STEMFrameScan:
             "frame_time_s": self.frame_time_s,
             "seed": sim.seed,
             "frame_index": self.index,
+            "backend": self.backend,
         }
         return GroundTruth(
             tip_state=TipState.GOOD,
