@@ -43,8 +43,8 @@ from simulators.stem_config import (
     STEMConfig,
     electrons_per_pixel,
 )
-from simulators.stem_probe import ANG, ImagingKernel, ProbeOptics, probe_profile, wavelength_m
 from simulators.stem_multislice import MultisliceSettings, import_abtem, render_simulator
+from simulators.stem_probe import ANG, ImagingKernel, ProbeOptics, probe_profile, wavelength_m
 from simulators.stem_render import HAADFRenderer, ScanGeometry, render_reference
 from simulators.stem_scan import STEMFrameScan
 from simulators.stem_specimen import DEFECT_CLASSES, SPECIMENS, Specimen, SpecimenModel
