@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
-from drivers.errors import CommandRejected, LimitViolation
+import numpy as np
+
+from drivers.errors import CommandRejected, ConfigError, LimitViolation
 from drivers.frame import ScanRegion
 
 
@@ -41,3 +43,11 @@ def check_region_centre(region: ScanRegion, stage_range_m: float) -> None:
                 limit=(-limit, limit),
                 field=name,
             )
+
+
+def seed_root(seed: int | None) -> np.random.SeedSequence:
+    """The root of a simulator's random streams; ``seed`` must be a non-negative int or None
+    (None draws fresh entropy, recorded in ``root.entropy`` so the run can be repeated)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ConfigError(f"seed must be a non-negative int or None, got {seed!r}")
+    return np.random.SeedSequence(seed)

@@ -36,7 +36,7 @@ import scipy.ndimage
 
 from drivers.errors import CommandRejected, ConfigError, LimitViolation
 from drivers.frame import ScanRegion
-from simulators.checks import check_region_centre, check_stage_target, finite
+from simulators.checks import check_region_centre, check_stage_target, finite, seed_root
 from simulators.noise import DriftModel
 from simulators.sem_config import ELEMENTARY_CHARGE_C, SEMConfig
 from simulators.sem_sample import SampleModel, SurfaceMaps
@@ -64,10 +64,8 @@ class SEMSimulator:
         cfg = SEMConfig() if config is None else config
         if not isinstance(cfg, SEMConfig):
             raise ConfigError(f"config must be an SEMConfig, got {type(cfg).__name__}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ConfigError(f"seed must be a non-negative int or None, got {seed!r}")
         self.config = cfg
-        root = np.random.SeedSequence(seed)
+        root = seed_root(seed)
         self.seed = int(root.entropy)  # type: ignore[arg-type]
         noise_ss, drift_ss = root.spawn(2)
         self._sample = SampleModel(

@@ -32,7 +32,7 @@ import numpy as np
 
 from drivers.errors import CommandRejected, ConfigError
 from drivers.frame import ScanRegion
-from simulators.checks import check_region_centre, check_stage_target, finite
+from simulators.checks import check_region_centre, check_stage_target, finite, seed_root
 from simulators.noise import DriftModel
 from simulators.scan_patterns import SCAN_PATTERNS, check_pattern
 from simulators.stem_config import (
@@ -94,10 +94,8 @@ class STEMSimulator:
         cfg = STEMConfig() if config is None else config
         if not isinstance(cfg, STEMConfig):
             raise ConfigError(f"config must be a STEMConfig, got {type(cfg).__name__}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ConfigError(f"seed must be a non-negative int or None, got {seed!r}")
         self.config = cfg
-        root = np.random.SeedSequence(seed)
+        root = seed_root(seed)
         self.seed = int(root.entropy)  # type: ignore[arg-type]
         specimen_ss, noise_ss, drift_ss = root.spawn(3)
         spec_rng = np.random.default_rng(specimen_ss)

@@ -28,7 +28,7 @@ import numpy as np
 
 from drivers.errors import CommandRejected, ConfigError
 from drivers.frame import ScanRegion, TipState
-from simulators.checks import check_region_centre, check_stage_target, finite
+from simulators.checks import check_region_centre, check_stage_target, finite, seed_root
 from simulators.noise import CreepModel, DriftModel
 from simulators.stm_config import (
     DAMAGE_RADIUS_M,
@@ -77,10 +77,8 @@ class STMSimulator:
         cfg = STMConfig() if config is None else config
         if not isinstance(cfg, STMConfig):
             raise ConfigError(f"config must be an STMConfig, got {type(cfg).__name__}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ConfigError(f"seed must be a non-negative int or None, got {seed!r}")
         self.config = cfg
-        root = np.random.SeedSequence(seed)
+        root = seed_root(seed)
         self.seed = int(root.entropy)  # type: ignore[arg-type]
         tip_ss, noise_ss, damage_ss, drift_ss = root.spawn(4)
         self._surface = SurfaceModel(
