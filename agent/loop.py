@@ -343,6 +343,11 @@ class Agent:
                 consecutive_faults = 0
                 acquire_s = self._clock() - t0
                 problems = tuple(frame_problems(frame, expected_shape=expected))
+                if not frame.complete:  # aborted or truncated: recorded as such, never acted on
+                    problems = (
+                        *problems,
+                        f"incomplete frame ({frame.lines_done} of {frame.shape[0]} lines)",
+                    )
                 seq = self.result.frames
                 self.result.frames += 1
                 self._records.put(
@@ -394,8 +399,6 @@ class Agent:
                     quality = self.quality.assess(frame)
             except ScopePilotError as exc:
                 problems = (*problems, f"assessor failed: {exc}")
-        elif not frame.complete:
-            problems = (*problems, f"incomplete frame ({frame.lines_done} lines): not assessed")
         t1 = self._clock()
         self._event(
             "perception",
