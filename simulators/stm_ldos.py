@@ -222,7 +222,6 @@ class LDOSModel:
         self._pref = (scale * self.c0 / (q**3 * self.area_m2 * self.rho_set)).astype(_F32)
         self._prefq = (self._pref * q).astype(_F32)
         self._dpref = (scale * self.c0 / (q * self.area_m2 * self.rho_set)).astype(_F32)
-        self._coef3 = np.stack([self._pref, self._prefq, self._dpref])  # (3, n) for one matmul
 
     def _F(self, q: np.ndarray | float, h: np.ndarray | float) -> np.ndarray:
         return np.asarray(self.c0 * (1.0 + q * h) * np.exp(-q * h) / q**3)
@@ -464,7 +463,6 @@ class LDOSModel:
         rho = np.zeros(n_out, dtype=_F32)
         drho = np.zeros(n_out, dtype=_F32)
         q, pref, prefq, dpref = self._q32, self._pref, self._prefq, self._dpref
-        coef3 = self._coef3
         alpha = _F32(self.alpha)
         hmin = _F32(_H_CONTACT_M)
         hlow = _F32(_H_LOW_M)
@@ -487,8 +485,7 @@ class LDOSModel:
                 h_raw = height[dst] - lay.base_m[src]
                 h = np.maximum(h_raw, hmin)
                 sh = lay.shells
-                amp = np.multiply(q[sh], -h[None, :])  # (S + 1, k); row 0 is the mean term
-                np.exp(amp, out=amp)
+                amp = np.exp(-q[sh] * h[None, :])  # (S + 1, k); row 0 is the mean term
                 amp *= lay.gamma if isinstance(src, slice) else np.take(lay.gamma, src, axis=1)
                 below = h_raw < hmin
                 any_below = bool(below.any())
@@ -497,11 +494,9 @@ class LDOSModel:
                 # is exactly exp(0) = 1).
                 if any_below:
                     amp[0] *= np.exp(alpha * (h - np.maximum(h_raw, hlow)))
-                sums = coef3[:, sh] @ amp  # (3, k): pref, prefq and dpref weighted sums
-                r = sums[0]
-                r += h * sums[1]
-                dr = sums[2]
-                dr *= -h
+                r = np.einsum("s,sk->k", pref[sh], amp)
+                r += h * np.einsum("s,sk->k", prefq[sh], amp)
+                dr = -h * np.einsum("s,sk->k", dpref[sh], amp)
                 if any_below:
                     dr = np.where(below, -(prefq[0] + dpref[0] * h) * amp[0], dr)
                 w = a * lay.cov[src]
