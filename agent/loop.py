@@ -84,19 +84,33 @@ class _NullRecorder:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """How the loop runs. ``frames`` is the number of frames to acquire (the session length)."""
+    """How the loop runs. ``frames`` is the number of frames to acquire (the session length).
+
+    Acquisition faults (disconnects, driver errors, lost frames) are retried with exponential
+    backoff (``fault_backoff_s`` doubling up to ``max_backoff_s``). After
+    ``pause_after_faults`` in a row the agent pauses command issue and raises an alert (a
+    ``fault`` event with ``"alert": true``); the first good frame after that resumes it (unless
+    the operator paused too). After ``max_consecutive_faults`` in a row the session stops.
+    """
 
     frames: int = 100
     mode: Mode = Mode.AUTONOMOUS
     lockstep: bool = True
     record_queue_size: int = 64
     history_len: int = 8
-    max_consecutive_faults: int = 5
+    pause_after_faults: int = 3
+    max_consecutive_faults: int = 20
     fault_backoff_s: float = 0.5
+    max_backoff_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.frames < 1:
             raise ConfigError(f"frames must be >= 1, got {self.frames!r}")
+        if not 1 <= self.pause_after_faults <= self.max_consecutive_faults:
+            raise ConfigError(
+                f"need 1 <= pause_after_faults <= max_consecutive_faults, got "
+                f"{self.pause_after_faults!r} and {self.max_consecutive_faults!r}"
+            )
         if self.record_queue_size < 1:
             raise ConfigError(f"record_queue_size must be >= 1, got {self.record_queue_size!r}")
         Mode(self.mode)
@@ -195,10 +209,12 @@ class Agent:
         self._commands_so_far = 0
         self.result = AgentResult()
         self._lat_lock = threading.Lock()
+        self._fault_paused = False
 
     # -- operator control (thread-safe) -------------------------------------------------------
 
     def pause(self, *, origin: str = "operator") -> None:
+        self._fault_paused = False  # an operator's pause is not lifted by the fault recovery
         self.gate.pause()
         self._operator("pause", origin, "no policy command will be issued until resume")
 
@@ -317,19 +333,21 @@ class Agent:
                             return
                     if self._stop.is_set():
                         return
-                expected = self.instrument.state().shape_px
                 t0 = self._clock()
                 try:
+                    expected = self.instrument.state().shape_px
                     frame = self._scan_one()
                 except ScopePilotError as exc:
                     consecutive_faults += 1
                     self.result.faults += 1
+                    alert = consecutive_faults == cfg.pause_after_faults
                     self._event(
                         "fault",
                         {
                             "stage": "acquire",
                             "error": f"{type(exc).__name__}: {exc}",
                             "consecutive": consecutive_faults,
+                            "alert": alert,
                         },
                     )
                     if consecutive_faults >= cfg.max_consecutive_faults:
@@ -338,8 +356,18 @@ class Agent:
                             f"last: {type(exc).__name__}: {exc}"
                         )
                         return
-                    self._sleep(cfg.fault_backoff_s * 2 ** (consecutive_faults - 1))
+                    if alert and not self.gate.paused:
+                        log.warning("%d acquisition faults in a row: pausing", consecutive_faults)
+                        self.gate.pause()
+                        self._fault_paused = True
+                        self._operator("pause", "agent", f"{consecutive_faults} faults in a row")
+                    backoff = cfg.fault_backoff_s * 2 ** (consecutive_faults - 1)
+                    self._sleep(min(backoff, cfg.max_backoff_s))
                     continue
+                if self._fault_paused:
+                    self._fault_paused = False
+                    self.gate.resume()
+                    self._operator("resume", "agent", "the instrument recovered")
                 consecutive_faults = 0
                 acquire_s = self._clock() - t0
                 problems = tuple(frame_problems(frame, expected_shape=expected))

@@ -312,3 +312,53 @@ def test_seeded_fake_session_is_deterministic() -> None:
         ]
 
     assert run() == run()
+
+
+def test_repeated_faults_pause_and_alert_then_recovery_resumes() -> None:
+    inst = FlakyInstrument({1, 2, 3, 4}, CommunicationError("link down"))
+    agent, _, _, rec = make_agent(
+        inst,
+        ScriptedPolicy(commands_for=pulse_every_frame),
+        frames=3,
+        pause_after_faults=2,
+        max_consecutive_faults=10,
+    )
+    result = agent.run()
+    assert result.frames == 3 and result.stop_reason == "completed 3 frames"
+    faults = rec.kinds("fault")
+    assert [f["alert"] for f in faults] == [False, True, False, False]
+    assert [(o["action"], o["origin"]) for o in rec.kinds("operator")] == [
+        ("pause", "agent"),
+        ("resume", "agent"),
+    ]
+    assert [f["fate"] for f in rec.kinds("command")] == ["executed"] * 3
+
+
+def test_an_operator_pause_is_not_lifted_by_fault_recovery() -> None:
+    """The agent pauses itself after 2 faults; the operator then pauses too (during the backoff
+    after fault 3); when the instrument recovers the agent must not resume on its own."""
+    inst = FlakyInstrument({1, 2, 3}, CommunicationError("link down"))
+    recorder = MemoryRecorder()
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 3:
+            agent.pause()
+
+    agent = Agent(
+        inst,
+        ScriptedPolicy(commands_for=pulse_every_frame),
+        assessor=ScriptedAssessor(),
+        recorder=recorder,
+        config=AgentConfig(frames=3, fault_backoff_s=0.0, pause_after_faults=2),
+        sleep=sleep,
+    )
+    agent.run()
+    assert [f["fate"] for f in recorder.kinds("command")] == [
+        "executed",
+        "suppressed",
+        "suppressed",
+    ]
+    actions = [(o["action"], o["origin"]) for o in recorder.kinds("operator")]
+    assert actions == [("pause", "agent"), ("pause", "operator")]
