@@ -51,3 +51,17 @@ def seed_root(seed: int | None) -> np.random.SeedSequence:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ConfigError(f"seed must be a non-negative int or None, got {seed!r}")
     return np.random.SeedSequence(seed)
+
+
+def check_shape(
+    shape_px: tuple[int, int], *, min_px: int = 1, error: type[Exception] = CommandRejected
+) -> tuple[int, int]:
+    """``shape_px`` as two ints in ``min_px``..8192, else ``error`` naming the value."""
+    try:
+        h, w = shape_px
+    except (TypeError, ValueError):
+        raise error(f"shape_px must be (rows, cols), got {shape_px!r}") from None
+    for v in (h, w):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not min_px <= v <= 8192:
+            raise error(f"shape_px must be two ints in {min_px}..8192, got {shape_px!r}")
+    return int(h), int(w)

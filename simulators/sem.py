@@ -36,11 +36,17 @@ import scipy.ndimage
 
 from drivers.errors import CommandRejected, ConfigError, LimitViolation
 from drivers.frame import ScanRegion
-from simulators.checks import check_region_centre, check_stage_target, finite, seed_root
+from simulators.checks import (
+    check_region_centre,
+    check_shape,
+    check_stage_target,
+    finite,
+    seed_root,
+)
 from simulators.noise import DriftModel
 from simulators.sem_config import ELEMENTARY_CHARGE_C, SEMConfig
 from simulators.sem_sample import SampleModel, SurfaceMaps
-from simulators.sem_scan import SEMFrameScan, check_shape
+from simulators.sem_scan import SEMFrameScan
 
 __all__ = ["SEMConfig", "SEMFrameScan", "SEMSimulator", "backscatter_coefficient"]
 

@@ -17,18 +17,6 @@ if TYPE_CHECKING:
     from simulators.sem import SEMSimulator
 
 
-def check_shape(shape_px: tuple[int, int]) -> tuple[int, int]:
-    """``shape_px`` as two ints in 1..8192, or :class:`CommandRejected` naming it."""
-    try:
-        h, w = shape_px
-    except (TypeError, ValueError):
-        raise CommandRejected(f"shape_px must be (rows, cols), got {shape_px!r}") from None
-    for v in (h, w):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= 8192:
-            raise CommandRejected(f"shape_px must be two ints in 1..8192, got {shape_px!r}")
-    return int(h), int(w)
-
-
 def streak_filter(source: np.ndarray, decay_px: float) -> np.ndarray:
     """Causal exponential smoothing along the fast-scan axis (axis 1), ``decay_px`` long."""
     a = math.exp(-1.0 / max(decay_px, 1e-6))

@@ -32,7 +32,13 @@ import numpy as np
 
 from drivers.errors import CommandRejected, ConfigError
 from drivers.frame import ScanRegion
-from simulators.checks import check_region_centre, check_stage_target, finite, seed_root
+from simulators.checks import (
+    check_region_centre,
+    check_shape,
+    check_stage_target,
+    finite,
+    seed_root,
+)
 from simulators.noise import DriftModel
 from simulators.scan_patterns import SCAN_PATTERNS, check_pattern
 from simulators.stem_config import (
@@ -218,7 +224,7 @@ class STEMSimulator:
     def scattered_fraction(self, region: ScanRegion, shape_px: tuple[int, int]) -> np.ndarray:
         """``(H, W)`` float64: fraction of the beam reaching the detector at each pixel centre
         of ``region`` (no drift, jitter or flyback)."""
-        geom = self._ideal_geometry(_check_region(region), _check_shape(shape_px))
+        geom = self._ideal_geometry(_check_region(region), check_shape(shape_px, min_px=2))
         defects = self._model.defects_in_box(*geom.bounds(self._kernel.cutoff_ang))
         return self._renderer.render(geom, defects)
 
@@ -228,7 +234,7 @@ class STEMSimulator:
         cost nothing. Raises :class:`ConfigError` with the install hint when abTEM is missing.
         The returned array is shared with the cache: read it, do not write it."""
         region = _check_region(region)
-        shape = _check_shape(shape_px)
+        shape = check_shape(shape_px, min_px=2)
         geom = self._ideal_geometry(region, shape)
         defects = self._model.defects_in_box(*geom.bounds(self._kernel.cutoff_ang))
         digest = hashlib.sha256(np.ascontiguousarray(defects.xy_ang).tobytes())
@@ -266,7 +272,7 @@ class STEMSimulator:
             self._kernel,
             center_ang=(region.center_x_m / ANG, region.center_y_m / ANG),
             size_ang=(region.height_m / ANG, region.width_m / ANG),
-            shape_px=_check_shape(shape_px),
+            shape_px=check_shape(shape_px, min_px=2),
         )
 
     def begin_frame(
@@ -280,7 +286,7 @@ class STEMSimulator:
     ) -> STEMFrameScan:
         """Start scanning ``region`` line by line (``pattern`` at ``fraction`` coverage)."""
         region = _check_region(region)
-        shape = _check_shape(shape_px)
+        shape = check_shape(shape_px, min_px=2)
         dwell = _positive("dwell_s", dwell_s)
         try:
             pattern, fraction = check_pattern(pattern, fraction)
@@ -297,17 +303,6 @@ def _check_region(region: ScanRegion) -> ScanRegion:
     if not isinstance(region, ScanRegion):
         raise CommandRejected(f"region must be a ScanRegion, got {region!r}")
     return region
-
-
-def _check_shape(shape_px: tuple[int, int]) -> tuple[int, int]:
-    try:
-        h, w = shape_px
-    except (TypeError, ValueError):
-        raise CommandRejected(f"shape_px must be (rows, cols), got {shape_px!r}") from None
-    for v in (h, w):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 2 <= v <= 8192:
-            raise CommandRejected(f"shape_px must be two ints in 2..8192, got {shape_px!r}")
-    return int(h), int(w)
 
 
 def _positive(name: str, value: float) -> float:

@@ -28,7 +28,13 @@ import numpy as np
 
 from drivers.errors import CommandRejected, ConfigError
 from drivers.frame import ScanRegion, TipState
-from simulators.checks import check_region_centre, check_stage_target, finite, seed_root
+from simulators.checks import (
+    check_region_centre,
+    check_shape,
+    check_stage_target,
+    finite,
+    seed_root,
+)
 from simulators.noise import CreepModel, DriftModel
 from simulators.stm_config import (
     DAMAGE_RADIUS_M,
@@ -294,7 +300,7 @@ class STMSimulator:
 
     def render_clean(self, region: ScanRegion, shape_px: tuple[int, int]) -> np.ndarray:
         """``(H, W)`` float32 metres: the region as a good tip sees it, no noise, no drift."""
-        shape = _check_shape(shape_px)
+        shape = check_shape(shape_px)
         grid = self._grid(region, shape, np.arange(shape[0], dtype=np.float64), None)
         return self._ldos.render(grid, CANONICAL_GOOD).astype(np.float32)
 
@@ -304,21 +310,10 @@ class STMSimulator:
         """Start scanning ``region`` (centred where the driver put the tip) line by line."""
         if not isinstance(region, ScanRegion):
             raise CommandRejected(f"region must be a ScanRegion, got {region!r}")
-        shape = _check_shape(shape_px)
+        shape = check_shape(shape_px)
         dwell = finite("dwell_s", dwell_s)
         if dwell <= 0:
             raise CommandRejected(f"dwell_s must be > 0, got {dwell_s!r}")
         check_region_centre(region, self.config.stage_range_m)
         self._frames += 1
         return FrameScan(self, region, shape, dwell, self._frames - 1)
-
-
-def _check_shape(shape_px: tuple[int, int]) -> tuple[int, int]:
-    try:
-        h, w = shape_px
-    except (TypeError, ValueError):
-        raise CommandRejected(f"shape_px must be (rows, cols), got {shape_px!r}") from None
-    for v in (h, w):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= 8192:
-            raise CommandRejected(f"shape_px must be two ints in 1..8192, got {shape_px!r}")
-    return int(h), int(w)

@@ -49,6 +49,7 @@ from scipy import ndimage
 
 from drivers.errors import ConfigError, DataError
 from drivers.frame import ScanRegion
+from simulators.checks import check_shape
 from simulators.cube import CubeData, read_cube
 from simulators.stm import STMSimulator
 from simulators.stm_config import REFERENCE_CONDUCTANCE_S, STMConfig
@@ -330,7 +331,7 @@ class CubeSTM:
         (row 0 first, rows along +y of the rotated scan frame, no noise, no drift)."""
         if not isinstance(region, ScanRegion):
             raise ConfigError(f"region must be a ScanRegion, got {region!r}")
-        h_px, w_px = _check_shape(shape_px)
+        h_px, w_px = check_shape(shape_px, error=ConfigError)
         th = math.radians(region.rotation_deg)
         c, s = math.cos(th), math.sin(th)
         u0 = -region.width_m / 2 + 0.5 * region.width_m / w_px
@@ -374,17 +375,6 @@ def _check_geometry(cube: CubeData) -> np.ndarray:
             if float(np.max(np.abs(first - last))) <= 1e-9 * scale:
                 data = np.take(data, np.arange(n - 1), axis=axis)
     return data
-
-
-def _check_shape(shape_px: tuple[int, int]) -> tuple[int, int]:
-    try:
-        h, w = shape_px
-    except (TypeError, ValueError):
-        raise ConfigError(f"shape_px must be (rows, cols), got {shape_px!r}") from None
-    for v in (h, w):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= 8192:
-            raise ConfigError(f"shape_px must be two ints in 1..8192, got {shape_px!r}")
-    return int(h), int(w)
 
 
 def synthetic_cube(
