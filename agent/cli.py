@@ -13,7 +13,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,14 @@ log = logging.getLogger("scopepilot")
 
 SPM_KINDS = ("stm", "afm")  # instruments with a tip the classical assessor can judge
 
+Handler = Callable[[argparse.Namespace], int]
+
+# Subcommands that live in their own modules. Each module has
+# ``register(sub: argparse._SubParsersAction) -> dict[str, Handler]``; it adds its parsers and
+# returns the handler of each command name. Keep those modules light at import time (import heavy
+# libraries inside the handlers): every `scopepilot` invocation imports all of them.
+COMMAND_MODULES: tuple[str, ...] = ()
+
 
 def _package_version() -> str:
     try:
@@ -32,7 +41,7 @@ def _package_version() -> str:
         return "unknown"
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     parser = argparse.ArgumentParser(
         prog="scopepilot", description="Autonomous microscope control agent."
     )
@@ -85,7 +94,10 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("store")
     export.add_argument("--tiff", required=True, help="OME-TIFF output path")
     export.add_argument("--overwrite", action="store_true")
-    return parser
+    handlers: dict[str, Handler] = {"run": _cmd_run, "summary": _cmd_summary, "export": _cmd_export}
+    for name in COMMAND_MODULES:
+        handlers.update(import_module(name).register(sub))
+    return parser, handlers
 
 
 def _parse_sim_options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -253,13 +265,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
+    parser, handlers = _build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
     )
-    handlers = {"run": _cmd_run, "summary": _cmd_summary, "export": _cmd_export}
     try:
         return handlers[args.command](args)
     except ScopePilotError as exc:

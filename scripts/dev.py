@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".scopepilot-install-stamp"
+TORCH = "2.13.0"  # a CPU build of this version installs quickly; see README
 
 
 def _run(*cmd: str | os.PathLike[str]) -> None:
@@ -41,7 +42,9 @@ def ensure_env() -> None:
         print(f"creating virtual environment in {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
     _run(BIN / "python", "-m", "pip", "install", "--quiet", "--upgrade", "pip")
-    _run(BIN / "python", "-m", "pip", "install", "--quiet", "-e", f"{ROOT}[test]")
+    # The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+    _run(BIN / "python", "-m", "pip", "install", "--quiet", f"torch=={TORCH}")
+    _run(BIN / "python", "-m", "pip", "install", "--quiet", "-e", f"{ROOT}[test,rl]")
     STAMP.write_text(wanted)
 
 
