@@ -31,7 +31,7 @@ Handler = Callable[[argparse.Namespace], int]
 # ``register(sub: argparse._SubParsersAction) -> dict[str, Handler]``; it adds its parsers and
 # returns the handler of each command name. Keep those modules light at import time (import heavy
 # libraries inside the handlers): every `scopepilot` invocation imports all of them.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("agent.cli_perception",)
 
 
 def _package_version() -> str:
@@ -120,8 +120,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from agent.gate import Mode
     from agent.loop import Agent, AgentConfig, Step
-    from agent.perception.classical import ClassicalTipAssessor
-    from agent.perception.quality import ImageQualityAssessor
+    from agent.pipeline import build_pipeline, default_assessor, default_policy_options
     from agent.recorder import SessionRecorder
     from agent.session import Session
     from agent.summary import format_summary, summarize
@@ -129,11 +128,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from drivers.errors import ConfigError
     from drivers.frame import ScanRegion
     from drivers.registry import open_instrument
-    from policies.base import make_policy
 
     if args.frames < 1:
         raise ConfigError(f"--frames must be >= 1, got {args.frames}")
-    quality = ImageQualityAssessor()
     options: dict[str, Any] = {}
     if args.instrument.startswith("sim:"):
         options = {"seed": args.seed, **_parse_sim_options(args.sim)}
@@ -149,19 +146,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     instrument = open_instrument(args.instrument, **options)
     try:
         kind = instrument.info().kind
-        spm = kind in SPM_KINDS
-        assessor = ClassicalTipAssessor() if spm else None
-        target_snr = args.target_snr if args.target_snr is not None else (None if spm else 5.0)
-        if target_snr is not None and target_snr <= 0:
-            target_snr = None  # --target-snr 0 switches dose control off
-        policy_options = {"target_snr": target_snr} if args.policy == "rule" else {}
-        policy = make_policy(args.policy, **policy_options)
-        if scan:  # scan settings go through the instrument's envelope like any other command
-            instrument.execute(Scan(source="console", reason="command-line scan settings", **scan))
-        config = {
+        config = {  # the session config; agent.pipeline rebuilds perception + policy from it
             "instrument": args.instrument,
             "policy": args.policy,
-            "policy_options": policy_options,
+            "policy_options": default_policy_options(args.policy, kind, args.target_snr),
+            "assessor": default_assessor(kind),
+            "assessor_options": {},
+            "quality": "snr",
             "frames": args.frames,
             "seed": args.seed,
             "mode": args.mode,
@@ -171,12 +162,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "sim_options": _parse_sim_options(args.sim),
             "lockstep": not args.free_running,
         }
-        versions = {
-            "scopepilot": _package_version(),
-            "policy": f"{policy.name} {policy.version}",
-            "assessor": f"{assessor.name} {assessor.version}" if assessor else "none",
-            "quality": f"{quality.name} {quality.version}",
-        }
+        pipeline = build_pipeline(config, kind=kind)
+        assessor, quality, policy = pipeline.assessor, pipeline.quality, pipeline.policy
+        if scan:  # scan settings go through the instrument's envelope like any other command
+            instrument.execute(Scan(source="console", reason="command-line scan settings", **scan))
+        versions = {"scopepilot": _package_version(), **pipeline.versions()}
         recorder = SessionRecorder(
             args.out, overwrite=args.overwrite, config=config, versions=versions
         )

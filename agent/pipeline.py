@@ -1,0 +1,149 @@
+"""Perception and policy of a session, built from its plain configuration mapping.
+
+``scopepilot run`` stores its configuration in the session store (``Session.config``); replay
+and ``--resume`` rebuild exactly the same perception and policy from that mapping with
+:func:`build_pipeline`, so what runs again is what ran. The keys this module reads:
+
+``policy``            policy name for :func:`policies.base.make_policy` (``rule``, ``none``, ...)
+``policy_options``    keyword options of that policy (JSON-able; e.g. ``{"target_snr": 5.0}``)
+``assessor``          tip assessor name (``classical``, ``none``); absent or None: the default
+                      for the instrument kind (``classical`` on SPM, ``none`` on STEM/SEM)
+``assessor_options``  keyword options of the tip assessor (for ``classical``: fields of
+                      :class:`~agent.perception.classical.ClassicalConfig`)
+``quality``           image-quality assessor name (``snr``, ``none``); absent: ``snr``
+
+Other keys (instrument URI, seed, frames, ...) belong to the run and are ignored here.
+New tip models register a factory in ``TIP_ASSESSORS``.
+
+>>> pipe = build_pipeline({"policy": "rule", "policy_options": {}}, kind="stm")
+>>> (pipe.assessor.name, pipe.quality.name, pipe.policy.name)
+('classical', 'snr', 'rule')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agent.loop import Assessor, QualityAssessor
+from drivers.errors import ConfigError
+from policies.base import Policy, make_policy
+
+SPM_KINDS = ("stm", "afm")
+"""Instrument kinds with a tip that a tip assessor can judge."""
+
+
+def _classical(**options: Any) -> Assessor:
+    from agent.perception.classical import ClassicalConfig, ClassicalTipAssessor
+
+    try:
+        return ClassicalTipAssessor(ClassicalConfig(**options))
+    except TypeError as exc:  # an unknown keyword
+        raise ConfigError(f"classical tip assessor: {exc}; see ClassicalConfig") from None
+
+
+def _snr(**options: Any) -> QualityAssessor:
+    from agent.perception.quality import ImageQualityAssessor
+
+    if options:
+        raise ConfigError(f"quality assessor 'snr' takes no options, got {sorted(options)}")
+    return ImageQualityAssessor()
+
+
+TIP_ASSESSORS: dict[str, Callable[..., Assessor]] = {"classical": _classical}
+"""Tip assessor factories by name; each takes the ``assessor_options`` as keywords."""
+
+QUALITY_ASSESSORS: dict[str, Callable[..., QualityAssessor]] = {"snr": _snr}
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What judges frames (``assessor``, ``quality``; either may be None) and what decides."""
+
+    assessor: Assessor | None
+    quality: QualityAssessor | None
+    policy: Policy
+
+    def versions(self) -> dict[str, str]:
+        """Names and versions of each part, as recorded in the session's ``versions``."""
+
+        def label(part: Any) -> str:
+            if part is None:
+                return "none"
+            return f"{part.name} {getattr(part, 'version', '?')}"
+
+        return {
+            "policy": label(self.policy),
+            "assessor": label(self.assessor),
+            "quality": label(self.quality),
+        }
+
+
+def default_assessor(kind: str) -> str:
+    """The tip assessor a session on an instrument of ``kind`` uses unless told otherwise."""
+    return "classical" if kind in SPM_KINDS else "none"
+
+
+def default_policy_options(policy: str, kind: str, target_snr: float | None) -> dict[str, Any]:
+    """The ``policy_options`` ``scopepilot run`` stores for ``policy`` on ``kind``.
+
+    The rule policy gets dose control: ``target_snr`` when given (0 or less switches it off),
+    else 5 on STEM/SEM and off on SPM. Other policies get no options.
+    """
+    if policy != "rule":
+        return {}
+    if target_snr is None:
+        target_snr = None if kind in SPM_KINDS else 5.0
+    elif target_snr <= 0:
+        target_snr = None
+    return {"target_snr": target_snr}
+
+
+def _options(config: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = config.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"session config {key!r} must be a mapping of names, got {value!r}")
+    return dict(value)
+
+
+def _name(config: Mapping[str, Any], key: str, default: str) -> str:
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"session config {key!r} must be a name, got {value!r}")
+    return value
+
+
+def build_pipeline(config: Mapping[str, Any], *, kind: str) -> Pipeline:
+    """Perception and policy for a session on an instrument of ``kind`` from ``config``.
+
+    Raises :class:`ConfigError` naming the key for an unknown name, a malformed value or an
+    option the part does not take.
+    """
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"session config must be a mapping, got {type(config).__name__}")
+    policy = make_policy(_name(config, "policy", "rule"), **_options(config, "policy_options"))
+    tip_name = _name(config, "assessor", default_assessor(kind))
+    tip_options = _options(config, "assessor_options")
+    assessor: Assessor | None = None
+    if tip_name != "none":
+        factory = TIP_ASSESSORS.get(tip_name)
+        if factory is None:
+            known = ", ".join(sorted([*TIP_ASSESSORS, "none"]))
+            raise ConfigError(f"unknown tip assessor {tip_name!r}; known: {known}")
+        assessor = factory(**tip_options)
+    elif tip_options:
+        raise ConfigError(f"assessor_options {sorted(tip_options)} given without a tip assessor")
+    quality_name = _name(config, "quality", "snr")
+    quality: QualityAssessor | None = None
+    if quality_name != "none":
+        quality_factory = QUALITY_ASSESSORS.get(quality_name)
+        if quality_factory is None:
+            known = ", ".join(sorted([*QUALITY_ASSESSORS, "none"]))
+            raise ConfigError(f"unknown quality assessor {quality_name!r}; known: {known}")
+        quality = quality_factory()
+    return Pipeline(assessor=assessor, quality=quality, policy=policy)

@@ -1,0 +1,63 @@
+"""agent.pipeline: perception and policy rebuilt from a session's plain config mapping."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.pipeline import build_pipeline, default_assessor, default_policy_options
+from drivers.errors import ConfigError
+
+
+def test_defaults_per_instrument_kind() -> None:
+    stm = build_pipeline({"policy": "rule"}, kind="stm")
+    assert stm.assessor is not None and stm.assessor.name == "classical"
+    assert stm.quality is not None and stm.quality.name == "snr"
+    stem = build_pipeline({"policy": "none"}, kind="stem")
+    assert stem.assessor is None and stem.policy.name == "none"
+    assert default_assessor("afm") == "classical" and default_assessor("sem") == "none"
+    assert stem.versions() == {"policy": "none 1", "assessor": "none", "quality": "snr 1"}
+
+
+def test_options_reach_the_parts() -> None:
+    pipe = build_pipeline(
+        {
+            "policy": "rule",
+            "policy_options": {"target_snr": 7.0, "bad_frames_to_act": 3},
+            "assessor": "classical",
+            "assessor_options": {"ghost_at": 0.3},
+            "quality": "none",
+        },
+        kind="stm",
+    )
+    assert pipe.policy.config.target_snr == 7.0  # type: ignore[attr-defined]
+    assert pipe.policy.config.bad_frames_to_act == 3  # type: ignore[attr-defined]
+    assert pipe.assessor.config.ghost_at == 0.3  # type: ignore[union-attr]
+    assert pipe.quality is None
+
+
+def test_run_policy_options_match_dose_control_defaults() -> None:
+    assert default_policy_options("rule", "stm", None) == {"target_snr": None}
+    assert default_policy_options("rule", "stem", None) == {"target_snr": 5.0}
+    assert default_policy_options("rule", "sem", 0.0) == {"target_snr": None}
+    assert default_policy_options("rule", "stm", 3.0) == {"target_snr": 3.0}
+    assert default_policy_options("none", "stem", 3.0) == {}
+
+
+@pytest.mark.parametrize(
+    ("config", "words"),
+    [
+        ({"policy": "magic"}, ["unknown policy 'magic'"]),
+        ({"assessor": "neural9"}, ["unknown tip assessor 'neural9'", "classical"]),
+        ({"assessor_options": {"no_such": 1}}, ["classical tip assessor", "no_such"]),
+        ({"assessor_options": {"ghost_at": "x"}}, ["ghost_at"]),
+        ({"assessor": "none", "assessor_options": {"ghost_at": 1}}, ["without a tip assessor"]),
+        ({"policy_options": [1, 2]}, ["'policy_options' must be a mapping"]),
+        ({"quality": 3}, ["'quality' must be a name"]),
+        ({"quality": "psnr"}, ["unknown quality assessor 'psnr'"]),
+    ],
+)
+def test_bad_config_names_the_key(config: dict[str, object], words: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_pipeline(config, kind="stm")
+    for word in words:
+        assert word in str(info.value)
