@@ -1,0 +1,103 @@
+"""``scopepilot train|evaluate|infer tip|sr|defects``: the perception models' commands.
+
+Each model has a task module ``agent.perception.tasks.<name>`` with
+
+- ``add_train_arguments(parser)`` and ``train(args) -> int`` (exit status),
+- ``add_evaluate_arguments(parser)`` and ``evaluate(args) -> int``,
+- ``infer(image, pixel_size_nm) -> dict`` (JSON-able result for one ``(H, W)`` image).
+
+The task module is imported only when its command runs (so ``scopepilot`` starts fast and a
+missing task module gives a clear error); its options are parsed from the rest of the command
+line, so ``scopepilot train tip --help`` lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from importlib import import_module
+from types import ModuleType
+from typing import Any
+
+TASKS = ("tip", "sr", "defects")
+
+
+def register(sub: Any) -> dict[str, Any]:
+    """Add ``train``, ``evaluate`` and ``infer`` to the ``scopepilot`` subcommands."""
+    for command, help_text in (
+        ("train", "train a perception model on simulator data"),
+        ("evaluate", "evaluate a perception model on held-out simulated data"),
+    ):
+        p = sub.add_parser(
+            command,
+            help=help_text,
+            description=f"{help_text}; run `scopepilot {command} TASK --help` for its options",
+        )
+        p.add_argument("task", choices=TASKS)
+        p.add_argument("options", nargs=argparse.REMAINDER, help="options of the task")
+    infer = sub.add_parser("infer", help="run a perception model on an image file")
+    infer.add_argument("task", choices=TASKS)
+    infer.add_argument("file", help="image file: .npy, .tif (others with scopepilot[formats])")
+    infer.add_argument(
+        "--pixel-size-nm",
+        type=float,
+        help="pixel size in nm (default: from the file, when it records one)",
+    )
+    infer.add_argument("--out", help="also write the result as JSON here")
+    return {"train": _cmd_train, "evaluate": _cmd_evaluate, "infer": _cmd_infer}
+
+
+def task_module(task: str) -> ModuleType:
+    """The task module of ``task``, or a :class:`~drivers.errors.ModelError` saying it is
+    not available."""
+    from drivers.errors import ModelError
+
+    if task not in TASKS:
+        raise ModelError(f"unknown perception task {task!r}; known: {', '.join(TASKS)}")
+    name = f"agent.perception.tasks.{task}"
+    try:
+        return import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        raise ModelError(
+            f"the {task!r} model is not available in this installation ({name} is missing)"
+        ) from None
+
+
+def _task_options(command: str, task: str, module: ModuleType, options: Sequence[str]) -> Any:
+    parser = argparse.ArgumentParser(prog=f"scopepilot {command} {task}")
+    getattr(module, f"add_{command}_arguments")(parser)
+    return parser.parse_args(list(options))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    module = task_module(args.task)
+    return int(module.train(_task_options("train", args.task, module, args.options)))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    module = task_module(args.task)
+    return int(module.evaluate(_task_options("evaluate", args.task, module, args.options)))
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from agent.perception.files import read_image
+    from drivers.errors import DataError
+
+    image, file_pixel_nm = read_image(args.file)
+    pixel_nm = args.pixel_size_nm if args.pixel_size_nm is not None else file_pixel_nm
+    if pixel_nm is None:
+        raise DataError(f"{args.file} does not record its pixel size: pass --pixel-size-nm")
+    if not (math.isfinite(pixel_nm) and pixel_nm > 0):
+        raise DataError(f"--pixel-size-nm must be a positive number, got {pixel_nm!r}")
+    result = task_module(args.task).infer(image, pixel_nm)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    sys.stdout.write(text + "\n")
+    return 0
