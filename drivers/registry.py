@@ -52,4 +52,18 @@ def _open_sim(rest: str, **options: Any) -> Instrument:
     return open_simulated(rest, **options)
 
 
+def _open_pyro(rest: str, **options: Any) -> Instrument:
+    from drivers.remote.client import open_remote
+
+    return open_remote(rest, **options)
+
+
+def _open_nanonis(rest: str, **options: Any) -> Instrument:
+    from drivers.nanonis.driver import open_nanonis
+
+    return open_nanonis(rest, **options)
+
+
 register_scheme("sim", _open_sim)
+register_scheme("pyro", _open_pyro)
+register_scheme("nanonis", _open_nanonis)

@@ -1,0 +1,222 @@
+"""Frames on the wire: a small header mapping plus the raw pixel bytes (never ``tolist()``).
+
+A message is ``(header, payload)``. The header is a mapping of plain values that any safe
+serializer carries (the remote instrument uses msgpack); the payload is the C-ordered,
+little-endian bytes of rows ``row0 .. row0 + rows - 1`` of the frame. A partial frame sends only
+the lines scanned since the previous message, so a stream moves every line once.
+
+>>> import numpy as np
+>>> from drivers.frame import Frame, ScanRegion
+>>> frame = Frame(np.arange(6, dtype=np.float32).reshape(2, 3), "topography", (1e-9, 1e-9),
+...               1e-3, ScanRegion(), 0, 0.5, 2, "sim:stm")
+>>> header, payload = encode_frame(frame)
+>>> len(payload)
+24
+>>> decode_frame(header, payload).data.tolist()
+[[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from drivers.errors import DataError
+from drivers.frame import Defect, Frame, GroundTruth, ScanRegion, TipState
+
+WIRE_VERSION = 1
+
+#: Pixel types a frame may travel as (little-endian on the wire).
+DTYPES: tuple[str, ...] = (
+    "float32",
+    "float64",
+    "float16",
+    "uint8",
+    "uint16",
+    "uint32",
+    "int8",
+    "int16",
+    "int32",
+)
+
+#: The largest frame payload a receiver accepts unless told otherwise (a 4096 x 4096 float64).
+MAX_FRAME_BYTES = 4096 * 4096 * 8
+
+_HEADER_KEYS = frozenset(
+    {
+        "v",
+        "channel",
+        "shape",
+        "dtype",
+        "pixel_size_m",
+        "dwell_s",
+        "scan_region",
+        "frame_index",
+        "timestamp_s",
+        "lines_done",
+        "instrument",
+        "metadata",
+        "row0",
+        "rows",
+        "truth",
+    }
+)
+
+
+def encode_frame(frame: Frame, *, row0: int = 0) -> tuple[dict[str, Any], memoryview]:
+    """The header and the raw bytes of rows ``row0 .. frame.lines_done - 1`` of ``frame``.
+
+    The payload is a view of a little-endian C-ordered copy only where the frame's own array is
+    not already one (no copy for the usual native little-endian frames).
+    """
+    if not 0 <= row0 <= frame.lines_done:
+        raise DataError(f"row0={row0} outside 0..{frame.lines_done} (lines_done)")
+    dtype = frame.data.dtype
+    if dtype.name not in DTYPES:
+        raise DataError(f"frame dtype {dtype} cannot travel; allowed: {', '.join(DTYPES)}")
+    rows = np.ascontiguousarray(frame.data[row0 : frame.lines_done], dtype=dtype.newbyteorder("<"))
+    header = frame.header()
+    header.update(
+        v=WIRE_VERSION,
+        dtype=dtype.name,
+        row0=row0,
+        rows=frame.lines_done - row0,
+        truth=frame.truth.to_json() if frame.truth is not None else None,
+    )
+    return header, rows.data.cast("B") if rows.size else memoryview(b"")
+
+
+def _need(header: Mapping[str, Any], key: str, kinds: type | tuple[type, ...]) -> Any:
+    value = header.get(key)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise DataError(f"frame header field {key!r} has a bad value {value!r}")
+    return value
+
+
+def _int(header: Mapping[str, Any], key: str, low: int, high: int) -> int:
+    value = _need(header, key, int)
+    if not low <= value <= high:
+        raise DataError(f"frame header field {key!r}={value} is outside {low}..{high}")
+    return int(value)
+
+
+def _float(header: Mapping[str, Any], key: str) -> float:
+    value = float(_need(header, key, (int, float)))
+    if not math.isfinite(value):
+        raise DataError(f"frame header field {key!r}={value!r} is not finite")
+    return value
+
+
+def _truth(obj: Any) -> GroundTruth | None:
+    if obj is None:
+        return None
+    if not isinstance(obj, Mapping):
+        raise DataError(f"frame header field 'truth' must be a mapping or None, got {obj!r}")
+    try:
+        defects = tuple(
+            Defect(
+                float(d["x_m"]),
+                float(d["y_m"]),
+                str(d["kind"]),
+                math.nan if d.get("row_px") is None else float(d["row_px"]),
+                math.nan if d.get("col_px") is None else float(d["col_px"]),
+            )
+            for d in obj.get("defects", ())
+        )
+        return GroundTruth(
+            tip_state=TipState(obj["tip_state"]),
+            tip_states=tuple(TipState(s) for s in obj.get("tip_states", ())),
+            defects=defects,
+            damaged_fraction=float(obj.get("damaged_fraction", 0.0)),
+            extra=dict(obj.get("extra", {})),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"frame header field 'truth' is malformed: {exc!r}") from None
+
+
+def decode_frame(
+    header: Any,
+    payload: Any,
+    *,
+    into: np.ndarray | None = None,
+    max_bytes: int = MAX_FRAME_BYTES,
+) -> Frame:
+    """The frame a ``(header, payload)`` message describes.
+
+    ``into`` is the ``(H, W)`` buffer of the frame being streamed (NaN where not yet scanned):
+    the payload's rows are written into it and the returned frame holds a copy. Without
+    ``into`` the payload must start at row 0. Every field is checked: a malformed header, a
+    payload whose size does not match the header, or a frame larger than ``max_bytes`` raises
+    :class:`DataError` naming the problem.
+    """
+    if not isinstance(header, Mapping):
+        raise DataError(f"frame header must be a mapping, got {type(header).__name__}")
+    unknown = set(header) - _HEADER_KEYS
+    if unknown:
+        raise DataError(f"frame header has unknown fields {sorted(map(str, unknown))}")
+    if header.get("v") != WIRE_VERSION:
+        raise DataError(f"frame wire version {header.get('v')!r} is not {WIRE_VERSION}")
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise DataError(f"frame payload must be bytes, got {type(payload).__name__}")
+    dtype_name = _need(header, "dtype", str)
+    if dtype_name not in DTYPES:
+        raise DataError(f"frame dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
+    dtype = np.dtype(dtype_name).newbyteorder("<")
+    shape = _need(header, "shape", (list, tuple))
+    if len(shape) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
+        raise DataError(f"frame header field 'shape' must be two ints, got {shape!r}")
+    height, width = int(shape[0]), int(shape[1])
+    if height < 1 or width < 1:
+        raise DataError(f"frame shape {shape!r} must be positive")
+    if height * width * dtype.itemsize > max_bytes:
+        raise DataError(
+            f"frame of shape {height}x{width} {dtype_name} is {height * width * dtype.itemsize} "
+            f"bytes, over the limit of {max_bytes} bytes"
+        )
+    lines_done = _int(header, "lines_done", 0, height)
+    row0 = _int(header, "row0", 0, lines_done)
+    rows = _int(header, "rows", 0, height)
+    if row0 + rows != lines_done:
+        raise DataError(f"frame rows {row0}+{rows} do not end at lines_done={lines_done}")
+    expected = rows * width * dtype.itemsize
+    if len(payload) != expected:
+        raise DataError(
+            f"frame payload is {len(payload)} bytes; the header ({rows} rows of {width} "
+            f"{dtype_name}) needs {expected}"
+        )
+    if into is None:
+        if row0 != 0:
+            raise DataError(f"a frame message starting at row {row0} needs the streamed buffer")
+        into = np.full(
+            (height, width), np.nan if dtype.kind == "f" else 0, dtype=dtype.newbyteorder("=")
+        )
+    elif into.shape != (height, width) or into.dtype != dtype.newbyteorder("="):
+        raise DataError(
+            f"frame message ({height}x{width} {dtype_name}) does not match the streamed frame "
+            f"({into.shape[0]}x{into.shape[1]} {into.dtype})"
+        )
+    into[row0:lines_done] = np.frombuffer(payload, dtype=dtype).reshape(rows, width)
+    pixel = _need(header, "pixel_size_m", (list, tuple))
+    if len(pixel) != 2:
+        raise DataError(f"frame header field 'pixel_size_m' must be (y, x), got {pixel!r}")
+    metadata = _need(header, "metadata", Mapping)
+    try:
+        region = ScanRegion.from_json(_need(header, "scan_region", Mapping))
+        return Frame(
+            data=into.copy(),
+            channel=_need(header, "channel", str),
+            pixel_size_m=(float(pixel[0]), float(pixel[1])),
+            dwell_s=_float(header, "dwell_s"),
+            scan_region=region,
+            frame_index=_int(header, "frame_index", 0, 2**62),
+            timestamp_s=_float(header, "timestamp_s"),
+            lines_done=lines_done,
+            instrument=_need(header, "instrument", str),
+            metadata=dict(metadata),
+            truth=_truth(header.get("truth")),
+        )
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"frame header is malformed: {exc}") from None
