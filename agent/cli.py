@@ -31,7 +31,7 @@ Handler = Callable[[argparse.Namespace], int]
 # ``register(sub: argparse._SubParsersAction) -> dict[str, Handler]``; it adds its parsers and
 # returns the handler of each command name. Keep those modules light at import time (import heavy
 # libraries inside the handlers): every `scopepilot` invocation imports all of them.
-COMMAND_MODULES: tuple[str, ...] = ("agent.cli_perception",)
+COMMAND_MODULES: tuple[str, ...] = ("agent.cli_perception", "agent.cli_reliability")
 
 
 def _package_version() -> str:
@@ -53,7 +53,12 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     run.add_argument("--instrument", default="sim:stm", help="instrument URI (default sim:stm)")
     run.add_argument("--policy", default="rule", help="policy name: rule or none (default rule)")
     run.add_argument("--frames", type=int, default=100, help="frames to acquire (default 100)")
-    run.add_argument("--out", required=True, help="session store to create (S.zarr)")
+    run.add_argument("--out", help="session store to create (S.zarr)")
+    run.add_argument(
+        "--resume",
+        metavar="S.zarr",
+        help="continue an interrupted session in that store (all settings come from it)",
+    )
     run.add_argument("--overwrite", action="store_true", help="replace an existing store")
     run.add_argument("--seed", type=int, default=0, help="simulator seed (sim: URIs only)")
     run.add_argument("--mode", default="autonomous", choices=["autonomous", "supervised", "manual"])
@@ -129,6 +134,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from drivers.frame import ScanRegion
     from drivers.registry import open_instrument
 
+    plan = None
+    if args.resume is not None:
+        from agent.resume import ContinuedRecorder, apply_plan, plan_resume
+
+        plan = plan_resume(args.resume)
+        args = apply_plan(args, plan)
+    elif args.out is None:
+        raise ConfigError("run needs --out S.zarr (a new store) or --resume S.zarr")
     if args.frames < 1:
         raise ConfigError(f"--frames must be >= 1, got {args.frames}")
     options: dict[str, Any] = {}
@@ -162,14 +175,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "sim_options": _parse_sim_options(args.sim),
             "lockstep": not args.free_running,
         }
+        if plan is not None:  # the stored session config, exactly as the first part ran
+            config = plan.config
         pipeline = build_pipeline(config, kind=kind)
         assessor, quality, policy = pipeline.assessor, pipeline.quality, pipeline.policy
         if scan:  # scan settings go through the instrument's envelope like any other command
             instrument.execute(Scan(source="console", reason="command-line scan settings", **scan))
         versions = {"scopepilot": _package_version(), **pipeline.versions()}
-        recorder = SessionRecorder(
-            args.out, overwrite=args.overwrite, config=config, versions=versions
-        )
+        if plan is not None:
+            plan.check_compatible(kind, versions)
+            recorder = SessionRecorder.reopen(plan.path)
+        else:
+            recorder = SessionRecorder(
+                args.out, overwrite=args.overwrite, config=config, versions=versions
+            )
     except BaseException:
         instrument.close()
         raise
@@ -195,7 +214,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             policy,
             assessor=assessor,
             quality=quality,
-            recorder=recorder,
+            recorder=recorder if plan is None else ContinuedRecorder(recorder, plan.frames_before),
             config=AgentConfig(
                 frames=args.frames, mode=Mode(args.mode), lockstep=not args.free_running
             ),
@@ -205,6 +224,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             signal.SIGINT, lambda *_: agent.abort(origin="console", reason="Ctrl-C")
         )
         try:
+            if plan is not None:
+                recorder.append_event("status", plan.status_payload())
             result = agent.run()
         finally:
             signal.signal(signal.SIGINT, previous)

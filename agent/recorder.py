@@ -155,12 +155,39 @@ class _RecordLog:
 class _FrameGroup:
     """The pixel arrays of one (H, W, dtype) group and how many slots are committed."""
 
-    def __init__(self, group: zarr.Group, shape: tuple[int, int], dtype: np.dtype[Any]) -> None:
+    def __init__(
+        self,
+        group: zarr.Group,
+        shape: tuple[int, int],
+        dtype: np.dtype[Any],
+        *,
+        existing: bool = False,
+    ) -> None:
         self.group = group
         self.shape = shape
         self.dtype = dtype
-        self.data = _create_pixel_array(group, "data", shape, dtype)
         self.clean: zarr.Array[Any] | None = None
+        if existing:  # a group of a session being resumed: open its arrays as they are
+            data = group.get("data")
+            clean = group.get("clean")
+            if not isinstance(data, zarr.Array) or tuple(data.shape[1:]) != shape:
+                raise DataError(f"{group.path}/data is missing or not (N, {shape[0]}, {shape[1]})")
+            if data.dtype != dtype or _codec_names(data) != ["bytes"]:
+                raise DataError(f"{group.path}/data is not raw {dtype} pixels; cannot append")
+            if clean is not None and (
+                not isinstance(clean, zarr.Array) or tuple(clean.shape[1:]) != shape
+            ):
+                raise DataError(f"{group.path}/clean does not match {group.path}/data")
+            if clean is not None and clean.shape[0] != data.shape[0]:
+                # killed between growing one array and the other: grow the shorter one
+                rows = max(int(clean.shape[0]), int(data.shape[0]))
+                for array in (data, clean):
+                    if array.shape[0] != rows:
+                        array.resize((rows, *shape))
+            self.data = data
+            self.clean = clean
+        else:
+            self.data = _create_pixel_array(group, "data", shape, dtype)
         self.count = 0
         self.capacity = int(self.data.shape[0])
 
@@ -312,6 +339,114 @@ class SessionRecorder:
             ) from exc
         log.info("recording session to %s", self.path)
 
+    @classmethod
+    def reopen(cls, path: str | os.PathLike[str], *, record_clean: bool = True) -> SessionRecorder:
+        """Continue an interrupted session: append to the store at ``path`` after what it holds.
+
+        Every committed frame and event is kept; rows and event numbers continue where they
+        stopped; a record or pixel chunk of an append that a kill interrupted is overwritten.
+        The root attribute ``resumes`` gains one entry per reopening. Raises
+        :class:`DataError` when ``path`` is not a session store, is corrupt, or was closed
+        (a complete session is never appended to).
+        """
+        from agent.session import Session  # the reader decides what is committed
+
+        path = Path(path)
+        session = Session(path)
+        if session.ended:
+            raise DataError(
+                f"{path}: the session was closed at {session.ended} (complete); only an "
+                f"interrupted session can be resumed: start a new store instead"
+            )
+        records = session.frame_records()
+        self = cls.__new__(cls)
+        self.path = path
+        self.record_clean = record_clean
+        self._lock = threading.Lock()
+        self._closed = False
+        self._groups = {}
+        try:
+            self._store = LocalStore(path)
+            self._root = zarr.open_group(
+                self._store, mode="r+", zarr_format=3, use_consolidated=False
+            )
+            frames = self._root[FRAMES_GROUP]
+            if not isinstance(frames, zarr.Group):
+                raise DataError(f"{path}/{FRAMES_GROUP} is not a group")
+            self._frames_group = frames
+            self._records = self._reopen_log(RECORDS_ARRAY, len(records))
+            self._events = self._reopen_log(EVENTS_ARRAY, len(session.events()))
+            for record in records:
+                name = record["group"]
+                group = self._reopened_group(name)
+                if record["slot"] != group.count:
+                    raise DataError(
+                        f"{path}: frame record {record['row']} points at slot {record['slot']} "
+                        f"of {name}; expected {group.count} (records out of order)"
+                    )
+                group.count += 1
+            resumes = self._root.attrs.get("resumes") or []
+            if not isinstance(resumes, list):
+                raise DataError(f"{path}: attribute 'resumes' is not a list")
+            now = time.time()
+            entry = {
+                "at": datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat(),
+                "at_unix": now,
+                "frames_before": len(records),
+                "events_before": self._events.count,
+            }
+            self._root.update_attributes({"resumes": [*resumes, entry]})
+        except DataError as exc:
+            raise DataError(f"cannot resume {path}: {exc}") from None
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise DataError(f"cannot resume {path}: {type(exc).__name__}: {exc}") from exc
+        log.info("resuming session %s after %d frames", path, len(records))
+        return self
+
+    def _reopen_log(self, key: str, count: int) -> _RecordLog:
+        array = self._root[key]
+        if (
+            not isinstance(array, zarr.Array)
+            or array.ndim != 1
+            or _codec_names(array) != ["vlen-utf8"]
+        ):
+            raise DataError(f"{key} is not a 1-D vlen-utf8 array")
+        if int(array.chunks[0]) != RECORDS_PER_CHUNK:
+            raise DataError(f"{key} has chunks of {array.chunks[0]}, not {RECORDS_PER_CHUNK}")
+        log_ = _RecordLog(self._store, array, key)
+        start = (count // RECORDS_PER_CHUNK) * RECORDS_PER_CHUNK
+        texts = np.asarray(array[start:count]).tolist() if count > start else []
+        log_._pending = [
+            struct.pack("<I", len(t.encode("utf-8"))) + t.encode("utf-8") for t in texts
+        ]
+        log_.count = count
+        # Chunks after the current one hold nothing committed (a reader stopped before them).
+        chunk_dir = self.path / key / "c"
+        for name in os.listdir(chunk_dir) if chunk_dir.is_dir() else ():
+            if name.isdecimal() and int(name) > count // RECORDS_PER_CHUNK:
+                self._store.delete_sync(f"{key}/c/{name}")
+        return log_
+
+    def _reopened_group(self, name: str) -> _FrameGroup:
+        for group in self._groups.values():
+            if group.group.basename == name:
+                return group
+        node = self._frames_group.get(name)
+        if not isinstance(node, zarr.Group):
+            raise DataError(f"{FRAMES_GROUP}/{name} is missing")
+        shape_attr: Any = node.attrs.get("shape")
+        dtype_attr = node.attrs.get("dtype")
+        try:
+            shape = (int(shape_attr[0]), int(shape_attr[1]))
+            dtype = np.dtype(str(dtype_attr))
+        except (TypeError, ValueError, IndexError) as exc:
+            raise DataError(f"{FRAMES_GROUP}/{name} has no valid shape/dtype attributes") from exc
+        if frame_group_name(shape, dtype) != name:
+            raise DataError(f"{FRAMES_GROUP}/{name} attributes say {shape} {dtype}")
+        group = _FrameGroup(node, shape, dtype, existing=True)
+        self._groups[(shape, dtype.str)] = group
+        return group
+
     @staticmethod
     def _config_text(mapping: Mapping[str, Any], what: str) -> str:
         if not isinstance(mapping, Mapping):
@@ -427,6 +562,11 @@ class SessionRecorder:
         group = self._groups.get(key)
         if group is None:
             name = frame_group_name(shape, dtype)
+            if name in self._frames_group:  # resumed: created before the kill, nothing committed
+                try:
+                    return self._reopened_group(name)
+                except DataError:  # half-created when the writer died; it holds no frame
+                    shutil.rmtree(self.path / FRAMES_GROUP / name)
             zgroup = self._frames_group.create_group(
                 name, attributes={"shape": list(shape), "dtype": dtype.name}
             )
