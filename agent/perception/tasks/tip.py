@@ -1,0 +1,219 @@
+"""``scopepilot train|evaluate|infer tip``: the tip-state model's commands.
+
+    scopepilot train tip                       # ~15 min on 2 cores: simulate, train, calibrate
+    scopepilot evaluate tip                    # held-out seeds + shifted simulator parameters
+    scopepilot infer tip frame.npy --pixel-size-nm 0.0625
+
+Training data: seeds 10,000,000 + i (Au(111) 70 %, H:Si(100) 30 %, 12–20 nm scans at 256²,
+noise ×0.5–1.5, drift ×0.5–2); calibration seeds follow them. Evaluation: seeds from 20,000,000
+with the training parameters ("heldout") and from 30,000,000 with shifted ones ("shifted":
+noise ×1.5–3, drift ×2–4, 11–24 nm, half H:Si(100)); mid-scan changes from 40,000,000, made by
+the simulator itself (see :func:`agent.perception.tip_data.natural_changes`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TRAIN_SEED0 = 10_000_000
+HELDOUT_SEED0 = 20_000_000
+SHIFTED_SEED0 = 30_000_000
+CHANGE_SEED0 = 40_000_000
+DEFAULT_OUT = "bench/out/tip"
+CHECK_EVERY_LINES = 4
+
+
+def _weights_default() -> str:
+    from agent.perception.registry import WEIGHTS_DIR
+
+    return str(WEIGHTS_DIR)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--frames", type=int, default=700, help="training frames (default 700)")
+    parser.add_argument(
+        "--val-frames", type=int, default=150, help="calibration frames (default 150)"
+    )
+    parser.add_argument("--steps", type=int, default=1200, help="optimiser steps (default 1200)")
+    parser.add_argument("--batch", type=int, default=24, help="batch size (default 24)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--weights-dir", help="where tip.pt/tip.json go (default: the package's)")
+    parser.add_argument("--out-dir", default=DEFAULT_OUT, help=f"loss curve etc. ({DEFAULT_OUT})")
+    parser.add_argument("--cache", help="reuse/store the simulated frames in this .npz")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--frames", type=int, default=250, help="frames per test set (250)")
+    parser.add_argument("--changes", type=int, default=100, help="mid-scan changes (100)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--weights-dir", help="model directory (default: the package's)")
+    parser.add_argument("--out-dir", default=DEFAULT_OUT, help=f"metrics and plots ({DEFAULT_OUT})")
+    parser.add_argument(
+        "--write-card", action="store_true", help="store the metrics in the model card"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def train_recipe(frames: int, first: int = TRAIN_SEED0) -> Any:
+    from agent.perception.tip_data import TipRecipe
+
+    return TipRecipe(seeds=(first, first + frames))
+
+
+def heldout_recipe(frames: int) -> Any:
+    from agent.perception.tip_data import TipRecipe
+
+    return TipRecipe(seeds=(HELDOUT_SEED0, HELDOUT_SEED0 + frames), pairs=False)
+
+
+def shifted_recipe(frames: int, first: int = SHIFTED_SEED0) -> Any:
+    from agent.perception.tip_data import TipRecipe
+
+    return TipRecipe(
+        seeds=(first, first + frames),
+        surface_weights=(0.5, 0.5),
+        size_nm=(11.0, 24.0),
+        noise_scale=(1.5, 3.0),
+        drift_scale=(2.0, 4.0),
+        pairs=False,
+    )
+
+
+def _simulate_cached(recipe: Any, cache: str | None, desc: str, progress: bool) -> list[Any]:
+    from agent.perception.tip_data import TipSample, simulate
+
+    key = json.dumps(recipe.to_json(), sort_keys=True)
+    if cache and Path(cache).is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            if str(z["recipe"]) == key:
+                n = int(z["count"])
+                return [
+                    TipSample(
+                        data=z[f"d{i}"],
+                        pixel_size_nm=float(z["pixel"][i]),
+                        label=int(z["label"][i]),
+                        seed=int(z["seed"][i]),
+                        surface=str(z["surface"][i]),
+                        good_twin=z[f"t{i}"] if f"t{i}" in z.files else None,
+                    )
+                    for i in range(n)
+                ]
+    samples = simulate(recipe, progress=progress, desc=desc)
+    if cache:
+        arrays: dict[str, Any] = {
+            "recipe": np.array(key),
+            "count": np.array(len(samples)),
+            "pixel": np.array([s.pixel_size_nm for s in samples]),
+            "label": np.array([s.label for s in samples]),
+            "seed": np.array([s.seed for s in samples]),
+            "surface": np.array([s.surface for s in samples]),
+        }
+        for i, s in enumerate(samples):
+            arrays[f"d{i}"] = s.data
+            if s.good_twin is not None:
+                arrays[f"t{i}"] = s.good_twin
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, **arrays)
+    return samples
+
+
+def train(args: argparse.Namespace) -> int:
+    import torch
+
+    from agent.perception.registry import save_model
+    from agent.perception.tip_train import TrainConfig, plot_history, train_model
+    from drivers.errors import ConfigError
+
+    if args.frames < 10 or args.val_frames < 5 or args.steps < 1 or args.batch < 2:
+        raise ConfigError("need --frames >= 10, --val-frames >= 5, --steps >= 1, --batch >= 2")
+    torch.set_num_threads(max(1, args.threads))
+    t0 = time.perf_counter()
+    progress = not args.quiet
+    recipe = train_recipe(args.frames + args.val_frames)
+    samples = _simulate_cached(recipe, args.cache, "simulating training frames", progress)
+    train_set, val_set = samples[: args.frames], samples[args.frames :]
+    sim_s = time.perf_counter() - t0
+    config = TrainConfig(steps=args.steps, batch=args.batch, seed=args.seed)
+    net, card, history = train_model(train_set, val_set, config, progress=progress)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_history(history, str(out / "tip_loss.png"))
+    total_s = time.perf_counter() - t0
+    recipe_json = {
+        "command": (
+            f"scopepilot train tip --frames {args.frames} --val-frames {args.val_frames} "
+            f"--steps {args.steps} --batch {args.batch} --seed {args.seed}"
+        ),
+        "data": recipe.to_json(),
+        "split": {"train": args.frames, "calibration": args.val_frames},
+        "config": config.__dict__,
+        "simulate_s": round(sim_s, 1),
+        "train_s": round(history["train_s"], 1),
+        "total_s": round(total_s, 1),
+        "threads": torch.get_num_threads(),
+        "calibration": history["validation"],
+    }
+    import dataclasses
+
+    card = dataclasses.replace(card, training=recipe_json)
+    weights_dir = args.weights_dir or _weights_default()
+    saved = save_model(net, card, weights_dir)
+    (out / "tip_history.json").write_text(json.dumps({k: history[k] for k in ("step", "loss")}))
+    print(
+        f"tip model {saved.version} saved to {weights_dir} (sha256 {saved.sha256[:12]}); "
+        f"calibration accuracy {history['validation']['frame_accuracy']:.3f}; "
+        f"{total_s / 60:.1f} min; loss curve {out / 'tip_loss.png'}"
+    )
+    return 0
+
+
+@lru_cache(maxsize=4)
+def _model(directory: str) -> Any:
+    from agent.perception.tip_net import TipModel
+
+    return TipModel.load(directory)
+
+
+def infer(image: np.ndarray, pixel_size_nm: float) -> dict[str, Any]:
+    """Tip state of one topography image (metres), frame and last-16-lines read-outs."""
+    result: dict[str, Any] = _model(_weights_default()).predict(image, pixel_size_nm)
+    return result
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from agent.perception.tip_eval import evaluate_all
+
+    torch.set_num_threads(max(1, args.threads))
+    directory = args.weights_dir or _weights_default()
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = evaluate_all(
+        directory,
+        sets={"heldout": heldout_recipe(args.frames), "shifted": shifted_recipe(args.frames)},
+        changes=args.changes,
+        change_seed=CHANGE_SEED0,
+        out_dir=out,
+        progress=not args.quiet,
+    )
+    (out / "tip_metrics.json").write_text(json.dumps(results, indent=2))
+    if args.write_card:
+        from agent.perception.tip_eval import write_metrics_to_card
+
+        write_metrics_to_card(directory, results)
+    print(json.dumps(results["summary"], indent=2))
+    print(f"metrics: {out / 'tip_metrics.json'}; plots in {out}")
+    return 0

@@ -1,0 +1,259 @@
+"""Simulated STM frames with ground-truth tip states, for training and scoring the tip model.
+
+Frames come only from the ``sim:stm`` instrument through :func:`drivers.registry.open_instrument`
+(the agent never imports the simulators). A :class:`TipRecipe` fixes everything about a data
+set: seeds, surfaces, scan sizes, noise and drift; the same recipe gives the same frames.
+
+Each *seed* yields one frame whose tip starts in the state ``TipState[seed_index % 5]`` with
+spontaneous tip changes switched off (a pure frame), and, for a bad state, also the frame a good
+tip records at the same place (same seed, so the same surface, drift and region): the pair makes a
+frame in which the tip changes at a known scan line (:func:`stitch`), which is what the model
+must catch while scanning. :func:`natural_changes` instead lets the simulator change the tip by
+itself (a high degradation rate) and keeps frames with exactly one change, at the line the ground
+truth reports: the held-out test of mid-scan detection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from drivers.errors import ConfigError, DataError
+from drivers.frame import Frame, ScanRegion, TipState
+from drivers.registry import open_instrument
+
+log = logging.getLogger(__name__)
+
+STATES: tuple[TipState, ...] = tuple(TipState)
+GOOD_INDEX = STATES.index(TipState.GOOD)
+
+# STMConfig defaults the recipes scale (see simulators/stm_config.py; repeated here so that the
+# agent does not import the simulator package)
+_WHITE_NOISE = 9e-14
+_LINE_NOISE = 2e-12
+_DRIFT = 0.5e-9 / 60.0
+
+
+@dataclass(frozen=True)
+class TipRecipe:
+    """A simulated data set: ``seeds`` frames of ``shape_px`` pixels, square scans of
+    ``size_nm`` (uniform range), surfaces drawn with ``surface_weights``, white and line noise
+    times a factor in ``noise_scale``, drift times a factor in ``drift_scale``."""
+
+    seeds: tuple[int, int]  # [first, last) simulator seeds
+    surfaces: tuple[str, ...] = ("au111", "hsi100")
+    surface_weights: tuple[float, ...] = (0.7, 0.3)
+    size_nm: tuple[float, float] = (12.0, 20.0)
+    shape_px: tuple[int, int] = (256, 256)
+    noise_scale: tuple[float, float] = (0.5, 1.5)
+    drift_scale: tuple[float, float] = (0.5, 2.0)
+    pairs: bool = True  # also scan each bad-tip place with a good tip (for stitched changes)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        first, last = self.seeds
+        if not 0 <= first < last:
+            raise ConfigError(
+                f"TipRecipe.seeds must be [first, last) with 0 <= first < last, got {self.seeds}"
+            )
+        if len(self.surfaces) != len(self.surface_weights) or not self.surfaces:
+            raise ConfigError("TipRecipe.surfaces and surface_weights must have the same length")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seeds": list(self.seeds),
+            "surfaces": list(self.surfaces),
+            "surface_weights": list(self.surface_weights),
+            "size_nm": list(self.size_nm),
+            "shape_px": list(self.shape_px),
+            "noise_scale": list(self.noise_scale),
+            "drift_scale": list(self.drift_scale),
+            "pairs": self.pairs,
+            **self.extra,
+        }
+
+
+@dataclass(frozen=True)
+class TipSample:
+    """One simulated frame: ``data`` ``(H, W) float32`` metres, its pixel size (nm), the
+    ground-truth label (majority state) and, when ``pairs`` is on and the tip is bad, the good-tip
+    frame of the same place (``good_twin``)."""
+
+    data: np.ndarray
+    pixel_size_nm: float
+    label: int
+    seed: int
+    surface: str
+    good_twin: np.ndarray | None = None
+
+
+def state_for(seed_index: int) -> TipState:
+    return STATES[seed_index % len(STATES)]
+
+
+def _options(recipe: TipRecipe, rng: np.random.Generator) -> dict[str, Any]:
+    weights = np.asarray(recipe.surface_weights, dtype=np.float64)
+    surface = str(rng.choice(recipe.surfaces, p=weights / weights.sum()))
+    noise = float(rng.uniform(*recipe.noise_scale))
+    drift = float(rng.uniform(*recipe.drift_scale))
+    return {
+        "surface": surface,
+        "white_noise_m_per_sqrt_hz": _WHITE_NOISE * noise,
+        "line_noise_m": _LINE_NOISE * noise,
+        "drift_m_per_s": _DRIFT * drift,
+    }
+
+
+def _scan(
+    seed: int,
+    state: TipState,
+    options: dict[str, Any],
+    region: ScanRegion,
+    shape_px: tuple[int, int],
+    **overrides: Any,
+) -> Frame:
+    instrument = open_instrument(
+        "sim:stm",
+        seed=seed,
+        initial_tip=str(state),
+        region=region,
+        shape_px=shape_px,
+        **{"degradation_rate_per_s": 0.0, "bad_tip_change_rate_per_s": 0.0, **options, **overrides},
+    )
+    try:
+        return instrument.acquire()
+    finally:
+        instrument.close()
+
+
+def simulate(
+    recipe: TipRecipe, *, progress: bool = True, desc: str = "simulating"
+) -> list[TipSample]:
+    """Every frame of ``recipe`` (deterministic)."""
+    from tqdm import tqdm
+
+    out: list[TipSample] = []
+    first, last = recipe.seeds
+    for seed in tqdm(range(first, last), desc=desc, unit="frame", disable=not progress):
+        out.append(sample(recipe, seed))
+    return out
+
+
+def sample(recipe: TipRecipe, seed: int) -> TipSample:
+    """The frame of ``recipe`` for ``seed``: tip state ``state_for(seed)``."""
+    rng = np.random.default_rng([seed, 8_101])
+    options = _options(recipe, rng)
+    size_m = float(rng.uniform(*recipe.size_nm)) * 1e-9
+    x_m, y_m = (float(v) for v in rng.uniform(-500e-9, 500e-9, 2))
+    region = ScanRegion(x_m, y_m, size_m, size_m)
+    state = state_for(seed)
+    frame = _scan(seed, state, options, region, recipe.shape_px)
+    if frame.truth is None:
+        raise DataError(f"sim:stm seed {seed} returned a frame without ground truth")
+    label = STATES.index(frame.truth.tip_state)
+    twin = None
+    if recipe.pairs and state is not TipState.GOOD:
+        twin = _scan(seed, TipState.GOOD, options, region, recipe.shape_px).data.astype(np.float32)
+    return TipSample(
+        data=frame.data.astype(np.float32),
+        pixel_size_nm=size_m * 1e9 / recipe.shape_px[1],
+        label=label,
+        seed=seed,
+        surface=str(options["surface"]),
+        good_twin=twin,
+    )
+
+
+def stitch(first: np.ndarray, second: np.ndarray, change_line: int) -> np.ndarray:
+    """Rows ``< change_line`` from ``first``, the rest from ``second`` (a tip change at that
+    line; both frames image the same place, so the surface continues)."""
+    if first.shape != second.shape:
+        raise DataError(f"cannot stitch frames of shapes {first.shape} and {second.shape}")
+    out = second.copy()
+    out[:change_line] = first[:change_line]
+    return out
+
+
+@dataclass(frozen=True)
+class ChangeFrame:
+    """A frame in which the simulator changed the tip by itself once, at ``change_line``."""
+
+    data: np.ndarray
+    pixel_size_nm: float
+    change_line: int
+    before: TipState
+    after: TipState
+    seed: int
+
+
+def natural_changes(
+    recipe: TipRecipe,
+    *,
+    count: int,
+    degradation_rate_per_s: float = 1.0 / 80.0,
+    max_seeds: int = 100_000,
+    min_line: int = 16,
+    progress: bool = True,
+) -> list[ChangeFrame]:
+    """``count`` frames that start with a good tip which the simulator itself degrades once
+    mid-scan (``degradation_rate_per_s``: a 256-line frame at 1 ms dwell takes 131 s), with the
+    change line from the ground truth (``lines_per_state`` of the first state). Seeds are taken
+    in order from ``recipe.seeds[0]``; frames with no change, several changes or a change before
+    ``min_line`` are skipped."""
+    from tqdm import tqdm
+
+    out: list[ChangeFrame] = []
+    seed = recipe.seeds[0]
+    bar = tqdm(total=count, desc="tip changes", unit="frame", disable=not progress)
+    while len(out) < count:
+        if seed - recipe.seeds[0] > max_seeds:
+            raise DataError(
+                f"found only {len(out)} of {count} single-change frames in {max_seeds} seeds"
+            )
+        rng = np.random.default_rng([seed, 8_102])
+        options = _options(recipe, rng)
+        size_m = float(rng.uniform(*recipe.size_nm)) * 1e-9
+        x_m, y_m = (float(v) for v in rng.uniform(-500e-9, 500e-9, 2))
+        region = ScanRegion(x_m, y_m, size_m, size_m)
+        frame = _scan(
+            seed,
+            TipState.GOOD,
+            options,
+            region,
+            recipe.shape_px,
+            degradation_rate_per_s=degradation_rate_per_s,
+        )
+        seed += 1
+        truth = frame.truth
+        if (
+            truth is None
+            or int(truth.extra.get("tip_changes", 0)) != 1
+            or len(truth.tip_states) != 2
+        ):
+            continue
+        before, after = truth.tip_states
+        lines = truth.extra.get("lines_per_state", {})
+        change = int(lines.get(str(before), 0))
+        if before is not TipState.GOOD or change < min_line or change >= recipe.shape_px[0] - 16:
+            continue
+        out.append(
+            ChangeFrame(
+                data=frame.data.astype(np.float32),
+                pixel_size_nm=size_m * 1e9 / recipe.shape_px[1],
+                change_line=change,
+                before=before,
+                after=after,
+                seed=seed - 1,
+            )
+        )
+        bar.update(1)
+    bar.close()
+    return out
+
+
+def iter_labels(samples: Sequence[TipSample]) -> Iterator[int]:
+    return (s.label for s in samples)

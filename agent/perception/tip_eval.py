@@ -1,0 +1,341 @@
+"""Held-out evaluation of the tip model against the classical assessor (``scopepilot evaluate
+tip`` and ``bench/perception_tip.py``).
+
+Per test set (simulated frames from seeds never used in training): five-class accuracy,
+good-vs-bad accuracy, macro-F1, per-class precision/recall/F1, expected calibration error
+(15 bins, top label), the confusion matrix, the reject rate and the accuracy of the agent's
+assessor (network, classical fallback for rejected frames). The classical assessor is scored on
+the same frames.
+
+Mid-scan tip changes (made by the simulator itself): the frame is revealed line by line; every
+``check_every`` lines (network) or ``2 * check_every`` lines (classical, which is ~20x slower)
+the detector looks at the lines so far. A change is *detected* at the first check where the
+network's last-16-lines read-out (:meth:`TipNetAssessor.watch`) says a bad state with uncertainty
+at most ``reject_uncertainty``, or the classical assessor (on all lines so far) says a bad state
+with uncertainty at most 0.6 (the rule policy's threshold). ``lines_to_detect`` is the detection
+line minus the change line; a detection before the change is a false alarm. Checks stop 64 lines
+after the change (later counts as missed). Good-tip frames of the held-out set give the false-alarm
+rate of a complete scan.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.perception.classical import ClassicalTipAssessor
+from agent.perception.tip_data import STATES, TipRecipe, TipSample, natural_changes, simulate
+from agent.perception.tip_net import TipModel, TipNetAssessor, expected_calibration_error
+from drivers.frame import Frame, ScanRegion, TipState
+
+log = logging.getLogger(__name__)
+
+CLASSICAL_MAX_UNCERTAINTY = 0.6
+MAX_LATENCY_LINES = 64
+
+
+def as_frame(data: np.ndarray, pixel_size_nm: float, lines_done: int | None = None) -> Frame:
+    """A ``Frame`` around simulated pixels (rows from ``lines_done`` on become NaN)."""
+    h, w = data.shape
+    done = h if lines_done is None else lines_done
+    arr = np.array(data, dtype=np.float32, copy=True)
+    arr[done:] = np.nan
+    p = pixel_size_nm * 1e-9
+    return Frame(
+        data=arr,
+        channel="topography",
+        pixel_size_m=(p, p),
+        dwell_s=1e-3,
+        scan_region=ScanRegion(0.0, 0.0, p * w, p * h),
+        frame_index=0,
+        timestamp_s=0.0,
+        lines_done=done,
+        instrument="sim:stm",
+    )
+
+
+def classification_metrics(truth: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
+    n = len(STATES)
+    matrix = np.zeros((n, n), dtype=np.int64)
+    for t, p in zip(truth, predicted, strict=True):
+        matrix[int(t), int(p)] += 1
+    per_class: dict[str, dict[str, float]] = {}
+    f1s = []
+    for i, state in enumerate(STATES):
+        tp = float(matrix[i, i])
+        precision = tp / max(1.0, float(matrix[:, i].sum()))
+        recall = tp / max(1.0, float(matrix[i].sum()))
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+        per_class[str(state)] = {"precision": precision, "recall": recall, "f1": f1}
+        if matrix[i].sum() > 0:
+            f1s.append(f1)
+    good = STATES.index(TipState.GOOD)
+    return {
+        "frames": len(truth),
+        "accuracy": float(np.mean(truth == predicted)),
+        "good_vs_bad_accuracy": float(np.mean((truth == good) == (predicted == good))),
+        "macro_f1": float(np.mean(f1s)) if f1s else 0.0,
+        "per_class": per_class,
+        "confusion": matrix.tolist(),
+    }
+
+
+def score_set(
+    samples: list[TipSample],
+    assessor: TipNetAssessor,
+    classical: ClassicalTipAssessor,
+    *,
+    progress: bool = True,
+    desc: str = "scoring",
+) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    model = assessor.model
+    truth, net_pred, net_probs, agent_pred, cls_pred, cls_probs = [], [], [], [], [], []
+    for s in tqdm(samples, desc=desc, unit="frame", disable=not progress):
+        frame = as_frame(s.data, s.pixel_size_nm)
+        probs, _ = model.probabilities(model.prepare(s.data, s.pixel_size_nm))
+        c = classical.assess(frame)
+        agent = assessor.assess(frame)
+        truth.append(s.label)
+        net_probs.append(probs)
+        net_pred.append(int(np.argmax(probs)))
+        agent_pred.append(STATES.index(agent.state))
+        cls_pred.append(STATES.index(c.state))
+        cls_probs.append([c.probabilities[st] for st in STATES])
+    y = np.array(truth)
+    p_net = np.array(net_probs)
+    p_cls = np.array(cls_probs)
+    accepted = (1.0 - p_net.max(axis=1)) <= model.reject_uncertainty
+    net = classification_metrics(y, np.array(net_pred))
+    net["ece"] = expected_calibration_error(p_net, y)
+    net["rejected_fraction"] = float(1.0 - accepted.mean())
+    net["accuracy_accepted"] = (
+        float(np.mean(y[accepted] == np.array(net_pred)[accepted])) if accepted.any() else 0.0
+    )
+    cls = classification_metrics(y, np.array(cls_pred))
+    cls["ece"] = expected_calibration_error(p_cls, y)
+    return {
+        "tipnet": net,
+        "agent_assessor": classification_metrics(y, np.array(agent_pred)),
+        "classical": cls,
+        "_probs": p_net,
+        "_labels": y,
+    }
+
+
+def detection_run(
+    data: np.ndarray, pixel_size_nm: float, change_line: int | None, detector: Any, step: int
+) -> int | None:
+    """First checked line count at which ``detector(frame) -> bool`` fires, or None."""
+    h = data.shape[0]
+    stop = h if change_line is None else min(h, change_line + MAX_LATENCY_LINES)
+    for n in range(16, stop + 1, step):
+        if detector(as_frame(data, pixel_size_nm, n)):
+            return n
+    return None
+
+
+def score_changes(
+    changes: list[Any],
+    good_frames: list[TipSample],
+    assessor: TipNetAssessor,
+    classical: ClassicalTipAssessor,
+    *,
+    check_every: int = 4,
+    progress: bool = True,
+) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    def net_fires(frame: Frame) -> bool:
+        est = assessor.watch(frame)
+        return est is not None and est.state is not TipState.GOOD
+
+    def cls_fires(frame: Frame) -> bool:
+        est = classical.assess(frame)
+        return est.state is not TipState.GOOD and est.uncertainty <= CLASSICAL_MAX_UNCERTAINTY
+
+    out: dict[str, Any] = {}
+    for name, fires, step in (
+        ("tipnet", net_fires, check_every),
+        ("classical", cls_fires, 2 * check_every),
+    ):
+        latencies: list[float] = []
+        false_alarm = missed = 0
+        by_state: dict[str, list[float]] = {}
+        for c in tqdm(changes, desc=f"changes ({name})", unit="frame", disable=not progress):
+            n = detection_run(c.data, c.pixel_size_nm, c.change_line, fires, step)
+            if n is None:
+                missed += 1
+                by_state.setdefault(str(c.after), []).append(float("inf"))
+            elif n < c.change_line:
+                false_alarm += 1
+            else:
+                latencies.append(n - c.change_line)
+                by_state.setdefault(str(c.after), []).append(float(n - c.change_line))
+        fa_frames = 0
+        for s in tqdm(
+            good_frames, desc=f"good frames ({name})", unit="frame", disable=not progress
+        ):
+            if (
+                detection_run(s.data, s.pixel_size_nm, None, fires, 16 if name == "tipnet" else 32)
+                is not None
+            ):
+                fa_frames += 1
+        lat = np.array(latencies) if latencies else np.array([np.inf])
+        out[name] = {
+            "changes": len(changes),
+            "check_every_lines": step,
+            "detected_within_16_lines": float(np.sum(lat <= 16) / max(1, len(changes))),
+            "median_lines_to_detect": float(np.median(lat)),
+            "p90_lines_to_detect": float(np.percentile(lat, 90)),
+            "false_alarm_before_change": false_alarm / max(1, len(changes)),
+            "missed_within_64_lines": missed / max(1, len(changes)),
+            "good_frames": len(good_frames),
+            "good_frames_with_false_alarm": fa_frames / max(1, len(good_frames)),
+            "within_16_by_new_state": {
+                k: float(np.mean(np.array(v) <= 16)) for k, v in sorted(by_state.items())
+            },
+        }
+    return out
+
+
+def evaluate_all(
+    directory: str | Path,
+    *,
+    sets: dict[str, TipRecipe],
+    changes: int,
+    change_seed: int,
+    out_dir: Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    model = TipModel.load(directory)
+    assessor = TipNetAssessor(model)
+    classical = ClassicalTipAssessor()
+    results: dict[str, Any] = {
+        "model": {
+            "name": model.card.name,
+            "version": model.card.version,
+            "sha256": model.card.sha256,
+        },
+        "sets": {},
+    }
+    plots: dict[str, Any] = {}
+    good_frames: list[TipSample] = []
+    for name, recipe in sets.items():
+        samples = simulate(recipe, progress=progress, desc=f"simulating {name}")
+        scored = score_set(samples, assessor, classical, progress=progress, desc=f"scoring {name}")
+        plots[name] = (scored.pop("_probs"), scored.pop("_labels"), scored)
+        results["sets"][name] = {"recipe": recipe.to_json(), **scored}
+        if name == "heldout":
+            good_frames = [s for s in samples if s.label == STATES.index(TipState.GOOD)][:50]
+    if changes > 0:
+        first = next(iter(sets.values()))
+        recipe = TipRecipe(
+            seeds=(change_seed, change_seed + 1),
+            surfaces=first.surfaces,
+            surface_weights=first.surface_weights,
+            size_nm=first.size_nm,
+            noise_scale=first.noise_scale,
+            drift_scale=first.drift_scale,
+            pairs=False,
+        )
+        found = natural_changes(recipe, count=changes, progress=progress)
+        results["changes"] = score_changes(
+            found, good_frames, assessor, classical, progress=progress
+        )
+    results["summary"] = summary(results)
+    plot_results(plots, results, out_dir / "tip_eval.png")
+    return results
+
+
+def summary(results: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, r in results["sets"].items():
+        for who in ("tipnet", "classical", "agent_assessor"):
+            m = r[who]
+            out[f"{name}/{who}"] = {
+                k: round(float(m[k]), 4)
+                for k in (
+                    "accuracy",
+                    "good_vs_bad_accuracy",
+                    "macro_f1",
+                    "ece",
+                    "rejected_fraction",
+                )
+                if k in m
+            }
+    for who, m in results.get("changes", {}).items():
+        out[f"changes/{who}"] = {
+            k: m[k]
+            for k in (
+                "detected_within_16_lines",
+                "median_lines_to_detect",
+                "false_alarm_before_change",
+                "good_frames_with_false_alarm",
+            )
+        }
+    return out
+
+
+def write_metrics_to_card(directory: str | Path, results: dict[str, Any]) -> None:
+    """Store the summary as the card's ``metrics`` (the weights and their hash are unchanged)."""
+    path = Path(directory) / "tip.json"
+    card = json.loads(path.read_text())
+    card["metrics"] = results["summary"]
+    path.write_text(json.dumps(card, indent=2) + "\n")
+
+
+def plot_results(plots: dict[str, Any], results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(plots)
+    fig, axes = plt.subplots(1, n + 1, figsize=(4.6 * (n + 1), 4.2))
+    labels = [str(s) for s in STATES]
+    for ax, (name, (_, _, scored)) in zip(axes[:n], plots.items(), strict=True):
+        m = np.array(scored["tipnet"]["confusion"], dtype=float)
+        share = m / np.maximum(1, m.sum(axis=1, keepdims=True))
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(labels)), labels, rotation=30)
+        ax.set_yticks(range(len(labels)), labels)
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                ax.text(
+                    j,
+                    i,
+                    str(int(m[i, j])),
+                    ha="center",
+                    va="center",
+                    color="white" if share[i, j] > 0.5 else "black",
+                )
+        ax.set_title(f"tip net, {name}: acc {scored['tipnet']['accuracy']:.3f}")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("truth")
+    ax = axes[n]
+    edges = np.linspace(0, 1, 11)
+    for name, (probs, y, _) in plots.items():
+        conf = probs.max(axis=1)
+        correct = probs.argmax(axis=1) == y
+        xs, ys = [], []
+        for lo, hi in itertools.pairwise(edges):
+            sel = (conf > lo) & (conf <= hi)
+            if sel.sum() >= 3:
+                xs.append(conf[sel].mean())
+                ys.append(correct[sel].mean())
+        ax.plot(xs, ys, "o-", label=name)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title("reliability (tip net)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,330 @@
+"""The tip-state network and the assessor the agent uses on SPM instruments.
+
+:class:`TipNet` is a small fully convolutional CNN (about 0.1 M parameters) over a topography
+image at the trained pixel size (:data:`TRAINED_PIXEL_NM`). Its trunk downsamples by 16, so each
+row of its feature map covers 16 scan lines. It has two read-outs with one shared linear head:
+
+- **frame**: the tip state of everything scanned so far (mean and max pooling over all feature
+  rows) — a complete frame or a partial one with at least 16 lines;
+- **recent**: the tip state during the last 16 scanned lines (pooling over the last feature row),
+  which is how a tip change is caught while the frame is still being scanned.
+
+Both are calibrated by temperature scaling (two temperatures, fitted on held-out training seeds,
+stored in the weights as the ``temperature`` buffer). :class:`TipNetAssessor` turns the output
+into a :class:`~drivers.observation.TipEstimate`; when the network is unsure (uncertainty = one
+minus the top probability above ``reject_uncertainty``) it defers to the classical assessor and
+says so in ``source`` and ``features`` (``tipnet_rejected`` = 1), so the policy never acts on an
+unsure network output blindly.
+
+Input normalisation (:func:`normalise`): each frame minus its least-squares plane over the
+scanned lines, divided by its robust spread with a floor of 2 pm (so that a flat, crashed image
+stays flat instead of amplifying noise), clipped to ±8.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from agent.perception.registry import (
+    WEIGHTS_DIR,
+    ModelCard,
+    check_image,
+    load_model,
+    resample_to_pixel_size,
+)
+from drivers.errors import DataError, ModelError
+from drivers.frame import Frame, TipState
+from drivers.observation import TipEstimate
+
+log = logging.getLogger(__name__)
+
+NAME = "tip"
+VERSION = "1.0"
+STATES: tuple[TipState, ...] = tuple(TipState)
+TRAINED_PIXEL_NM = 0.0625  # 16 nm over 256 pixels
+PIXEL_RANGE_NM = (0.04, 0.1)
+ROW_LINES = 16  # scan lines per feature row
+MIN_LINES = 16
+SPREAD_FLOOR_M = 2e-12
+CLIP = 8.0
+
+
+def _block(c_in: int, c_out: int, stride: int, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class TipNet(nn.Module):
+    """``(N, 1, H, W)`` normalised topography -> ``(N, 5)`` frame logits (see module doc)."""
+
+    temperature: torch.Tensor
+
+    def __init__(self, width: int = 16, classes: int = len(STATES), dropout: float = 0.1) -> None:
+        super().__init__()
+        w = width
+        self.trunk = nn.Sequential(
+            _block(1, w, 2, kernel=5),
+            _block(w, 2 * w, 2),
+            _block(2 * w, 3 * w, 2),
+            _block(3 * w, 3 * w, 1),
+            _block(3 * w, 4 * w, 2),
+            _block(4 * w, 4 * w, 1),
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(8 * w, classes)
+        # temperatures of the frame and the recent read-out (fitted after training)
+        self.register_buffer("temperature", torch.ones(2))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.trunk(x)
+        return out
+
+    def pooled_logits(self, fmap: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """Logits from the feature rows ``rows`` (all when None), uncalibrated."""
+        part = fmap if rows is None else fmap[:, :, rows]
+        pooled = torch.cat([part.mean(dim=(2, 3)), part.amax(dim=(2, 3))], dim=1)
+        out: torch.Tensor = self.head(self.dropout(pooled))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibrated frame logits (divided by the frame temperature)."""
+        return self.pooled_logits(self.features(x)) / self.temperature[0]
+
+    def both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uncalibrated ``(frame logits, recent logits)``."""
+        fmap = self.features(x)
+        return self.pooled_logits(fmap), self.pooled_logits(fmap, slice(-1, None))
+
+
+def build(card: ModelCard) -> TipNet:
+    arch = dict(card.architecture)
+    return TipNet(width=int(arch.get("width", 16)), dropout=float(arch.get("dropout", 0.1)))
+
+
+def normalise(image: np.ndarray) -> np.ndarray:
+    """``(H, W)`` metres -> plane-free, robustly scaled, clipped float32 (see module doc)."""
+    img = np.asarray(image, dtype=np.float64)
+    h, w = img.shape
+    # least-squares plane: on a full grid the centred row and column indices are orthogonal
+    y = np.arange(h) - (h - 1) / 2
+    x = np.arange(w) - (w - 1) / 2
+    slope_y = float(y @ img.mean(axis=1)) / max(float(y @ y), 1e-12)
+    slope_x = float(img.mean(axis=0) @ x) / max(float(x @ x), 1e-12)
+    flat = img - slope_y * y[:, None] - slope_x * x[None, :]
+    flat -= np.median(flat)
+    spread = 1.4826 * float(np.median(np.abs(flat)))
+    spread = max(spread, SPREAD_FLOOR_M)
+    return np.clip(flat / spread, -CLIP, CLIP).astype(np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return np.asarray(e / e.sum(axis=-1, keepdims=True))
+
+
+class TipModel:
+    """The loaded network with numpy in, numpy out (device and grad mode hidden).
+
+    ``TipModel.load()`` reads the shipped weights (or ``directory``); :class:`ModelError` when
+    they are missing, corrupt or do not match.
+    """
+
+    def __init__(self, net: TipNet, card: ModelCard) -> None:
+        self.net = net
+        self.card = card
+        self.reject_uncertainty = float(card.architecture.get("reject_uncertainty", 0.3))
+
+    @classmethod
+    def load(cls, directory: str | Path = WEIGHTS_DIR) -> TipModel:
+        net, card = load_model(NAME, build, directory, version=VERSION)
+        if not isinstance(net, TipNet):
+            raise ModelError(f"model {NAME!r} did not build a TipNet")
+        return cls(net, card)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def prepare(self, image: np.ndarray, pixel_size_nm: float | tuple[float, float]) -> np.ndarray:
+        """Checked, resampled, normalised ``(H, W)`` float32 input."""
+        arr = check_image(image)
+        arr = resample_to_pixel_size(arr, pixel_size_nm, self.card)
+        if arr.shape[0] < MIN_LINES or arr.shape[1] < 32:
+            raise DataError(
+                f"the tip model needs at least {MIN_LINES} lines of 32 pixels at "
+                f"{self.card.trained_pixel_size_nm:g} nm, got {arr.shape} after resampling"
+            )
+        return normalise(arr)
+
+    def probabilities(self, prepared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated ``(frame probs (5,), recent probs (5,))`` for one prepared image."""
+        x = torch.from_numpy(np.ascontiguousarray(prepared))[None, None].to(self.device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            frame, recent = self.net.both(x)
+            t = self.net.temperature
+            frame, recent = frame / t[0], recent / t[1]
+        return softmax(frame[0].float().cpu().numpy()), softmax(recent[0].float().cpu().numpy())
+
+    def predict(
+        self, image: np.ndarray, pixel_size_nm: float | tuple[float, float]
+    ) -> dict[str, Any]:
+        """JSON-able result for one image (``scopepilot infer tip``)."""
+        frame, recent = self.probabilities(self.prepare(image, pixel_size_nm))
+        out: dict[str, Any] = {}
+        for key, probs in (("frame", frame), ("recent_lines", recent)):
+            top = int(np.argmax(probs))
+            uncertainty = 1.0 - float(probs[top])
+            out[key] = {
+                "state": str(STATES[top]),
+                "probabilities": {str(s): float(p) for s, p in zip(STATES, probs, strict=True)},
+                "uncertainty": uncertainty,
+                "rejected": uncertainty > self.reject_uncertainty,
+            }
+        out["model"] = {
+            "name": self.card.name,
+            "version": self.card.version,
+            "sha256": self.card.sha256,
+        }
+        return out
+
+
+class TipNetAssessor:
+    """The agent's tip assessor for SPM frames: the network, with a classical fallback.
+
+    :meth:`assess` returns the network's calibrated frame estimate; when its uncertainty is above
+    the model's ``reject_uncertainty`` (or the frame is too short or not assessable) the classical
+    assessor's estimate is returned instead, with ``source`` naming both and
+    ``features["tipnet_rejected"] = 1`` plus the network's uncertainty, so the record says why.
+    :meth:`watch` judges the last 16 lines of a partial frame (to abort a scan early).
+    """
+
+    name = "tipnet"
+
+    def __init__(
+        self,
+        model: TipModel | None = None,
+        *,
+        fallback: Any | None = None,
+        directory: str | Path | None = None,
+    ) -> None:
+        if model is None:
+            model = TipModel.load(directory if directory is not None else WEIGHTS_DIR)
+        self.model = model
+        if fallback is None:
+            from agent.perception.classical import ClassicalTipAssessor
+
+            fallback = ClassicalTipAssessor()
+        self.fallback = fallback
+        self.version = f"{model.card.version}+{model.card.sha256[:8]}"
+
+    def _pixel_nm(self, frame: Frame) -> tuple[float, float]:
+        return (abs(frame.pixel_size_m[0]) * 1e9, abs(frame.pixel_size_m[1]) * 1e9)
+
+    def assess(self, frame: Frame) -> TipEstimate:
+        try:
+            prepared = self.model.prepare(frame.done_data, self._pixel_nm(frame))
+        except DataError as exc:
+            return self._fallback(frame, f"tip model cannot judge this frame: {exc}", {})
+        probs, _ = self.model.probabilities(prepared)
+        top = int(np.argmax(probs))
+        uncertainty = 1.0 - float(probs[top])
+        features = {
+            "tipnet_uncertainty": uncertainty,
+            "tipnet_p_good": float(probs[STATES.index(TipState.GOOD)]),
+        }
+        if uncertainty > self.model.reject_uncertainty:
+            return self._fallback(
+                frame,
+                f"tip model unsure (uncertainty {uncertainty:.2f} > "
+                f"{self.model.reject_uncertainty:.2f}, most likely {STATES[top]})",
+                features,
+            )
+        return TipEstimate(
+            state=STATES[top],
+            probabilities={s: float(p) for s, p in zip(STATES, probs, strict=True)},
+            uncertainty=uncertainty,
+            source=self.name,
+            features={**features, "tipnet_rejected": 0.0},
+        )
+
+    def _fallback(self, frame: Frame, why: str, features: Mapping[str, float]) -> TipEstimate:
+        log.info("%s: %s; using the %s assessor", self.name, why, self.fallback.name)
+        est: TipEstimate = self.fallback.assess(frame)
+        return TipEstimate(
+            state=est.state,
+            probabilities=est.probabilities,
+            uncertainty=est.uncertainty,
+            source=f"{self.fallback.name} (fallback: {why})",
+            features={**est.features, **features, "tipnet_rejected": 1.0},
+        )
+
+    def watch(self, frame: Frame) -> TipEstimate | None:
+        """The tip state during the last 16 completed lines of a (partial) frame, or None with
+        fewer than 16 lines or when the network is unsure (no grounds to abort)."""
+        if frame.lines_done < MIN_LINES:
+            return None
+        done = frame.done_data
+        # the recent read-out only sees ~80 lines back; bound the work on long frames
+        window = done[-min(len(done), 96) :]
+        try:
+            probs = self.model.probabilities(self.model.prepare(window, self._pixel_nm(frame)))[1]
+        except DataError:
+            return None
+        top = int(np.argmax(probs))
+        uncertainty = 1.0 - float(probs[top])
+        if uncertainty > self.model.reject_uncertainty:
+            return None
+        return TipEstimate(
+            state=STATES[top],
+            probabilities={s: float(p) for s, p in zip(STATES, probs, strict=True)},
+            uncertainty=uncertainty,
+            source=f"{self.name} (last {ROW_LINES} lines)",
+            features={"lines_done": float(frame.lines_done)},
+        )
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE with equal-width confidence bins."""
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in itertools.pairwise(edges):
+        sel = (conf > lo) & (conf <= hi)
+        if np.any(sel):
+            ece += float(np.mean(sel)) * abs(float(correct[sel].mean()) - float(conf[sel].mean()))
+    return ece
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature minimising the negative log-likelihood of ``softmax(logits / T)``."""
+    z = torch.as_tensor(logits, dtype=torch.float64)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.exp().item())
+    if not math.isfinite(t) or t <= 0:
+        raise ModelError(f"temperature fit failed (got {t})")
+    return t

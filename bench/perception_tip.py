@@ -1,0 +1,291 @@
+"""The tip model against its baselines, all in one run.
+
+    python bench/perception_tip.py                       # the numbers in docs/benchmarks.md
+    python bench/perception_tip.py --frames 60 --changes 20 --vgg-steps 0   # quick look
+
+1. Accuracy on held-out simulated frames (seeds never used in training; a set with the training
+   parameters and a set with shifted ones), against the classical assessor on the same frames:
+   good-vs-bad accuracy, macro-F1 over the five tip states, expected calibration error, and
+   mid-scan change detection (lines from the change to its detection), via
+   :func:`agent.perception.tip_eval.evaluate_all`.
+2. Latency at batch 1 on ``--threads`` CPU threads (median of ``--repeats``): the network alone
+   on a 256² frame, the whole assessor (checks, resampling, normalisation, network), the classical
+   assessor, and a DeepSPM-sized VGG classifier (VGG-16 convolutions, two dense layers, ~42 M
+   parameters) on its 64² input; ratios against the tip network.
+3. The VGG trained briefly (``--vgg-steps`` Adam steps on random 64² crops of the tip model's
+   training frames, the first ``--vgg-frames`` of them, same labels) and scored on the centre
+   64² crop of each held-out frame, next to the tip network on the same frames.
+
+Writes ``results.json`` and the evaluation plot under ``--out-dir`` (default bench/out/tip_bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from agent.perception.classical import ClassicalTipAssessor  # noqa: E402
+from agent.perception.registry import WEIGHTS_DIR, resample_to_pixel_size  # noqa: E402
+from agent.perception.tasks import tip as tip_task  # noqa: E402
+from agent.perception.tip_data import STATES, TipRecipe, simulate  # noqa: E402
+from agent.perception.tip_eval import as_frame, evaluate_all  # noqa: E402
+from agent.perception.tip_net import TipModel, TipNetAssessor, normalise  # noqa: E402
+from bench._common import machine  # noqa: E402
+from drivers.frame import TipState  # noqa: E402
+
+VGG_INPUT = 64
+
+
+class DeepSPMVGG(nn.Module):
+    """VGG-16 convolutions (13 layers, 5 pools) and two dense layers, about 42 M parameters
+    at a 64² single-channel input (the size of the DeepSPM tip classifier)."""
+
+    def __init__(self, classes: int = 5, hidden: int = 4300) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 1
+        for c_out, n in ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)):
+            for _ in range(n):
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+                c_in = c_out
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        side = VGG_INPUT // 32
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(512 * side * side, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(hidden, classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.classifier(self.features(x))
+        return out
+
+
+def median_ms(fn: Any, repeats: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def latency(model: TipModel, frame_data: np.ndarray, repeats: int) -> dict[str, Any]:
+    net = model.net.to("cpu")
+    x = torch.from_numpy(normalise(frame_data))[None, None].contiguous(
+        memory_format=torch.channels_last
+    )
+    vgg = DeepSPMVGG().eval()
+    vgg.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    xv = torch.randn(1, 1, VGG_INPUT, VGG_INPUT).contiguous(memory_format=torch.channels_last)
+    assessor = TipNetAssessor(model)
+    classical = ClassicalTipAssessor()
+    frame = as_frame(frame_data, 0.0625)
+    with torch.inference_mode():
+        net_ms = median_ms(lambda: net(x), repeats)
+        vgg_ms = median_ms(lambda: vgg(xv), max(10, repeats // 4))
+    assess_ms = median_ms(lambda: assessor.assess(frame), repeats)
+    classical_ms = median_ms(lambda: classical.assess(frame), max(10, repeats // 4))
+    out: dict[str, Any] = {
+        "threads": torch.get_num_threads(),
+        "tipnet_params": sum(p.numel() for p in net.parameters()),
+        "vgg_params": sum(p.numel() for p in vgg.parameters()),
+        "tipnet_256_ms": net_ms,
+        "tipnet_assessor_256_ms": assess_ms,
+        "classical_256_ms": classical_ms,
+        "vgg_64_ms": vgg_ms,
+        "vgg_over_tipnet": vgg_ms / net_ms,
+        "classical_over_tipnet_assessor": classical_ms / assess_ms,
+    }
+    if torch.cuda.is_available():
+        gpu_net = model.net.to("cuda")
+        for b in (1, 8):
+            xb = x.repeat(b, 1, 1, 1).to("cuda")
+
+            def run(xb: torch.Tensor = xb) -> None:
+                with torch.inference_mode():
+                    gpu_net(xb)
+                torch.cuda.synchronize()
+
+            out[f"tipnet_256_cuda_batch{b}_ms"] = median_ms(run, repeats)
+        model.net.to("cpu")
+    return out
+
+
+def crops64(image: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+    h, w = image.shape
+    if rng is None:
+        top, left = (h - VGG_INPUT) // 2, (w - VGG_INPUT) // 2
+    else:
+        top = int(rng.integers(0, h - VGG_INPUT + 1))
+        left = int(rng.integers(0, w - VGG_INPUT + 1))
+    return normalise(image[top : top + VGG_INPUT, left : left + VGG_INPUT])
+
+
+def vgg_comparison(
+    model: TipModel, steps: int, frames: int, test: list[Any], seed: int, progress: bool
+) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    train = tip_task._simulate_cached(
+        tip_task.train_recipe(frames), None, "simulating VGG training frames", progress
+    )
+    card = model.card
+    images = [resample_to_pixel_size(s.data, s.pixel_size_nm, card) for s in train]
+    labels = np.array([s.label for s in train])
+    vgg = DeepSPMVGG()
+    opt = torch.optim.Adam(vgg.parameters(), lr=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    t0 = time.perf_counter()
+    losses = []
+    vgg.train()
+    for _ in tqdm(range(steps), desc="training VGG", unit="step", disable=not progress):
+        idx = rng.integers(0, len(images), 16)
+        x = torch.from_numpy(np.stack([crops64(images[i], rng) for i in idx])[:, None])
+        loss = loss_fn(vgg(x), torch.from_numpy(labels[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    train_s = time.perf_counter() - t0
+    vgg.eval()
+    truth, vgg_pred, net_pred = [], [], []
+    with torch.inference_mode():
+        for s in test:
+            img = resample_to_pixel_size(s.data, s.pixel_size_nm, card)
+            x = torch.from_numpy(crops64(img, None))[None, None]
+            vgg_pred.append(int(vgg(x).argmax()))
+            probs, _ = model.probabilities(model.prepare(s.data, s.pixel_size_nm))
+            net_pred.append(int(np.argmax(probs)))
+            truth.append(s.label)
+    y, pv, pn = np.array(truth), np.array(vgg_pred), np.array(net_pred)
+    good = STATES.index(TipState.GOOD)
+    return {
+        "vgg_train_frames": frames,
+        "vgg_steps": steps,
+        "vgg_batch": 16,
+        "vgg_train_s": train_s,
+        "vgg_final_loss": float(np.mean(losses[-20:])) if losses else None,
+        "test_frames": len(test),
+        "vgg_accuracy": float(np.mean(pv == y)),
+        "vgg_good_vs_bad_accuracy": float(np.mean((pv == good) == (y == good))),
+        "tipnet_accuracy": float(np.mean(pn == y)),
+        "tipnet_good_vs_bad_accuracy": float(np.mean((pn == good) == (y == good))),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--frames", type=int, default=250, help="frames per test set")
+    parser.add_argument("--changes", type=int, default=100, help="mid-scan tip changes")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--vgg-steps", type=int, default=300, help="0: skip VGG training")
+    parser.add_argument("--vgg-frames", type=int, default=300)
+    parser.add_argument("--weights-dir", default=str(WEIGHTS_DIR))
+    parser.add_argument("--out-dir", default="bench/out/tip_bench")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    progress = not args.quiet
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = TipModel.load(args.weights_dir)
+    print(f"machine: {machine()}; torch threads {torch.get_num_threads()}")
+    print(f"model: tip {model.card.version} sha256 {model.card.sha256[:12]}")
+
+    results = evaluate_all(
+        args.weights_dir,
+        sets={
+            "heldout": tip_task.heldout_recipe(args.frames),
+            "shifted": tip_task.shifted_recipe(args.frames),
+        },
+        changes=args.changes,
+        change_seed=tip_task.CHANGE_SEED0,
+        out_dir=out,
+        progress=progress,
+    )
+    print("\n== accuracy on held-out frames (tip net vs classical, same frames) ==")
+    for name, r in results["sets"].items():
+        net, cls, agent = r["tipnet"], r["classical"], r["agent_assessor"]
+        print(f"[{name}] {net['frames']} frames")
+        for key in ("good_vs_bad_accuracy", "accuracy", "macro_f1"):
+            err_net, err_cls = 1 - net[key], 1 - cls[key]
+            ratio = err_cls / err_net if err_net > 0 else float("inf")
+            print(
+                f"  {key:22s} tipnet {net[key]:.4f}  classical {cls[key]:.4f}  "
+                f"agent (net+fallback) {agent[key]:.4f}  error ratio classical/net {ratio:.1f}x"
+            )
+        print(
+            f"  {'ece':22s} tipnet {net['ece']:.4f}  classical {cls['ece']:.4f}  "
+            f"(rejected by the net: {net['rejected_fraction']:.3f}, accuracy on the rest "
+            f"{net['accuracy_accepted']:.4f})"
+        )
+    if "changes" in results:
+        print("\n== mid-scan tip changes (made by the simulator) ==")
+        for who, m in results["changes"].items():
+            print(
+                f"  {who:10s} within 16 lines {m['detected_within_16_lines']:.3f}  median "
+                f"{m['median_lines_to_detect']:.0f} lines  false alarm before change "
+                f"{m['false_alarm_before_change']:.3f}  good frames with a false alarm "
+                f"{m['good_frames_with_false_alarm']:.3f}  (checked every "
+                f"{m['check_every_lines']} lines)"
+            )
+    seed = tip_task.HELDOUT_SEED0
+    one = TipRecipe(seeds=(seed, seed + 1), size_nm=(16.0, 16.0), pairs=False)
+    frame_data = simulate(one, progress=False)[0].data  # 256², 0.0625 nm: no resampling
+    lat = latency(model, frame_data, args.repeats)
+    results["latency"] = lat
+    print(f"\n== latency, batch 1, {lat['threads']} threads (median) ==")
+    params = f"{lat['tipnet_params']:,} params"
+    print(f"  tip net 256²            {lat['tipnet_256_ms']:8.2f} ms ({params})")
+    print(f"  tip assessor 256²       {lat['tipnet_assessor_256_ms']:8.2f} ms (checks + net)")
+    print(f"  classical assessor 256² {lat['classical_256_ms']:8.2f} ms")
+    print(f"  DeepSPM-sized VGG 64²   {lat['vgg_64_ms']:8.2f} ms ({lat['vgg_params']:,} params)")
+    print(f"  VGG / tip net           {lat['vgg_over_tipnet']:8.1f}x")
+    for key in ("tipnet_256_cuda_batch1_ms", "tipnet_256_cuda_batch8_ms"):
+        if key in lat:
+            print(f"  {key} {lat[key]:.3f} ms")
+    if args.vgg_steps > 0:
+        test = simulate(tip_task.heldout_recipe(args.frames), progress=False)
+        comp = vgg_comparison(model, args.vgg_steps, args.vgg_frames, test, 0, progress)
+        results["vgg"] = comp
+        print(
+            f"\n== DeepSPM-sized VGG trained {comp['vgg_steps']} steps "
+            f"({comp['vgg_train_s']:.0f} s) on {comp['vgg_train_frames']} frames ==\n"
+            f"  held-out accuracy: VGG {comp['vgg_accuracy']:.4f}, tip net "
+            f"{comp['tipnet_accuracy']:.4f}; good-vs-bad: VGG "
+            f"{comp['vgg_good_vs_bad_accuracy']:.4f}, tip net "
+            f"{comp['tipnet_good_vs_bad_accuracy']:.4f}"
+        )
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    print(f"\nresults: {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
