@@ -10,6 +10,14 @@ Three threads, decoupled by queues:
   passes its commands through the :class:`CommandGate`;
 - **recorder** writes frames and events, in order, to the session store.
 
+Frames and events share one unbounded queue to the recorder, in order; at most
+``record_queue_size`` *frames* may wait in it (acquisition blocks for a free slot: the recorder
+never drops a frame, it slows acquisition instead). Events never block: the command gate reports
+fates while holding its lock, and a slow recorder must not delay an operator's pause.
+
+Observers (the operator console's :class:`agent.control.Controller`) register with
+:meth:`Agent.add_listener` and see every event and every complete frame as it happens.
+
 ``lockstep=True`` (the default) makes acquisition wait for the decision on frame *n* before it
 scans frame *n + 1*, which is how conditioning works on a real STM (scan, judge, act, scan) and
 makes simulated sessions deterministic: same seed, same frames, same decisions. With
@@ -18,6 +26,7 @@ makes simulated sessions deterministic: same seed, same frames, same decisions. 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -68,6 +77,12 @@ class Recorder(Protocol):
         t_wall: float | None = None,
         t_instrument: float | None = None,
     ) -> int: ...
+
+
+Listener = Callable[[str, Mapping[str, Any], Frame | None], None]
+"""``listener(kind, payload, frame)``: ``kind`` is an event kind, or ``"frame"`` for a complete
+frame (payload ``{"seq", "problems"}``). Called from the agent's threads: it must be quick and
+must not call back into the agent."""
 
 
 class _NullRecorder:
@@ -197,7 +212,8 @@ class Agent:
         )
         self._on_step = on_step
         self._clock, self._wall, self._sleep = clock, wall_clock, sleep
-        self._records: queue.Queue[Any] = queue.Queue(maxsize=self.config.record_queue_size)
+        self._records: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._frame_slots = threading.Semaphore(self.config.record_queue_size)
         self._latest = _LatestBox()
         self._decided = threading.Event()
         self._stop = threading.Event()
@@ -210,6 +226,11 @@ class Agent:
         self.result = AgentResult()
         self._lat_lock = threading.Lock()
         self._fault_paused = False
+        self._policy_lock = threading.Lock()
+        self._listeners: list[Listener] = []
+        self._operator_ids: set[str] = set()
+        self._started = threading.Event()
+        self._finished = threading.Event()
 
     # -- operator control (thread-safe) -------------------------------------------------------
 
@@ -245,25 +266,123 @@ class Agent:
         self._operator("mode", origin, f"mode is now {self.gate.mode.value}")
 
     def approve(self, command_id: str, *, origin: str = "operator") -> Fate:
-        fate = self.gate.approve(command_id, operator=origin)
+        """Issue a pending command (supervised mode). An unknown or expired id raises
+        :class:`ConfigError`; the refusal is recorded too."""
+        self._operator_ids.add(command_id)
+        try:
+            fate = self.gate.approve(command_id, operator=origin)
+        except ScopePilotError as exc:
+            self.record_operator("approve", origin, f"refused: {exc}", command_id=command_id)
+            raise
         self._operator("approve", origin, f"{command_id}: {fate.fate}", command_id=command_id)
         return fate
 
     def veto(self, command_id: str, *, origin: str = "operator", reason: str = "") -> Fate:
-        fate = self.gate.veto(command_id, operator=origin, reason=reason)
+        """Drop a pending command. An unknown or expired id raises :class:`ConfigError`."""
+        try:
+            fate = self.gate.veto(command_id, operator=origin, reason=reason)
+        except ScopePilotError as exc:
+            self.record_operator("veto", origin, f"refused: {exc}", command_id=command_id)
+            raise
         self._operator("veto", origin, f"{command_id}: vetoed", command_id=command_id)
         return fate
 
     def submit(self, command: Command, *, origin: str = "operator") -> Fate:
         """A manual command, through the same envelope as the policy's."""
         command = command.with_meta(source=origin)
+        self._operator_ids.add(command.id)
         self._operator("submit", origin, f"manual {command!r}", command_id=command.id)
         return self.gate.submit_operator(command)
+
+    def adjust_policy(
+        self, values: Mapping[str, Any], *, origin: str = "operator"
+    ) -> dict[str, Any]:
+        """Change thresholds of a policy whose settings are a dataclass in ``policy.config``
+        (the rule policy's :class:`~policies.rule.RuleConfig`), between two decisions.
+
+        Only number fields can be changed; the new config is validated by the dataclass, and a
+        bad value raises :class:`ConfigError` and changes nothing. Returns the old values.
+        """
+        try:
+            old = self._adjust_policy(values)
+        except ScopePilotError as exc:
+            self.record_operator("thresholds", origin, f"refused: {exc}", values=dict(values))
+            raise
+        self._operator(
+            "thresholds",
+            origin,
+            "; ".join(f"{k}: {old[k]!r} -> {v!r}" for k, v in values.items()),
+            values=dict(values),
+            old=old,
+        )
+        return old
+
+    def policy_thresholds(self) -> dict[str, Any]:
+        """The live-adjustable thresholds of the policy (number fields of ``policy.config``)."""
+        config = getattr(self.policy, "config", None)
+        if config is None or not dataclasses.is_dataclass(config):
+            return {}
+        out: dict[str, Any] = {}
+        for item in dataclasses.fields(config):
+            value = getattr(config, item.name)
+            if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                out[item.name] = value
+        return out
+
+    def _adjust_policy(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(values, Mapping) or not values:
+            raise ConfigError(
+                f"thresholds must be a non-empty mapping of name to value, got {values!r}"
+            )
+        with self._policy_lock:
+            known = self.policy_thresholds()
+            if not known:
+                raise ConfigError(
+                    f"policy {self.policy.name!r} has no adjustable thresholds "
+                    f"(no dataclass config with number fields)"
+                )
+            for name, value in values.items():
+                if name not in known:
+                    raise ConfigError(
+                        f"policy {self.policy.name!r} has no threshold {name!r}; "
+                        f"adjustable: {', '.join(sorted(known))}"
+                    )
+                if isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
+                    raise ConfigError(f"threshold {name} must be a number, got {value!r}")
+            config = self.policy.config  # type: ignore[attr-defined]
+            try:
+                new = dataclasses.replace(config, **values)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"bad thresholds {dict(values)!r}: {exc}") from None
+            self.policy.config = new  # type: ignore[attr-defined]
+            return {name: known[name] for name in values}
+
+    def record_operator(self, action: str, origin: str, effect: str, **more: Any) -> None:
+        """Record an operator action the agent did not perform itself (a refused request, a
+        control-lock change): ``effect`` says what happened; refusals start with "refused"."""
+        if effect.startswith("refused"):
+            more = {"refused": True, **more}
+        self._operator(action, origin, effect, **more)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(kind, payload, frame)`` for every event and complete frame."""
+        self._listeners.append(listener)
+
+    def latencies(self, last: int = 50) -> dict[str, list[float]]:
+        """The last ``last`` latencies of each stage, in seconds."""
+        with self._lat_lock:
+            return {k: v[-last:] for k, v in self.result.latencies_s.items()}
+
+    @property
+    def running(self) -> bool:
+        """True between the start of :meth:`run` and the end of its decisions."""
+        return self._started.is_set() and not self._finished.is_set()
 
     # -- running ------------------------------------------------------------------------------
 
     def run(self) -> AgentResult:
         """Run the session to the end (frames done, policy stop, abort or fatal error)."""
+        self._started.set()
         self._event(
             "status",
             {
@@ -286,6 +405,8 @@ class Agent:
             thread.start()
         threads[2].join()
         threads[1].join()
+        self.gate.expire_pending("the session ended")  # recorded: no command is left hanging
+        self._finished.set()
         self._event(
             "status",
             {
@@ -378,9 +499,11 @@ class Agent:
                     )
                 seq = self.result.frames
                 self.result.frames += 1
+                self._frame_slots.acquire()  # backpressure: the recorder never drops a frame
                 self._records.put(
                     ("frame", frame, problems, {"acquire_s": acquire_s, "seq": seq}, self._clock())
                 )
+                self._notify("frame", {"seq": seq, "problems": list(problems)}, frame)
                 self._add_latency("acquire", acquire_s)
                 if cfg.lockstep:
                     self._decided.clear()
@@ -460,7 +583,8 @@ class Agent:
                     policy=self.policy.name,
                 )
             else:
-                decision = self.policy.decide(observation)
+                with self._policy_lock:
+                    decision = self.policy.decide(observation)
         except Exception as exc:  # a faulty policy must not kill an unattended session
             self.result.faults += 1
             self._event(
@@ -513,7 +637,10 @@ class Agent:
                 return
             if item[0] == "frame":
                 _, frame, problems, extra, t_queued = item
-                self._recorder.append_frame(frame, problems=list(problems), extra=extra)
+                try:
+                    self._recorder.append_frame(frame, problems=list(problems), extra=extra)
+                finally:
+                    self._frame_slots.release()
                 self._add_latency("record", self._clock() - t_queued)
             else:
                 _, kind, payload, t_wall, t_instrument = item
@@ -522,10 +649,17 @@ class Agent:
     # -- helpers ------------------------------------------------------------------------------
 
     def _on_fate(self, fate: Fate) -> None:
-        origin = "operator" if fate.command.source in ("operator", "console") else "policy"
-        payload = {**fate.to_json(), "frame": self._current_seq, "origin": origin}
-        self._event("command", payload)
-        if self._current_seq is not None and threading.current_thread().name == "decision":
+        operator = fate.command.id in self._operator_ids or fate.command.source in (
+            "operator",
+            "console",
+        )
+        origin = "operator" if operator else "policy"
+        # Only the decision thread's fates belong to the frame being decided; an operator's
+        # approval arriving from another thread meanwhile does not.
+        deciding = threading.current_thread().name == "decision"
+        seq = self._current_seq if deciding else None
+        self._event("command", {**fate.to_json(), "frame": seq, "origin": origin})
+        if seq is not None:
             self._step_fates.append(fate)
 
     def _operator(self, action: str, origin: str, effect: str, **more: Any) -> None:
@@ -534,7 +668,16 @@ class Agent:
 
     def _event(self, kind: str, payload: Mapping[str, Any], frame: Frame | None = None) -> None:
         t_instrument = frame.timestamp_s if frame is not None else None
-        self._records.put(("event", kind, dict(payload), self._wall(), t_instrument))
+        payload = dict(payload)
+        self._records.put(("event", kind, payload, self._wall(), t_instrument))
+        self._notify(kind, payload, frame)
+
+    def _notify(self, kind: str, payload: Mapping[str, Any], frame: Frame | None) -> None:
+        for listener in self._listeners:
+            try:
+                listener(kind, payload, frame)
+            except Exception:  # an observer must never stop the session
+                log.exception("agent listener %r failed on a %s event", listener, kind)
 
     def _add_latency(self, stage: str, seconds: float) -> None:
         with self._lat_lock:
