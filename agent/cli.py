@@ -31,7 +31,11 @@ Handler = Callable[[argparse.Namespace], int]
 # ``register(sub: argparse._SubParsersAction) -> dict[str, Handler]``; it adds its parsers and
 # returns the handler of each command name. Keep those modules light at import time (import heavy
 # libraries inside the handlers): every `scopepilot` invocation imports all of them.
-COMMAND_MODULES: tuple[str, ...] = ("agent.cli_perception", "agent.cli_reliability")
+COMMAND_MODULES: tuple[str, ...] = (
+    "agent.cli_perception",
+    "agent.cli_reliability",
+    "agent.cli_remote",
+)
 
 
 def _package_version() -> str:
