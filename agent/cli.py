@@ -35,6 +35,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "agent.cli_perception",
     "agent.cli_reliability",
     "agent.cli_remote",
+    "agent.cli_console",
 )
 
 
@@ -230,7 +231,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         try:
             if plan is not None:
                 recorder.append_event("status", plan.status_payload())
-            result = agent.run()
+            from agent.cli_console import console_for
+
+            with console_for(agent, args):  # --console: the web console beside the session
+                result = agent.run()
         finally:
             signal.signal(signal.SIGINT, previous)
             bar.close()

@@ -318,7 +318,8 @@ class Controller:
                 self._perception[int(payload["frame"])] = dict(payload)
             elif kind == "command":
                 of_frame = payload.get("frame")
-                if of_frame is not None:
+                # An expiry on frame n is of a command proposed earlier: update it there.
+                if of_frame is not None and payload.get("fate") != "expired":
                     self._fates.setdefault(int(of_frame), []).append(_fate_view(payload))
                 self._mark_decided(payload)
             elif kind == "decision":
