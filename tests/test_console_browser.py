@@ -1,0 +1,137 @@
+"""The web console end to end in a real headless browser (Debian's chromium via Playwright).
+
+A simulated supervised STM session runs with the console in front of it; the browser watches the
+frame update, approves one pending command, vetoes another, pauses and resumes, and then the
+session store must hold exactly those four operator actions, with their effects.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.console.server import ConsoleServer
+from agent.control import Controller
+from agent.gate import Mode
+from agent.loop import Agent, AgentConfig
+from agent.recorder import SessionRecorder
+from agent.session import Session
+from drivers.commands import MoveTo, Scan, TipPulse
+from drivers.registry import open_instrument
+from tests.console_support import HANG_GUARD_S, Holder
+from tests.fakes import ScriptedAssessor, ScriptedPolicy
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TIMEOUT_MS = 20_000
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="/usr/bin/chromium is not installed (apt-get install chromium; .ci/run does)",
+    ),
+]
+
+
+def pulse_and_move(obs: Any) -> tuple[TipPulse, MoveTo]:
+    return (TipPulse(2.0, 0.1), MoveTo(20e-9, 10e-9))
+
+
+def test_supervised_session_in_the_browser(tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    instrument = open_instrument("sim:stm", seed=3)
+    instrument.execute(Scan(shape_px=(64, 64), source="console", reason="small frames for a test"))
+    store = tmp_path / "browser.zarr"
+    recorder = SessionRecorder(store, config={"test": "browser"}, versions={})
+    holder = Holder()
+    agent = Agent(
+        instrument,
+        ScriptedPolicy(commands_for=pulse_and_move),
+        assessor=ScriptedAssessor(),
+        recorder=recorder,
+        config=AgentConfig(frames=4, mode=Mode.SUPERVISED),
+        on_step=holder,
+    )
+    controller = Controller(agent)
+    thread = threading.Thread(target=agent.run, name="browser-test-agent")
+    with ConsoleServer(controller, port=0, token="browser-token") as server:
+        thread.start()
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+            )
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(TIMEOUT_MS)
+                page.goto(server.url)
+                info = page.locator("#frame-info")
+                # The live frame updates: frame 0, then frame 1 once the session moves on.
+                holder.next()
+                expect(info).to_have_attribute("data-seq", "0")
+                holder.go()
+                step = holder.next()
+                expect(info).to_have_attribute("data-seq", "1")
+                assert step.seq == 1
+                expect(page.locator("#pending-count")).to_have_text("2")
+                pending = {c.kind: c.id for c in agent.gate.pending()}
+                page.click(f"button.approve[data-id='{pending['TipPulse']}']")
+                expect(page.locator("#pending-count")).to_have_text("1")
+                page.click(f"button.veto[data-id='{pending['MoveTo']}']")
+                expect(page.locator("#pending-count")).to_have_text("0")
+                page.click("#pause")
+                expect(page.locator("#state")).to_have_attribute("data-state", "paused")
+                page.click("#resume")
+                expect(page.locator("#state")).to_have_attribute("data-state", "running")
+                expect(page.locator("#decisions")).to_contain_text("TipPulse executed")
+                expect(page.locator("#decisions")).to_contain_text("MoveTo vetoed")
+                # The canvas shows real pixels, not a blank.
+                drawn = page.evaluate(
+                    "() => { const c = document.getElementById('frame');"
+                    " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+                    " let lo = 255, hi = 0; for (let i = 0; i < d.length; i += 4)"
+                    " { lo = Math.min(lo, d[i]); hi = Math.max(hi, d[i]); }"
+                    " return [c.width, hi - lo]; }"
+                )
+                assert drawn[0] == 64 and drawn[1] > 100
+                for _ in range(2):  # frames 2 and 3 finish the session
+                    holder.go()
+                    holder.next()
+                holder.go()
+                thread.join(HANG_GUARD_S)
+                assert not thread.is_alive()
+                expect(page.locator("#state")).to_have_attribute("data-state", "stopped")
+            finally:
+                browser.close()
+    recorder.close()
+    instrument.close()
+
+    session = Session(store)
+    operator = [e["payload"] for e in session.events("operator")]
+    assert [(o["action"], o["origin"]) for o in operator] == [
+        ("approve", "console:operator"),
+        ("veto", "console:operator"),
+        ("pause", "console:operator"),
+        ("resume", "console:operator"),
+    ]
+    assert operator[0]["command_id"] == pending["TipPulse"]
+    assert operator[1]["command_id"] == pending["MoveTo"]
+    assert all(e["t_wall"] > 0 for e in session.events("operator"))
+    fates = {
+        (e["payload"]["command"]["id"], e["payload"]["fate"]) for e in session.events("command")
+    }
+    assert (pending["TipPulse"], "executed") in fates
+    assert (pending["MoveTo"], "vetoed") in fates
+    assert (pending["MoveTo"], "executed") not in fates
