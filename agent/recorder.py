@@ -358,6 +358,13 @@ class SessionRecorder:
                 f"{path}: the session was closed at {session.ended} (complete); only an "
                 f"interrupted session can be resumed: start a new store instead"
             )
+        damaged = session.damaged_pixels()
+        if damaged:
+            more = f" and {len(damaged) - 5} more" if len(damaged) > 5 else ""
+            raise DataError(
+                f"cannot resume {path}: the store is damaged (pixels of {', '.join(damaged[:5])}"
+                f"{more} missing or truncated); export what reads and start a new session"
+            )
         records = session.frame_records()
         self = cls.__new__(cls)
         self.path = path

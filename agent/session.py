@@ -88,6 +88,10 @@ class Session:
             array = self._root[name]
         except KeyError:
             raise DataError(f"{self.path}: not a complete session store (no {name})") from None
+        except Exception as exc:  # damaged metadata: zarr raises several types
+            raise DataError(
+                f"{self.path}: {name} is damaged: {type(exc).__name__}: {exc}"
+            ) from None
         if not isinstance(array, zarr.Array) or array.ndim != 1:
             raise DataError(f"{self.path}: {name} is not a 1-D array")
         chunk_dir = self.path / name / "c"
@@ -139,6 +143,10 @@ class Session:
                 clean = node["clean"] if isinstance(node, zarr.Group) and "clean" in node else None
             except KeyError:
                 data = clean = None
+            except Exception as exc:  # damaged metadata: zarr raises several types
+                raise DataError(
+                    f"{self.path}: frames/{group} is damaged: {type(exc).__name__}: {exc}"
+                ) from None
             if not isinstance(data, zarr.Array) or data.ndim != 3:
                 raise DataError(f"{self.path}: frames/{group}/data is missing or not (N, H, W)")
             if clean is not None and not isinstance(clean, zarr.Array):
@@ -166,13 +174,13 @@ class Session:
         record = self._records[i % n]
         data_array, clean_array = self._group_arrays(record["group"])
         slot = record["slot"]
-        data = np.asarray(data_array[slot])
+        data = self._pixels(data_array, slot, i % n, "pixels")
         header = record["header"]
         truth = record.get("truth")
         try:
             clean = None
             if record.get("clean") and clean_array is not None:
-                clean = np.asarray(clean_array[slot])
+                clean = self._pixels(clean_array, slot, i % n, "ground-truth clean image")
             return Frame(
                 data=data,
                 channel=header["channel"],
@@ -188,6 +196,42 @@ class Session:
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise DataError(f"{self.path}: frame record {i} is malformed: {exc!r}") from None
+
+    def _pixels(self, array: zarr.Array[Any], slot: int, row: int, what: str) -> np.ndarray:
+        """One (H, W) slot of a pixel array. The recorder writes every chunk, even an all-zero
+        one, so a missing chunk file is damage (zarr would silently read the fill value)."""
+        if array.shape[1] and array.shape[2]:
+            chunk = self.path / array.path / "c" / str(slot) / "0" / "0"
+            if not chunk.is_file():
+                raise DataError(
+                    f"{self.path}: the {what} of frame {row} are missing ({chunk.name} chunk of "
+                    f"{array.path}, slot {slot}, was deleted or never written)"
+                )
+        try:
+            return np.asarray(array[slot])
+        except Exception as exc:  # zarr raises several types for a damaged chunk
+            raise DataError(f"{self.path}: cannot read the {what} of frame {row}: {exc}") from exc
+
+    def damaged_pixels(self) -> list[str]:
+        """Committed frames whose pixel (or clean-image) chunk file is missing or has the wrong
+        size, found without reading any pixels: empty for an intact store."""
+        damaged = []
+        for record in self._records:
+            data, clean = self._group_arrays(record["group"])
+            arrays = [("pixels", data)]
+            if record.get("clean") and clean is not None:
+                arrays.append(("clean image", clean))
+            for what, array in arrays:
+                size = int(array.shape[1]) * int(array.shape[2]) * array.dtype.itemsize
+                if size:
+                    chunk = self.path / array.path / "c" / str(record["slot"]) / "0" / "0"
+                    try:
+                        ok = chunk.stat().st_size == size
+                    except OSError:
+                        ok = False
+                    if not ok:
+                        damaged.append(f"frame {record['row']} {what}")
+        return damaged
 
     def iter_frames(self) -> Iterator[Frame]:
         for i in range(len(self._records)):
