@@ -364,7 +364,8 @@ def test_drop_mid_frame_raises_then_reconnects_without_losing_or_repeating_frame
             assert not parts[-1].complete
             assert wait_until(lambda: not inner.state().scanning)  # the server ended that scan
             second = client.acquire()  # reconnects
-            assert client.reconnects == 1 and relay.connections == 2
+            assert client.reconnects == 1
+            assert relay.connections == 4  # (a Pyro5 connection and a frame channel) x 2
             # the lost scan was never completed, so no frame index is skipped or repeated
             assert second.frame_index == first.frame_index + 1
             assert second.complete

@@ -13,8 +13,11 @@ delivered twice) and the next call reconnects, retrying with exponential backoff
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -22,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import Pyro5.client
 import Pyro5.errors
@@ -41,8 +45,8 @@ from drivers.errors import (
 from drivers.frame import Frame, ScanRegion
 from drivers.limits import Limits
 from drivers.protocol import CommandResult, InstrumentInfo, InstrumentState
-from drivers.remote.server import SERVICE_NAME
-from drivers.remote.wire import DTYPES, MAX_FRAME_BYTES, decode_frame
+from drivers.remote.server import FRAME_CHANNEL_MAGIC, SERVICE_NAME, TICKET_BYTES
+from drivers.remote.wire import MAX_FRAME_BYTES, build_frame, frame_layout
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +154,7 @@ class RemoteInstrument:
         self._sleep = sleep
         self._lock = threading.RLock()
         self._proxy: Pyro5.client.Proxy | None = None
+        self._channel: socket.socket | None = None
         self._closed = False
         self.reconnects = 0
         self._connect()
@@ -207,7 +212,14 @@ class RemoteInstrument:
             log.info("reconnected to %s (reconnect %d)", self.uri, self.reconnects)
             return
 
+    def _drop_channel(self) -> None:
+        if self._channel is not None:
+            with contextlib.suppress(OSError):
+                self._channel.close()
+            self._channel = None
+
     def _drop(self) -> None:
+        self._drop_channel()
         if self._proxy is not None:
             try:
                 self._proxy._pyroRelease()
@@ -284,13 +296,82 @@ class RemoteInstrument:
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise DataError(f"malformed state from {self.uri}: {exc!r}") from None
 
-    def _frame(self, message: Any, into: np.ndarray | None = None) -> Frame:
-        if not isinstance(message, list) or len(message) < 2:
-            raise DataError(f"malformed frame message from {self.uri}")
-        return decode_frame(message[0], message[1], into=into, max_bytes=self._max_frame_bytes)
+    def _open_channel(self) -> socket.socket:
+        """Open the frame channel with a one-time ticket from the authenticated connection."""
+        ticket = self._call("frame_ticket")
+        if not isinstance(ticket, bytes) or len(ticket) != TICKET_BYTES:
+            raise CommunicationError(f"malformed frame ticket from {self.uri}")
+        sock = socket.create_connection((self.host, self.port), timeout=self._timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(FRAME_CHANNEL_MAGIC + ticket)
+        return sock
+
+    def _frame_call(
+        self, method: str, *args: Any, into: np.ndarray | None = None
+    ) -> tuple[Frame, bool, np.ndarray] | None:
+        """Call a frame method over the frame channel: the reply's pixels are received straight
+        into the frame's array (``into``, the buffer of a streamed scan, when given; a streamed
+        frame holds a copy). Returns the frame, whether it ends its scan, and the array, or None
+        when there is no frame."""
+        with self._lock:
+            if self._closed:
+                raise NotConnected(
+                    f"{self.uri} is closed; open a new instrument with open_instrument"
+                )
+            try:
+                if self._proxy is None:
+                    self._reconnect()
+                if self._channel is None:
+                    self._channel = self._open_channel()
+                sock = self._channel
+                request = msgpack.packb([method, list(args)], use_bin_type=True)
+                sock.sendall(struct.pack("!I", len(request)) + request)
+                meta_size, payload_size = struct.unpack("!II", _recv_exact(sock, 8))
+                if meta_size > 1 << 20:
+                    raise DataError(f"frame reply header of {meta_size} bytes")
+                meta = msgpack.unpackb(_recv_exact(sock, meta_size), raw=False)
+                if not isinstance(meta, Mapping) or not ({"ok", "error"} & set(meta)):
+                    raise DataError(f"malformed frame reply: {meta!r:.200}")
+                if "error" in meta:
+                    if payload_size:
+                        raise DataError("an error reply carries pixels")
+                    raise_remote_error(meta["error"])
+                ok = meta["ok"]
+                if ok is None:
+                    return None
+                header = ok.get("header") if isinstance(ok, Mapping) else None
+                if not isinstance(header, Mapping):
+                    raise DataError(f"frame reply without a header: {ok!r:.200}")
+                layout = frame_layout(header, max_bytes=self._max_frame_bytes)
+                if layout.payload_bytes != payload_size:
+                    raise DataError(
+                        f"frame reply carries {payload_size} bytes; its header needs "
+                        f"{layout.payload_bytes}"
+                    )
+                buffer = layout.empty() if into is None else into
+                target = layout.target(buffer)
+                if target.size:
+                    _recv_into(sock, target.data.cast("B"))
+                    if target.dtype != layout.dtype:  # a big-endian host
+                        target.byteswap(inplace=True)
+                streaming = method == "stream_next"  # later lines go into the same buffer
+                frame = build_frame(header, buffer.copy() if streaming else buffer)
+                return frame, bool(ok.get("last")), buffer
+            except (OSError, struct.error, ValueError, msgpack.UnpackException) as exc:
+                self._drop()
+                raise CommunicationError(
+                    f"connection to {self.uri} lost during {method}: {exc}; the next call "
+                    "reconnects"
+                ) from None
+            except DataError:
+                self._drop_channel()  # its framing can no longer be trusted; Pyro5's can
+                raise
 
     def acquire(self) -> Frame:
-        return self._frame(self._call("acquire"))
+        result = self._frame_call("acquire")
+        if result is None:
+            raise CommunicationError(f"{self.uri} returned no frame for acquire")
+        return result[0]
 
     def stream(self) -> Iterator[Frame]:
         sid = self._call("stream_open")
@@ -298,14 +379,11 @@ class RemoteInstrument:
         finished = False
         try:
             while True:
-                message = self._call("stream_next", sid)
-                if message is None:
+                result = self._frame_call("stream_next", sid, into=buffer)
+                if result is None:
                     finished = True
                     return
-                if buffer is None:
-                    buffer = _empty_buffer(message, self._max_frame_bytes)
-                frame = self._frame(message, buffer)
-                finished = bool(message[2]) if len(message) > 2 else False
+                frame, finished, buffer = result
                 yield frame
                 if finished:
                     return
@@ -338,8 +416,8 @@ class RemoteInstrument:
     def latest_frame(self, after_index: int = -1, *, timeout_s: float = 0.0) -> Frame | None:
         """The last complete frame the server scanned with an index above ``after_index``
         (waiting up to ``timeout_s``), or None. Observers watch the controller's scans so."""
-        message = self._call("latest_frame", after_index, timeout_s)
-        return None if message is None else self._frame(message)
+        result = self._frame_call("latest_frame", after_index, timeout_s)
+        return None if result is None else result[0]
 
     def close(self) -> None:
         with self._lock:
@@ -361,25 +439,19 @@ class RemoteInstrument:
         self.close()
 
 
-def _empty_buffer(message: Any, max_bytes: int) -> np.ndarray:
-    """The NaN-filled (zero for integers) buffer a stream's lines are written into."""
-    header = message[0] if isinstance(message, list) and message else None
-    if not isinstance(header, Mapping):
-        raise DataError("malformed frame message: no header")
-    shape, dtype = header.get("shape"), header.get("dtype")
-    if (
-        not isinstance(shape, list)
-        or len(shape) != 2
-        or not all(isinstance(n, int) and n > 0 for n in shape)
-        or dtype not in DTYPES
-    ):
-        raise DataError(f"malformed frame header: shape {shape!r}, dtype {dtype!r}")
-    np_dtype = np.dtype(dtype)
-    if shape[0] * shape[1] * np_dtype.itemsize > max_bytes:
-        raise DataError(
-            f"frame of shape {shape[0]}x{shape[1]} {dtype} is over the limit of {max_bytes} bytes"
-        )
-    return np.full(shape, np.nan if np_dtype.kind == "f" else 0, dtype=np_dtype)
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = bytearray(size)
+    _recv_into(sock, memoryview(data))
+    return bytes(data)
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("the server closed the connection in the middle of a reply")
+        got += n
 
 
 def open_remote(rest: str, **options: Any) -> RemoteInstrument:

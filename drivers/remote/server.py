@@ -27,14 +27,17 @@ import contextlib
 import hmac
 import ipaddress
 import logging
+import secrets
 import socket
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import Pyro5.errors
 import Pyro5.serializers
 import Pyro5.server
@@ -60,6 +63,13 @@ PROTOCOL_VERSION = 1
 #: Serializers whose messages the server reads; everything else is refused before deserializing.
 ALLOWED_SERIALIZERS: frozenset[str] = frozenset({"msgpack"})
 _PYRO_HEADER = struct.Struct("!4sHBBHHII16sHH")  # Pyro5 protocol.py's message header
+#: First bytes of a frame channel: a second connection on the same port that carries frames as
+#: raw bytes straight from the array (no serializer copy), opened with a one-time ticket.
+FRAME_CHANNEL_MAGIC = b"SPFC"
+FRAME_METHODS = ("acquire", "stream_next", "latest_frame")
+TICKET_BYTES = 32
+TICKET_LIFETIME_S = 30.0
+MAX_FRAME_REQUEST_BYTES = 4096
 
 
 def is_loopback(host: str) -> bool:
@@ -101,9 +111,18 @@ class _ConnectionGate:
         self._allowed = allowed_ids
         self._header = bytearray()
         self._pending = 0  # body bytes of the current message still to come
+        self._pushback = b""
+
+    def push_back(self, data: bytes) -> None:
+        """Bytes read ahead of Pyro5 (to tell a frame channel apart); handed out first."""
+        self._pushback = bytes(data) + self._pushback
 
     def recv(self, size: int) -> bytes:
-        data = self.conn.recv(size)
+        if self._pushback:
+            head, self._pushback = self._pushback[:size], self._pushback[size:]
+            data = head + (self.conn.recv(size - len(head)) if size > len(head) else b"")
+        else:
+            data = self.conn.recv(size)
         self._inspect(memoryview(data))
         return data
 
@@ -171,6 +190,7 @@ class InstrumentDaemon(Pyro5.server.Daemon):
         self._gates_lock = threading.Lock()
         self.rejected: list[tuple[str, str]] = []  # (peer, reason) of refused connections
         self.on_disconnect: Callable[[ClientRecord], None] | None = None
+        self.frame_service: InstrumentService | None = None
 
     def _gate(self, conn: Any) -> _ConnectionGate:
         with self._gates_lock:
@@ -183,6 +203,17 @@ class InstrumentDaemon(Pyro5.server.Daemon):
     def _handshake(self, conn: Any, denied_reason: str | None = None) -> bool:
         gate = self._gate(conn)
         conn.sock.settimeout(self._handshake_timeout_s)
+        try:
+            first = conn.recv(len(FRAME_CHANNEL_MAGIC))
+        except Pyro5.errors.CommunicationError as exc:
+            self._reject(gate, f"no handshake ({exc})")
+            self._forget(conn)
+            return False
+        if first == FRAME_CHANNEL_MAGIC:
+            self._serve_frame_channel(gate)
+            self._forget(conn)
+            return False  # the transport closes the socket
+        gate.push_back(first)
         ok = bool(super()._handshake(gate, denied_reason))
         if ok:
             conn.sock.settimeout(None)
@@ -191,9 +222,71 @@ class InstrumentDaemon(Pyro5.server.Daemon):
                 self._reject(
                     gate, gate.reason or denied_reason or "malformed or timed-out handshake"
                 )
-            with self._gates_lock:
-                self._gates.pop(conn, None)
+            self._forget(conn)
         return ok
+
+    def _forget(self, conn: Any) -> None:
+        with self._gates_lock:
+            self._gates.pop(conn, None)
+
+    def _serve_frame_channel(self, gate: _ConnectionGate) -> None:
+        """Serve frames on a connection that opened with :data:`FRAME_CHANNEL_MAGIC`.
+
+        The client first presents a one-time ticket it got over its authenticated Pyro5
+        connection; then each request (a 4-byte length and a msgpack ``[method, args]``) gets a
+        reply of two 4-byte lengths, a msgpack ``{"ok": {"header", "last"}}`` or
+        ``{"error": ...}``, and the frame's raw bytes, sent straight from the array.
+        """
+        service = self.frame_service
+        try:
+            ticket = bytes(gate.conn.recv(TICKET_BYTES))
+        except Pyro5.errors.CommunicationError as exc:
+            self._reject(gate, f"frame channel without a ticket ({exc})")
+            return
+        client = service.redeem(ticket) if service is not None else None
+        if service is None or client is None:
+            self._reject(gate, "frame channel with an unknown or expired ticket")
+            return
+        gate.client = client
+        sock = gate.conn.sock
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        log.info("client %s opened a frame channel", client.client_id)
+        try:
+            while True:
+                try:
+                    (size,) = struct.unpack("!I", gate.conn.recv(4))
+                except Pyro5.errors.ConnectionClosedError:
+                    return  # the client closed the channel
+                if size > MAX_FRAME_REQUEST_BYTES:
+                    log.warning("frame channel of %s: %d-byte request", client.client_id, size)
+                    return
+                request = msgpack.unpackb(bytes(gate.conn.recv(size)), raw=False)
+                if (
+                    not isinstance(request, list)
+                    or len(request) != 2
+                    or request[0] not in FRAME_METHODS
+                    or not isinstance(request[1], list)
+                    or len(request[1]) > 2
+                ):
+                    log.warning("frame channel of %s: malformed request", client.client_id)
+                    return
+                current_context.client = gate
+                reply = getattr(service, request[0])(*request[1])
+                payload: Any = b""
+                ok = reply.get("ok")
+                if isinstance(ok, list):
+                    reply = {"ok": {"header": ok[0], "last": ok[2] if len(ok) > 2 else None}}
+                    payload = ok[1]
+                meta = msgpack.packb(reply, use_bin_type=True)
+                _send_parts(sock, struct.pack("!II", len(meta), len(payload)) + meta, payload)
+        except (
+            OSError,
+            ValueError,
+            msgpack.UnpackException,
+            Pyro5.errors.CommunicationError,
+        ) as exc:
+            log.info("frame channel of %s closed: %s", client.client_id, exc)
 
     def _reject(self, gate: _ConnectionGate, reason: str) -> Pyro5.errors.SecurityError:
         """Log and record a refused connection (before the client hears of it)."""
@@ -240,6 +333,27 @@ class InstrumentDaemon(Pyro5.server.Daemon):
             log.info("client %s disconnected", gate.client.client_id)
             if self.on_disconnect is not None:
                 self.on_disconnect(gate.client)
+
+
+def _send_parts(sock: socket.socket, head: bytes, payload: Any) -> None:
+    """Send ``head`` then ``payload`` in as few system calls as possible, without joining them
+    (``sendmsg`` gathers both buffers; TLS sockets have no ``sendmsg`` and send them in turn)."""
+    view = memoryview(payload).cast("B") if len(payload) else memoryview(b"")
+    if not hasattr(sock, "sendmsg") or hasattr(sock, "getpeercert"):
+        sock.sendall(head)
+        if len(view):
+            sock.sendall(view)
+        return
+    parts = [memoryview(head), view]
+    while parts:
+        sent = sock.sendmsg(parts)
+        while parts and sent >= len(parts[0]):
+            sent -= len(parts[0])
+            parts.pop(0)
+        if parts and sent:
+            parts[0] = parts[0][sent:]
+        while parts and not len(parts[0]):
+            parts.pop(0)
 
 
 def _peer(conn: Any) -> str:
@@ -308,6 +422,8 @@ class InstrumentService:
         self._streams_lock = threading.Lock()
         self._latest: Frame | None = None
         self._latest_cond = threading.Condition()
+        self._tickets: dict[bytes, tuple[ClientRecord, float]] = {}
+        self._tickets_lock = threading.Lock()
         info = instrument.info()
         self._info_json = _plain(
             {**info.to_json(), "limits": envelope.limits.to_json(), "details": info.details}
@@ -369,6 +485,29 @@ class InstrumentService:
             return {"protocol": PROTOCOL_VERSION, "controller": self._controller}
 
         return self._reply(run)
+
+    def frame_ticket(self) -> dict[str, Any]:
+        """A one-time ticket that opens a frame channel for the caller (valid for 30 s)."""
+
+        def run() -> bytes:
+            client = self._client()
+            ticket = secrets.token_bytes(TICKET_BYTES)
+            now = time.monotonic()
+            with self._tickets_lock:
+                for old in [t for t, (_, expiry) in self._tickets.items() if expiry < now]:
+                    del self._tickets[old]
+                self._tickets[ticket] = (client, now + TICKET_LIFETIME_S)
+            return ticket
+
+        return self._reply(run)
+
+    def redeem(self, ticket: bytes) -> ClientRecord | None:
+        """The client a ticket was issued to (once, within its lifetime), else None."""
+        with self._tickets_lock:
+            entry = self._tickets.pop(ticket, None)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
 
     def release_control(self) -> dict[str, Any]:
         def run() -> None:
@@ -556,6 +695,7 @@ class InstrumentServer:
             handshake_timeout_s=handshake_timeout_s,
         )
         self.daemon.on_disconnect = self.service.client_gone
+        self.daemon.frame_service = self.service
         self.daemon.register(self.service, SERVICE_NAME)
         self.host = host
         self.port = int(self.daemon.locationStr.rsplit(":", 1)[1])

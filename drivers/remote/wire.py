@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -137,21 +138,42 @@ def _truth(obj: Any) -> GroundTruth | None:
         raise DataError(f"frame header field 'truth' is malformed: {exc!r}") from None
 
 
-def decode_frame(
-    header: Any,
-    payload: Any,
-    *,
-    into: np.ndarray | None = None,
-    max_bytes: int = MAX_FRAME_BYTES,
-) -> Frame:
-    """The frame a ``(header, payload)`` message describes.
+@dataclass(frozen=True)
+class FrameLayout:
+    """Where a frame message's pixels go: ``rows`` rows from ``row0`` of a ``shape`` array."""
 
-    ``into`` is the ``(H, W)`` buffer of the frame being streamed (NaN where not yet scanned):
-    the payload's rows are written into it and the returned frame holds a copy. Without
-    ``into`` the payload must start at row 0. Every field is checked: a malformed header, a
-    payload whose size does not match the header, or a frame larger than ``max_bytes`` raises
-    :class:`DataError` naming the problem.
-    """
+    shape: tuple[int, int]
+    dtype: np.dtype[Any]  # little-endian, as on the wire
+    row0: int
+    rows: int
+
+    @property
+    def lines_done(self) -> int:
+        return self.row0 + self.rows
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.rows * self.shape[1] * self.dtype.itemsize
+
+    def empty(self) -> np.ndarray:
+        """A new ``shape`` array (native byte order) holding NaN (0 for integers)."""
+        native = self.dtype.newbyteorder("=")
+        if self.row0 == 0 and self.rows == self.shape[0]:
+            return np.empty(self.shape, dtype=native)
+        return np.full(self.shape, np.nan if native.kind == "f" else 0, dtype=native)
+
+    def target(self, buffer: np.ndarray) -> np.ndarray:
+        """The rows of ``buffer`` this message fills (contiguous, so a socket can fill them)."""
+        if buffer.shape != self.shape or buffer.dtype != self.dtype.newbyteorder("="):
+            raise DataError(
+                f"frame message ({self.shape[0]}x{self.shape[1]} {self.dtype.name}) does not "
+                f"match the streamed frame ({buffer.shape[0]}x{buffer.shape[1]} {buffer.dtype})"
+            )
+        return buffer[self.row0 : self.lines_done]
+
+
+def frame_layout(header: Any, *, max_bytes: int = MAX_FRAME_BYTES) -> FrameLayout:
+    """Check a frame header's size fields; :class:`DataError` names what is wrong."""
     if not isinstance(header, Mapping):
         raise DataError(f"frame header must be a mapping, got {type(header).__name__}")
     unknown = set(header) - _HEADER_KEYS
@@ -159,8 +181,6 @@ def decode_frame(
         raise DataError(f"frame header has unknown fields {sorted(map(str, unknown))}")
     if header.get("v") != WIRE_VERSION:
         raise DataError(f"frame wire version {header.get('v')!r} is not {WIRE_VERSION}")
-    if not isinstance(payload, (bytes, bytearray, memoryview)):
-        raise DataError(f"frame payload must be bytes, got {type(payload).__name__}")
     dtype_name = _need(header, "dtype", str)
     if dtype_name not in DTYPES:
         raise DataError(f"frame dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
@@ -181,24 +201,11 @@ def decode_frame(
     rows = _int(header, "rows", 0, height)
     if row0 + rows != lines_done:
         raise DataError(f"frame rows {row0}+{rows} do not end at lines_done={lines_done}")
-    expected = rows * width * dtype.itemsize
-    if len(payload) != expected:
-        raise DataError(
-            f"frame payload is {len(payload)} bytes; the header ({rows} rows of {width} "
-            f"{dtype_name}) needs {expected}"
-        )
-    if into is None:
-        if row0 != 0:
-            raise DataError(f"a frame message starting at row {row0} needs the streamed buffer")
-        into = np.full(
-            (height, width), np.nan if dtype.kind == "f" else 0, dtype=dtype.newbyteorder("=")
-        )
-    elif into.shape != (height, width) or into.dtype != dtype.newbyteorder("="):
-        raise DataError(
-            f"frame message ({height}x{width} {dtype_name}) does not match the streamed frame "
-            f"({into.shape[0]}x{into.shape[1]} {into.dtype})"
-        )
-    into[row0:lines_done] = np.frombuffer(payload, dtype=dtype).reshape(rows, width)
+    return FrameLayout((height, width), dtype, row0, rows)
+
+
+def build_frame(header: Mapping[str, Any], data: np.ndarray) -> Frame:
+    """The :class:`Frame` a checked header describes, holding ``data`` (not copied)."""
     pixel = _need(header, "pixel_size_m", (list, tuple))
     if len(pixel) != 2:
         raise DataError(f"frame header field 'pixel_size_m' must be (y, x), got {pixel!r}")
@@ -206,17 +213,49 @@ def decode_frame(
     try:
         region = ScanRegion.from_json(_need(header, "scan_region", Mapping))
         return Frame(
-            data=into.copy(),
+            data=data,
             channel=_need(header, "channel", str),
             pixel_size_m=(float(pixel[0]), float(pixel[1])),
             dwell_s=_float(header, "dwell_s"),
             scan_region=region,
             frame_index=_int(header, "frame_index", 0, 2**62),
             timestamp_s=_float(header, "timestamp_s"),
-            lines_done=lines_done,
+            lines_done=int(header["lines_done"]),
             instrument=_need(header, "instrument", str),
             metadata=dict(metadata),
             truth=_truth(header.get("truth")),
         )
     except (TypeError, ValueError) as exc:
         raise DataError(f"frame header is malformed: {exc}") from None
+
+
+def decode_frame(
+    header: Any,
+    payload: Any,
+    *,
+    into: np.ndarray | None = None,
+    max_bytes: int = MAX_FRAME_BYTES,
+) -> Frame:
+    """The frame a ``(header, payload)`` message describes.
+
+    ``into`` is the ``(H, W)`` buffer of the frame being streamed (NaN where not yet scanned):
+    the payload's rows are written into it and the returned frame holds a copy. Without
+    ``into`` the payload must start at row 0. Every field is checked: a malformed header, a
+    payload whose size does not match the header, or a frame larger than ``max_bytes`` raises
+    :class:`DataError` naming the problem.
+    """
+    layout = frame_layout(header, max_bytes=max_bytes)
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise DataError(f"frame payload must be bytes, got {type(payload).__name__}")
+    if len(payload) != layout.payload_bytes:
+        raise DataError(
+            f"frame payload is {len(payload)} bytes; the header ({layout.rows} rows of "
+            f"{layout.shape[1]} {layout.dtype.name}) needs {layout.payload_bytes}"
+        )
+    if into is None and layout.row0 != 0:
+        raise DataError(f"a frame message starting at row {layout.row0} needs the streamed buffer")
+    buffer = layout.empty() if into is None else into
+    layout.target(buffer)[...] = np.frombuffer(payload, dtype=layout.dtype).reshape(
+        layout.rows, layout.shape[1]
+    )
+    return build_frame(header, buffer if into is None else buffer.copy())
