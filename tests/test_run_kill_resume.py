@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.replay import diff_sessions, format_diff, replay_session
 from agent.resume import plan_resume
 from agent.session import Session
 from drivers.errors import ScopePilotError
@@ -183,3 +184,10 @@ def test_sigkill_at_random_points_then_resume(
     assert 1 <= len(resumed) <= resumes + 1
     assert session.config["seed"] == session_index
     assert forker.run(["run", "--resume", str(store)], None) == 2  # complete: refused
+    if session_index == 0:
+        # Replay re-decides the pieced-together session exactly: each resume seam restarts the
+        # policy, as the resumed run did.
+        replay_session(store, tmp_path / "r.zarr")
+        diff = diff_sessions(store, tmp_path / "r.zarr")
+        assert diff.frames_compared >= len(session) - kills
+        assert diff.same == diff.frames_compared, format_diff(diff)
