@@ -14,7 +14,10 @@ Deterministic: the same store and overrides give bit-identical decisions (comman
 which are fresh random ids by design), and replaying a lockstep session with its own
 configuration reproduces its recorded decisions. What a replay cannot know: what the instrument
 would have done after a *different* command (the frames are yesterday's); replay evaluates
-decisions on the frames that were seen, it does not simulate their consequences.
+decisions on the frames that were seen, it does not simulate their consequences. Operator
+threshold changes recorded during the run (``operator`` events ``thresholds``) are applied at
+the same point when the recorded policy is replayed; a resume seam restarts the policy, as the
+resumed run did.
 
 The instrument state a policy sees (stage position, scan region, dwell) is rebuilt from each
 frame's header: the loop reads it after the frame, before the decision's commands, so in a
@@ -24,6 +27,7 @@ lockstep session it is the frame's own settings. A decision event that carries a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -191,6 +195,10 @@ def replay_session(
     pipeline = build_pipeline(config, kind=kind)
     decisions = _recorded_by_frame(session, "decision")
     resumes = _resume_rows(session)
+    # operator threshold changes happened to the recorded policy; a different one ignores them
+    same_policy = config.get("policy") == session.config.get("policy")
+    changes = _threshold_changes(session) if same_policy else {}
+    overridden = set(overrides.get("policy_options") or ())
     versions = {**pipeline.versions(), "replay_of": str(session.path)}
     stored_config = {
         **config,
@@ -218,6 +226,19 @@ def replay_session(
             if row in resumes:  # the run was resumed here: its policy started fresh
                 pipeline = build_pipeline(config, kind=kind)
                 replayer = _Replayer(pipeline, info, history_len, first_seq=row)
+            for values in changes.get(row, ()):
+                kept = {k: v for k, v in values.items() if k not in overridden}
+                if kept:
+                    _adjust_thresholds(pipeline.policy, kept)
+                    recorder.append_event(
+                        "operator",
+                        {
+                            "action": "thresholds",
+                            "origin": "replay",
+                            "effect": f"the operator's change before frame {row}, replayed",
+                            "values": kept,
+                        },
+                    )
             frame = session.frame(row)
             recorder.append_frame(frame, problems=record.get("problems") or (), extra={"seq": row})
             recorded_state = (decisions.get(row) or {}).get("state")
@@ -269,6 +290,44 @@ def _recorded_by_frame(session: Session, kind: str) -> dict[int, dict[str, Any]]
         if isinstance(frame, int) and not isinstance(frame, bool):
             out[frame] = event["payload"]
     return out
+
+
+def _threshold_changes(session: Session) -> dict[int, list[dict[str, Any]]]:
+    """Operator threshold changes (``operator`` events, action ``thresholds``, not refused) by
+    the first frame they can have affected: the first frame perceived after the change was
+    recorded. (A change made while that frame was being perceived took effect one frame later
+    in the run; diff shows such a frame.)"""
+    changes: dict[int, list[dict[str, Any]]] = {}
+    pending: list[dict[str, Any]] = []
+    for event in session.events():
+        payload = event["payload"]
+        if event["kind"] == "operator" and payload.get("action") == "thresholds":
+            values = payload.get("values")
+            if not payload.get("refused") and isinstance(values, Mapping):
+                pending.append(dict(values))
+        elif event["kind"] == "status" and payload.get("state") == "resumed":
+            pending = []  # the resumed run started from the stored config
+        elif event["kind"] == "perception" and pending:
+            frame = payload.get("frame")
+            if isinstance(frame, int):
+                changes.setdefault(frame, []).extend(pending)
+                pending = []
+    return changes
+
+
+def _adjust_thresholds(policy: Any, values: Mapping[str, Any]) -> None:
+    """Apply an operator's threshold change to ``policy.config`` (a dataclass), as
+    :meth:`agent.loop.Agent.adjust_policy` did in the run."""
+    config = getattr(policy, "config", None)
+    if config is None or not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise DataError(
+            f"the recorded operator changed thresholds {dict(values)} but policy "
+            f"{policy.name!r} has no dataclass config to change"
+        )
+    try:
+        policy.config = dataclasses.replace(config, **values)
+    except (TypeError, ValueError, ConfigError) as exc:
+        raise DataError(f"cannot replay the operator's thresholds {dict(values)}: {exc}") from None
 
 
 def _resume_rows(session: Session) -> set[int]:

@@ -100,3 +100,47 @@ def test_diff_refuses_sessions_over_different_frames(recorded: Path, tmp_path: P
     assert main(["run", *SMALL, "--frames", "3", "--seed", "6", "--out", str(other)]) == 0
     with pytest.raises(DataError, match="hold different frames"):
         diff_sessions(recorded, other)
+
+
+def test_operator_threshold_changes_are_replayed_where_they_happened(tmp_path: Path) -> None:
+    from agent.loop import Agent, AgentConfig, Step
+    from agent.pipeline import build_pipeline
+    from agent.recorder import SessionRecorder
+    from drivers.commands import Scan
+    from drivers.frame import ScanRegion
+    from drivers.registry import open_instrument
+
+    store = tmp_path / "s.zarr"
+    config = {"instrument": "sim:stm", "policy": "rule", "policy_options": {}, "frames": 14}
+    pipeline = build_pipeline(config, kind="stm")
+    instrument = open_instrument("sim:stm", seed=5)
+    instrument.execute(Scan(region=ScanRegion(0, 0, 8e-9, 8e-9), shape_px=(64, 64)))
+    with SessionRecorder(store, config=config) as recorder:
+        agent: Agent
+
+        def on_step(step: Step) -> None:
+            if step.seq == 4:  # between two decisions, as from the console
+                agent.adjust_policy({"bad_frames_to_act": 4, "max_uncertainty": 0.3})
+
+        agent = Agent(
+            instrument,
+            pipeline.policy,
+            assessor=pipeline.assessor,
+            quality=pipeline.quality,
+            recorder=recorder,
+            config=AgentConfig(frames=14),
+            on_step=on_step,
+        )
+        agent.run()
+    instrument.close()
+    replay_session(store, tmp_path / "r.zarr")
+    assert decisions(tmp_path / "r.zarr") == decisions(store)
+    replayed = Session(tmp_path / "r.zarr").events("operator")
+    assert [e["payload"]["values"]["bad_frames_to_act"] for e in replayed] == [4]
+    # the change mattered: pinning those thresholds (an override wins over the operator's
+    # change) gives other decisions, and only after frame 4
+    pinned = {"policy_options": {"bad_frames_to_act": 2, "max_uncertainty": 0.6}}
+    replay_session(store, tmp_path / "u.zarr", overrides=pinned)
+    recorded, unadjusted = decisions(store), decisions(tmp_path / "u.zarr")
+    changed = [k for k in recorded if recorded[k] != unadjusted[k]]
+    assert changed and min(changed) > 4
