@@ -1,0 +1,85 @@
+"""The dose policy's action set and observation, shared by :mod:`policies.env_dose` (training)
+and :mod:`policies.rl` (deployment, which must not import gymnasium)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from drivers.errors import DataError
+from drivers.frame import Frame
+
+DWELL_LEVELS_S: tuple[float, ...] = tuple(0.25e-6 * 2 ** (k / 2) for k in range(13))
+"""0.25 µs to 16 µs in steps of sqrt(2) (13 levels): the dwell choices (inside both STEM and
+SEM limits). One step changes the shot-noise SNR by 2 ** (1/4), about 19 %."""
+DOSE_OBS_DIM = 7
+
+
+def true_snr(frame: Frame) -> float:
+    """The frame's SNR against its noise-free ground truth: the clean image is fitted to the
+    data (gain and offset by least squares); SNR = std(fitted signal) / std(residual)."""
+    truth = frame.truth
+    if truth is None or truth.clean is None:
+        raise DataError("true_snr needs a simulated frame with a clean ground-truth image")
+    data = np.asarray(frame.data, dtype=np.float64)
+    clean = np.asarray(truth.clean, dtype=np.float64)
+    ok = np.isfinite(data)
+    x, y = clean[ok], data[ok]
+    xc = x - x.mean()
+    denom = float(np.dot(xc, xc))
+    if denom <= 0:
+        return 0.0
+    gain = float(np.dot(xc, y - y.mean())) / denom
+    signal = gain * xc
+    residual = (y - y.mean()) - signal
+    noise = float(np.std(residual))
+    return float(np.std(signal) / noise) if noise > 0 else math.inf
+
+
+def level_index(dwell_s: float) -> float:
+    """The (fractional) index of ``dwell_s`` on :data:`DWELL_LEVELS_S` (0 = 0.25 µs, 12 = 16 µs)."""
+    return 2.0 * math.log2(dwell_s / DWELL_LEVELS_S[0])
+
+
+def dose_observation(
+    snr_estimate: float | None,
+    dwell_s: float | None,
+    mean_signal: float | None,
+    frames_done: int,
+    frames: int,
+    *,
+    target_snr: float,
+) -> np.ndarray:
+    """``(7,) float32``: [has previous frame, log2(SNR)/4, dwell level / 12,
+    log2(SNR / sqrt(dwell in µs)) / 4, log2(mean signal per µs of dwell) / 8, the level that
+    would just reach ``target_snr`` if the SNR grows as sqrt(dwell) / 12, fraction done].
+
+    ``snr_estimate``, ``dwell_s`` and ``mean_signal`` (the previous frame's SNR estimate, dwell
+    and mean pixel value) are None before the first frame. Raises :class:`DataError` for a NaN
+    input or a non-positive dwell."""
+    done = min(frames_done / max(frames, 1), 1.0)
+    if snr_estimate is None or dwell_s is None or mean_signal is None:
+        return np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, done], dtype=np.float32)
+    if math.isnan(mean_signal):
+        raise DataError("mean signal is NaN: the dose policy needs a frame with finite pixels")
+    if math.isnan(snr_estimate):
+        raise DataError("SNR estimate is NaN: the dose policy needs an image-quality estimate")
+    if not (math.isfinite(dwell_s) and dwell_s > 0):
+        raise DataError(f"dwell_s must be positive and finite, got {dwell_s!r}")
+    snr = min(max(snr_estimate, 1e-3), 1e3)
+    level = level_index(dwell_s)
+    needed = level + 4.0 * math.log2(target_snr / snr)
+    efficiency = math.log2(snr / math.sqrt(dwell_s * 1e6))
+    brightness = math.log2(max(mean_signal, 1e-3) / (dwell_s * 1e6))
+    n = len(DWELL_LEVELS_S) - 1
+    values = [1.0, math.log2(snr) / 4, level / n, efficiency / 4, brightness / 8]
+    values += [min(max(needed, -n), 2 * n) / n, done]
+    return np.array(values, dtype=np.float32)
+
+
+def mean_signal(frame: Frame) -> float:
+    """Mean of the frame's finite pixels (NaN when there are none)."""
+    data = np.asarray(frame.done_data, dtype=np.float64)
+    finite = data[np.isfinite(data)]
+    return float(finite.mean()) if finite.size else math.nan

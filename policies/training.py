@@ -1,0 +1,207 @@
+"""Training of the RL policies with sb3-contrib's MaskablePPO over vectorized environments.
+
+:func:`train_masked_ppo` trains on ``n_envs`` copies of an environment (``DummyVecEnv`` in one
+process, or ``SubprocVecEnv`` for parallel rollouts), shows a tqdm progress bar, exports the
+actor as a plain state_dict (:mod:`policies.rl_net`) and draws the learning curve. The same
+seed gives the same network on the same machine and library versions (with the same number
+of torch threads, one by default).
+
+gymnasium, stable-baselines3 and sb3-contrib are imported here only; deployment
+(:mod:`policies.rl`) needs none of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from drivers.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    """MaskablePPO hyper-parameters (SB3 names)."""
+
+    n_steps: int = 128
+    batch_size: int = 128
+    n_epochs: int = 6
+    learning_rate: float = 3e-4
+    gamma: float = 0.97
+    gae_lambda: float = 0.95
+    ent_coef: float = 0.01
+    hidden: tuple[int, ...] = (64, 64)
+
+
+@dataclass
+class TrainingResult:
+    """What a training run produced: the policy file, the curve, and the episode log."""
+
+    policy_path: Path
+    curve_path: Path | None
+    sha256: str
+    steps: int
+    wall_s: float
+    episodes: list[dict[str, float]] = field(default_factory=list)
+
+
+def train_masked_ppo(
+    kind: str,
+    make_env: Callable[[], Any],
+    *,
+    obs_dim: int,
+    n_actions: int,
+    steps: int,
+    seed: int,
+    out: str | Path,
+    n_envs: int = 4,
+    subproc: bool = False,
+    settings: PPOSettings | None = None,
+    curve_png: str | Path | None = None,
+    progress: bool = True,
+    meta: dict[str, Any] | None = None,
+    checkpoint_every: int = 0,
+    threads: int = 1,
+) -> TrainingResult:
+    """Train a ``kind`` policy and write it to ``out`` (and the learning curve to ``curve_png``).
+
+    ``make_env()`` builds one environment with an ``action_masks()`` method. With
+    ``checkpoint_every`` > 0 the network so far is also exported to ``out`` every that many
+    steps (a long run that is stopped leaves a usable policy).
+    """
+    import torch
+    from sb3_contrib import MaskablePPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.monitor import Monitor
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+    from tqdm import tqdm
+
+    from policies.rl_net import net_from_sb3, save_policy
+
+    if steps < 1 or n_envs < 1:
+        raise ConfigError(f"steps and n_envs must be >= 1, got steps={steps}, n_envs={n_envs}")
+    cfg = settings or PPOSettings()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    vec_cls = SubprocVecEnv if subproc and n_envs > 1 else DummyVecEnv
+    env = vec_cls([lambda: Monitor(make_env()) for _ in range(n_envs)])
+    env.seed(seed)
+    episodes: list[dict[str, float]] = []
+    recipe: dict[str, Any] = {
+        "algorithm": "MaskablePPO (sb3-contrib)",
+        "seed": int(seed),
+        "n_envs": int(n_envs),
+        "settings": json.dumps(cfg.__dict__),
+        **(meta or {}),
+    }
+
+    class _Progress(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bar = tqdm(total=steps, unit="step", disable=not progress, desc=f"train {kind}")
+
+        def _on_step(self) -> bool:
+            self.bar.update(self.training_env.num_envs)
+            if (
+                checkpoint_every
+                and self.num_timesteps % checkpoint_every < self.training_env.num_envs
+            ):
+                partial = net_from_sb3(self.model.policy, obs_dim, n_actions)
+                save_policy(
+                    out,
+                    kind,
+                    partial,
+                    {**recipe, "steps": int(self.num_timesteps), "checkpoint": 1},
+                )
+            for info in self.locals.get("infos", ()):
+                ep = info.get("episode")
+                if ep is not None:
+                    episodes.append(
+                        {
+                            "timestep": float(self.num_timesteps),
+                            "return": float(ep["r"]),
+                            "length": float(ep["l"]),
+                            "success": float(bool(info.get("success", False))),
+                        }
+                    )
+            if episodes:
+                recent = episodes[-50:]
+                self.bar.set_postfix(
+                    ret=f"{np.mean([e['return'] for e in recent]):.2f}",
+                    len=f"{np.mean([e['length'] for e in recent]):.1f}",
+                    refresh=False,
+                )
+            return True
+
+        def _on_training_end(self) -> None:
+            self.bar.close()
+
+    model = MaskablePPO(
+        "MlpPolicy",
+        env,
+        n_steps=cfg.n_steps,
+        batch_size=cfg.batch_size,
+        n_epochs=cfg.n_epochs,
+        learning_rate=cfg.learning_rate,
+        gamma=cfg.gamma,
+        gae_lambda=cfg.gae_lambda,
+        ent_coef=cfg.ent_coef,
+        seed=seed,
+        device="cpu",
+        policy_kwargs={
+            "net_arch": {"pi": list(cfg.hidden), "vf": list(cfg.hidden)},
+            "activation_fn": torch.nn.Tanh,
+        },
+        verbose=0,
+    )
+    start = time.perf_counter()
+    model.learn(total_timesteps=steps, callback=_Progress())
+    wall = time.perf_counter() - start
+    env.close()
+    net = net_from_sb3(model.policy, obs_dim, n_actions)
+    info = {
+        **recipe,
+        "steps": int(model.num_timesteps),
+        "episodes": len(episodes),
+        "wall_s": round(wall, 1),
+    }
+    sha = save_policy(out, kind, net, info)
+    curve: Path | None = None
+    if curve_png is not None and episodes:
+        curve = Path(curve_png)
+        plot_learning_curve(episodes, curve, title=f"{kind} policy, MaskablePPO, seed {seed}")
+    logger.info("trained %s policy: %s (%d steps, %.0f s)", kind, out, model.num_timesteps, wall)
+    return TrainingResult(Path(out), curve, sha, int(model.num_timesteps), wall, episodes)
+
+
+def plot_learning_curve(episodes: list[dict[str, float]], path: Path, *, title: str) -> None:
+    """Episode return and length against training steps (raw and a 50-episode running mean)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.array([e["timestep"] for e in episodes])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key in zip(axes, ("return", "length"), strict=True):
+        y = np.array([e[key] for e in episodes])
+        ax.plot(t, y, ".", ms=2, alpha=0.3, color="tab:blue")
+        k = min(50, len(y))
+        smooth = np.convolve(y, np.ones(k) / k, mode="valid")
+        ax.plot(t[k - 1 :], smooth, color="tab:red", label=f"mean of {k} episodes")
+        ax.set_xlabel("training steps")
+        ax.set_ylabel(f"episode {key}")
+        ax.legend(loc="best", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
