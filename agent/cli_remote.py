@@ -31,6 +31,10 @@ def register(sub: Any) -> dict[str, Handler]:
         "default: SCOPEPILOT_TOKEN / SCOPEPILOT_TOKEN_FILE)",
     )
     serve.add_argument("--limits", help="JSON file of operator limits that narrow the envelope")
+    serve.add_argument(
+        "--tls-cert", help="PEM certificate: serve over TLS (clients set SCOPEPILOT_TLS_CA)"
+    )
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
     _simulator_options(serve)
 
     emulator = sub.add_parser(
@@ -112,12 +116,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     instrument = open_instrument(args.instrument, **options)
     try:
         server = InstrumentServer(
-            instrument, host=args.host, port=args.port, token=token, operator_limits=limits
+            instrument,
+            host=args.host,
+            port=args.port,
+            token=token,
+            operator_limits=limits,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         )
         _until_stopped()
         print(
             f"serving {args.instrument} as {server.uri} "
-            f"({'token required' if token else 'no token: loopback only'}); Ctrl-C stops",
+            f"({'token required' if token else 'no token: loopback only'}"
+            f"{', TLS' if args.tls_cert else ''}); Ctrl-C stops",
             flush=True,
         )
         try:

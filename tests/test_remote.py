@@ -3,16 +3,22 @@ bad input on the port, and dropped connections (real daemons on free loopback po
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import socket
+import ssl
 import struct
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
+import msgpack
 import numpy as np
 import Pyro5.client
 import Pyro5.errors
 import Pyro5.serializers
+import Pyro5.socketutil
 import pytest
 
 from drivers.commands import MoveTo, SetDwell, TipPulse
@@ -28,7 +34,7 @@ from drivers.limits import Limits
 from drivers.protocol import Instrument
 from drivers.registry import open_instrument
 from drivers.remote import InstrumentServer, RemoteInstrument
-from drivers.remote.server import SERVICE_NAME
+from drivers.remote.server import FRAME_CHANNEL_MAGIC, SERVICE_NAME, TICKET_BYTES
 from drivers.sim import SimulatedSTM
 from tests.contract.instrument import InstrumentContract
 from tests.remote_support import CuttingRelay, wait_until
@@ -209,9 +215,12 @@ def _raw(port: int, data: bytes, timeout_s: float = 5.0) -> bytes:
     """Send ``data`` on a raw socket and return everything the server sends until it closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
         s.sendall(data)
+        with contextlib.suppress(OSError):  # the server may have closed it already
+            s.shutdown(socket.SHUT_WR)
         received = b""
-        while chunk := s.recv(65536):
-            received += chunk
+        with contextlib.suppress(ConnectionResetError):  # closed with our bytes unread
+            while chunk := s.recv(65536):
+                received += chunk
         return received
 
 
@@ -421,3 +430,86 @@ def test_malformed_frame_message_is_a_data_error(
             list(r.stream())
     with RemoteInstrument("127.0.0.1", server.port, token=TOKEN) as other:
         assert other.acquire().complete
+
+
+# -- the frame channel and TLS --------------------------------------------------------------------
+
+
+def test_frame_channel_needs_a_fresh_ticket(served: tuple[InstrumentServer, SpyInstrument]) -> None:
+    server, spy = served
+    _raw(server.port, FRAME_CHANNEL_MAGIC + b"\x01" * TICKET_BYTES + b"\0\0\0\x10junk")
+    assert wait_until(lambda: len(server.daemon.rejected) == 1)
+    assert "unknown or expired ticket" in server.daemon.rejected[0][1]
+    with RemoteInstrument("127.0.0.1", server.port, token=TOKEN) as client:
+        ticket = client._call("frame_ticket")
+        assert client.acquire().complete
+        calls = len(spy.calls)
+        request = msgpack.packb(["acquire", []])
+        reuse = FRAME_CHANNEL_MAGIC + ticket + struct.pack("!I", len(request)) + request
+        _raw(server.port, reuse)  # first use: served
+        _raw(server.port, reuse)  # second use: refused
+        assert wait_until(lambda: len(server.daemon.rejected) == 2)
+        assert "unknown or expired ticket" in server.daemon.rejected[1][1]
+        assert spy.calls[calls:].count("acquire") == 1  # the first use only
+
+
+@pytest.fixture
+def tls_files(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    # Pyro5 keeps TLS settings and contexts per process: restore them after the test
+    for name in ("SSL", "SSL_SERVERCERT", "SSL_SERVERKEY", "SSL_CACERTS"):
+        monkeypatch.setattr(Pyro5.config, name, getattr(Pyro5.config, name))
+    for name in ("__ssl_client_context", "__ssl_server_context"):
+        monkeypatch.setattr(Pyro5.socketutil, name, None)
+    return str(cert), str(key)
+
+
+def test_tls_serves_frames_and_refuses_plain_clients(tls_files: tuple[str, str]) -> None:
+    cert, key = tls_files
+    local = small_stm(seed=4)
+    server = InstrumentServer(small_stm(seed=4), token=TOKEN, tls_cert=cert, tls_key=key).start()
+    try:
+        with RemoteInstrument("127.0.0.1", server.port, token=TOKEN, tls_ca=cert) as client:
+            np.testing.assert_array_equal(client.acquire().data, local.acquire().data)
+            parts = list(client.stream())
+            np.testing.assert_array_equal(parts[-1].data, local.acquire().data)
+        context = ssl.create_default_context(cafile=cert)
+        with (
+            socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as probe,
+        ):
+            subject = dict(item[0] for item in probe.getpeercert()["subject"])  # type: ignore[index,misc]
+            assert subject["commonName"] == "localhost"
+        assert wait_until(lambda: len(server.daemon.rejected) == 1)  # the probe said nothing
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as plain:
+            plain.sendall(FRAME_CHANNEL_MAGIC + b"\0" * TICKET_BYTES)  # no TLS hello
+            with contextlib.suppress(ConnectionResetError):
+                assert plain.recv(100) == b""  # closed by the TLS layer
+        assert len(server.daemon.rejected) == 1  # plain bytes never get past the TLS layer
+    finally:
+        server.close()

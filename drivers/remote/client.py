@@ -3,7 +3,9 @@
 :class:`RemoteInstrument` is an :class:`~drivers.protocol.Instrument` whose calls go to an
 :class:`~drivers.remote.server.InstrumentServer` over Pyro5 (msgpack serializer, frames as raw
 bytes). The token comes from the ``token`` option, a ``token_file``, or the environment
-(``SCOPEPILOT_TOKEN``, ``SCOPEPILOT_TOKEN_FILE``).
+(``SCOPEPILOT_TOKEN``, ``SCOPEPILOT_TOKEN_FILE``). With ``tls_ca`` (or ``SCOPEPILOT_TLS_CA``), a
+PEM file of the certificate authority that signed the server's certificate, every connection
+uses TLS and checks the server's certificate against ``host``.
 
 When the connection drops, the call in progress raises
 :class:`~drivers.errors.CommunicationError` (a scan streaming at the time is lost, never
@@ -17,6 +19,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -45,13 +48,14 @@ from drivers.errors import (
 from drivers.frame import Frame, ScanRegion
 from drivers.limits import Limits
 from drivers.protocol import CommandResult, InstrumentInfo, InstrumentState
-from drivers.remote.server import FRAME_CHANNEL_MAGIC, SERVICE_NAME, TICKET_BYTES
+from drivers.remote.server import FRAME_CHANNEL_MAGIC, SERVICE_NAME, TICKET_BYTES, enable_tls
 from drivers.remote.wire import MAX_FRAME_BYTES, build_frame, frame_layout
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "SCOPEPILOT_TOKEN"
 TOKEN_FILE_ENV = "SCOPEPILOT_TOKEN_FILE"
+TLS_CA_ENV = "SCOPEPILOT_TLS_CA"
 
 _ERRORS: dict[str, type[ScopePilotError]] = {
     cls.__name__: cls
@@ -138,6 +142,7 @@ class RemoteInstrument:
         backoff_s: float = 0.05,
         max_backoff_s: float = 2.0,
         max_frame_bytes: int = MAX_FRAME_BYTES,
+        tls_ca: str | os.PathLike[str] | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if role not in ("control", "observe"):
@@ -152,6 +157,11 @@ class RemoteInstrument:
         self._max_backoff_s = max_backoff_s
         self._max_frame_bytes = max_frame_bytes
         self._sleep = sleep
+        ca = tls_ca if tls_ca is not None else os.environ.get(TLS_CA_ENV) or None
+        self._tls: ssl.SSLContext | None = None
+        if ca is not None:
+            enable_tls(ca=str(ca))
+            self._tls = ssl.create_default_context(cafile=str(ca))
         self._lock = threading.RLock()
         self._proxy: Pyro5.client.Proxy | None = None
         self._channel: socket.socket | None = None
@@ -303,6 +313,8 @@ class RemoteInstrument:
             raise CommunicationError(f"malformed frame ticket from {self.uri}")
         sock = socket.create_connection((self.host, self.port), timeout=self._timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._tls is not None:
+            sock = self._tls.wrap_socket(sock, server_hostname=self.host)
         sock.sendall(FRAME_CHANNEL_MAGIC + ticket)
         return sock
 

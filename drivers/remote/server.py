@@ -27,6 +27,7 @@ import contextlib
 import hmac
 import ipaddress
 import logging
+import os
 import secrets
 import socket
 import struct
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import Pyro5
 import Pyro5.errors
 import Pyro5.serializers
 import Pyro5.server
@@ -656,11 +658,29 @@ class InstrumentService:
             stream.close()
 
 
+def enable_tls(
+    *, server_cert: str | None = None, server_key: str | None = None, ca: str | None = None
+) -> None:
+    """Switch on Pyro5's TLS for this process: as a server (certificate and key) or as a client
+    that trusts ``ca``. Missing files raise :class:`ConfigError`."""
+    for what, path in (("certificate", server_cert), ("key", server_key), ("CA file", ca)):
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"TLS {what} {path!r} does not exist")
+    Pyro5.config.SSL = True
+    if server_cert is not None:
+        Pyro5.config.SSL_SERVERCERT = server_cert
+        Pyro5.config.SSL_SERVERKEY = server_key or ""
+    if ca is not None:
+        Pyro5.config.SSL_CACERTS = ca
+
+
 class InstrumentServer:
     """Serves ``instrument`` on ``host:port`` (port 0 picks a free one) until :meth:`close`.
 
     ``token`` is the shared secret every client must present (required unless ``host`` is
     loopback); ``operator_limits`` and ``forbidden`` narrow the instrument's envelope.
+    ``tls_cert`` and ``tls_key`` (PEM files) switch on TLS for every connection; Pyro5 keeps
+    its TLS settings per process, so this sets them for the whole process.
     The server does not close ``instrument``; whoever opened it does.
     """
 
@@ -675,7 +695,13 @@ class InstrumentServer:
         forbidden: Iterable[ForbiddenArea] = (),
         max_request_bytes: int = 1 << 20,
         handshake_timeout_s: float = 5.0,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
+        if tls_cert is not None:
+            enable_tls(server_cert=tls_cert, server_key=tls_key)
+        elif tls_key is not None:
+            raise ConfigError("a TLS key was given without its certificate (--tls-cert)")
         if token is not None and (not isinstance(token, str) or len(token) < 8):
             raise ConfigError("the token must be a string of at least 8 characters")
         if token is None and not is_loopback(host):
