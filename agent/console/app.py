@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 ACTIONS = ("pause", "resume", "abort", "lock", "unlock", "mode", "approve", "veto", "send")
 _NAME = re.compile(r"^[\w.@+-]{1,64}$")
-_STATUS_INTERVAL_S = 0.1
+_STATUS_INTERVAL_S = 0.25
 
 
 def encode_frame(seq: int, frame: Frame, perception: dict[str, Any] | None = None) -> bytes:
@@ -69,9 +69,11 @@ def encode_frame(seq: int, frame: Frame, perception: dict[str, Any] | None = Non
         lo, hi = 0.0, 1.0
     if not hi > lo:
         hi = lo + 1.0
-    scaled = (data - lo) * (255.0 / (hi - lo))
-    np.nan_to_num(scaled, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
-    pixels = np.clip(scaled, 0.0, 255.0, out=scaled).astype(np.uint8)
+    scaled = np.subtract(data, lo, dtype=np.float32)
+    scaled *= 255.0 / (hi - lo)
+    np.clip(scaled, 0.0, 255.0, out=scaled)  # +-inf clip to 255 and 0; NaN stays NaN
+    np.nan_to_num(scaled, copy=False, nan=0.0)
+    pixels = scaled.astype(np.uint8)
     perception = perception or {}
     header = json.dumps(
         {
@@ -118,7 +120,7 @@ def _error(exc: ScopePilotError) -> JSONResponse:
     )
 
 
-def create_app(controller: Controller, *, token: str | None, max_fps: float = 15.0) -> Starlette:
+def create_app(controller: Controller, *, token: str | None, max_fps: float = 12.0) -> Starlette:
     """The console app for ``controller``; ``token`` None means no token is asked for
     (only allowed on loopback, see :class:`agent.console.server.ConsoleServer`)."""
     if not max_fps > 0:
@@ -244,7 +246,7 @@ def _dispatch(controller: Controller, name: str, body: dict[str, Any], origin: s
 
 
 async def _stream(ws: WebSocket, controller: Controller, max_fps: float) -> None:
-    """Push status (at most every 0.1 s, when it changed) and the newest frame (at most
+    """Push status (at most every 0.25 s, when it changed) and the newest frame (at most
     ``max_fps`` a second; a frame replaced before it could be sent is skipped, never queued)."""
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()

@@ -80,7 +80,7 @@ class ConsoleServer:
         host: str = "127.0.0.1",
         port: int = 8765,
         token: str | None = None,
-        max_fps: float = 15.0,
+        max_fps: float = 12.0,
     ) -> None:
         if token is None and not is_loopback(host):
             raise ConfigError(
