@@ -146,7 +146,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_serve_nanonis(args: argparse.Namespace) -> int:
     from drivers.errors import ConfigError
     from drivers.nanonis.emulator import NanonisEmulator
-    from drivers.remote.server import is_loopback
+    from drivers.remote.daemon import is_loopback
 
     if not is_loopback(args.host):
         raise ConfigError(

@@ -34,7 +34,8 @@ from drivers.limits import Limits
 from drivers.protocol import Instrument
 from drivers.registry import open_instrument
 from drivers.remote import InstrumentServer, RemoteInstrument
-from drivers.remote.server import FRAME_CHANNEL_MAGIC, SERVICE_NAME, TICKET_BYTES
+from drivers.remote.daemon import FRAME_CHANNEL_MAGIC, TICKET_BYTES
+from drivers.remote.server import SERVICE_NAME
 from drivers.sim import SimulatedSTM
 from tests.contract.instrument import InstrumentContract
 from tests.remote_support import CuttingRelay, wait_until

@@ -48,7 +48,8 @@ from drivers.errors import (
 from drivers.frame import Frame, ScanRegion
 from drivers.limits import Limits
 from drivers.protocol import CommandResult, InstrumentInfo, InstrumentState
-from drivers.remote.server import FRAME_CHANNEL_MAGIC, SERVICE_NAME, TICKET_BYTES, enable_tls
+from drivers.remote.daemon import FRAME_CHANNEL_MAGIC, TICKET_BYTES, enable_tls
+from drivers.remote.server import SERVICE_NAME
 from drivers.remote.wire import MAX_FRAME_BYTES, build_frame, frame_layout
 
 log = logging.getLogger(__name__)
