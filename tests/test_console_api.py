@@ -225,3 +225,16 @@ def test_frame_encoding_stretches_contrast_and_blanks_unscanned_lines() -> None:
     assert pixels[:40, 0].max() == 0 and pixels[:40, -1].min() == 255  # 1st..99th percentile
     assert np.all(np.diff(pixels[0].astype(int)) >= 0)  # monotone ramp stays monotone
     assert np.all(pixels[40:] == 0)
+
+
+def test_run_with_console_serves_and_refuses_an_open_bind_without_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["run", "--instrument", "sim:stm", "--frames", "2", "--shape", "32", "--quiet"]
+    code = main([*base, "--out", str(tmp_path / "a.zarr"), "--console", "--console-port", "0"])
+    err = capsys.readouterr().err
+    assert code == 0 and "operator console: http://127.0.0.1:" in err
+    code = main(
+        [*base, "--out", str(tmp_path / "b.zarr"), "--console", "--console-host", "0.0.0.0"]
+    )
+    assert code == 2 and "without a token" in capsys.readouterr().err

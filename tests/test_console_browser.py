@@ -21,7 +21,7 @@ from agent.recorder import SessionRecorder
 from agent.session import Session
 from drivers.commands import MoveTo, Scan, TipPulse
 from drivers.registry import open_instrument
-from tests.console_support import HANG_GUARD_S, Holder
+from tests.console_support import HANG_GUARD_S, Holder, finish, operator_events, start
 from tests.fakes import ScriptedAssessor, ScriptedPolicy
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -135,3 +135,47 @@ def test_supervised_session_in_the_browser(tmp_path: Path) -> None:
     assert (pending["TipPulse"], "executed") in fates
     assert (pending["MoveTo"], "vetoed") in fates
     assert (pending["MoveTo"], "executed") not in fates
+
+
+def test_the_page_shows_refusals_clearly(tmp_path: Path) -> None:
+    """A wrong token, a malformed manual command and a lock held by someone else: the page
+    says why, nothing is executed, and each refusal is recorded."""
+    from playwright.sync_api import expect, sync_playwright
+
+    _agent, controller, inst, rec, holder, thread = start(frames=1)
+    holder.next()
+    try:
+        with (
+            ConsoleServer(controller, port=0, token="right") as server,
+            sync_playwright() as pw,
+        ):
+            browser = pw.chromium.launch(
+                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+            )
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(TIMEOUT_MS)
+                page.goto(server.base_url + "/?token=wrong")
+                expect(page.locator("#error")).to_contain_text("wrong access token")
+                expect(page.locator("#token-box")).to_be_visible()
+                page.fill("#token", "right")
+                page.click("#token-set")
+                expect(page.locator("#pending-count")).to_have_text("2")
+                page.fill("#command", '{"type": "Teleport"}')
+                page.click("#send")
+                expect(page.locator("#error")).to_contain_text("unknown command type 'Teleport'")
+                controller.take_lock(origin="ctl:alice")
+                page.locator("button.approve").first.click()
+                expect(page.locator("#error")).to_contain_text("'alice' holds the control lock")
+                expect(page.locator("#lock-holder")).to_have_text("control held by alice")
+            finally:
+                browser.close()
+    finally:
+        finish(holder, thread, 1)
+    assert inst.executed == []
+    refused = [(o["action"], o["origin"]) for o in operator_events(rec) if o.get("refused")]
+    assert refused == [
+        ("connect", "ws:127.0.0.1"),
+        ("submit", "console:operator"),
+        ("approve", "console:operator"),
+    ]
