@@ -184,11 +184,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             config = plan.config
         pipeline = build_pipeline(config, kind=kind)
         assessor, quality, policy = pipeline.assessor, pipeline.quality, pipeline.policy
+        versions = {"scopepilot": _package_version(), **pipeline.versions()}
+        if plan is not None:  # before anything reaches the instrument
+            plan.check_compatible(kind, versions)
         if scan:  # scan settings go through the instrument's envelope like any other command
             instrument.execute(Scan(source="console", reason="command-line scan settings", **scan))
-        versions = {"scopepilot": _package_version(), **pipeline.versions()}
         if plan is not None:
-            plan.check_compatible(kind, versions)
             recorder = SessionRecorder.reopen(plan.path)
         else:
             recorder = SessionRecorder(
