@@ -65,8 +65,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
         group.add_argument(
             "--console-fps",
             type=float,
-            default=12.0,
-            help="most frames per second sent to each page (default 12)",
+            default=15.0,
+            help="most frames per second sent to each page (default 15)",
         )
     ctl = sub.add_parser("ctl", help="control a running session through its console")
     ctl.add_argument("action", choices=CTL_ACTIONS)

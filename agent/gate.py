@@ -10,7 +10,9 @@ Pause semantics: once :meth:`CommandGate.pause` has returned, no command from a 
 until :meth:`CommandGate.resume`. Checking and issuing happen under one lock, so a pause waits for
 a command already being executed and can never be overtaken by a later one. Operator commands
 (manual submissions, approvals) still pass while paused: the person at the microscope stays in
-charge. ``on_fate`` is called with the lock held: it must only record, never call the gate.
+charge. ``on_fate`` is called with the lock held: it must only record, never call the gate, and
+never block (the agent's sink queues the event without waiting for the recorder, so a slow disk
+cannot delay a pause; tests/test_control.py holds a stuck recorder to check this).
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=300, help="frames per run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shape", type=int, default=512)
-    parser.add_argument("--console-fps", type=float, default=12.0)
+    parser.add_argument("--console-fps", type=float, default=15.0)
     parser.add_argument("--seed", type=int, default=4)
     parser.add_argument(
         "--instrument", default="sim:stem", choices=["sim:stem", "sim:sem", "sim:stm"]

@@ -120,7 +120,7 @@ def _error(exc: ScopePilotError) -> JSONResponse:
     )
 
 
-def create_app(controller: Controller, *, token: str | None, max_fps: float = 12.0) -> Starlette:
+def create_app(controller: Controller, *, token: str | None, max_fps: float = 15.0) -> Starlette:
     """The console app for ``controller``; ``token`` None means no token is asked for
     (only allowed on loopback, see :class:`agent.console.server.ConsoleServer`)."""
     if not max_fps > 0:
