@@ -12,6 +12,8 @@ Each server runs in its own process (as beside a real microscope); the client is
   serializer, the pattern of pycroscopy's digital-twin servers.
 
 Issue 5 targets: pyro / raw TCP >= 0.8 and pyro / tolist >= 500 for 512² float32 and uint16.
+The CPU time per frame (this process plus the server's, from /proc) is printed too: on a busy
+machine throughput follows it more than the wire.
 Command round trip: ``RemoteInstrument.execute(SetDwell)`` and ``state()`` against a served
 ``sim:stm``, median and p99, with a raw TCP 100-byte echo as the baseline.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import socket
 import struct
 import sys
@@ -194,6 +197,30 @@ def time_tolist(port: int, n: int, dtype: str) -> float:
         return n / (time.perf_counter() - t0)
 
 
+class CpuMeter:
+    """CPU time this process and the server process ``pid`` spend per frame (Linux /proc)."""
+
+    def __init__(self, pid: int, frames: int) -> None:
+        self.pid, self.frames = pid, frames
+        self.per_frame_us = (float("nan"), float("nan"))
+
+    def _server_s(self) -> float:
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> CpuMeter:
+        self._client0, self._server0 = time.process_time(), self._server_s()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        client = time.process_time() - self._client0
+        server = self._server_s() - self._server0
+        self.per_frame_us = (client / self.frames * 1e6, server / self.frames * 1e6)
+
+
 def latencies(fn: Callable[[], Any], n: int) -> np.ndarray:
     for _ in range(20):
         fn()
@@ -223,10 +250,15 @@ def main() -> int:
         pyro_proc, pyro_port = _spawn(_serve_pyro, args.shape, dtype, False)
         raw_proc, raw_port = _spawn(_serve_raw, args.shape, dtype, False)
         pyro_fps, raw_fps = [], []
+        pyro_cpu, raw_cpu = [], []
         for _ in range(args.repeats):  # interleaved, so that machine load hits both alike
-            pyro_fps.append(time_pyro(pyro_port, args.frames))
+            with CpuMeter(pyro_proc.pid, args.frames) as meter:
+                pyro_fps.append(time_pyro(pyro_port, args.frames))
+            pyro_cpu.append(meter.per_frame_us)
             bar.update()
-            raw_fps.append(time_raw(raw_port, args.frames, nbytes, dtype, args.shape))
+            with CpuMeter(raw_proc.pid, args.frames) as meter:
+                raw_fps.append(time_raw(raw_port, args.frames, nbytes, dtype, args.shape))
+            raw_cpu.append(meter.per_frame_us)
             bar.update()
         list_proc, list_port = _spawn(_serve_tolist, args.shape, dtype)
         list_fps = time_tolist(list_port, args.tolist_frames, dtype)
@@ -240,6 +272,9 @@ def main() -> int:
             "raw_tcp_fps": raw_fps,
             "tolist_fps": list_fps,
             "ratio_to_raw_tcp": best_pyro / best_raw,
+            # CPU microseconds per frame (client, server), median over the runs
+            "pyro_cpu_us": np.median(pyro_cpu, axis=0).tolist(),
+            "raw_tcp_cpu_us": np.median(raw_cpu, axis=0).tolist(),
             "ratio_to_tolist": best_pyro / list_fps,
         }
 
@@ -293,6 +328,10 @@ def main() -> int:
             f" | raw TCP {max(r['raw_tcp_fps']):8.1f} | tolist {r['tolist_fps']:6.2f}"
             f" | pyro/raw = {r['ratio_to_raw_tcp']:.2f} (target >= 0.8)"
             f" | pyro/tolist = {r['ratio_to_tolist']:.0f}x (target >= 500x)"
+        )
+        print(
+            f"{'':8s} CPU per frame (client + server): pyro {sum(r['pyro_cpu_us']):.0f} us, "
+            f"raw TCP {sum(r['raw_tcp_cpu_us']):.0f} us"
         )
     echo_median = results["round_trip_ms"]["raw TCP echo"]["median"]
     for name, r in results["round_trip_ms"].items():

@@ -10,6 +10,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -514,3 +515,23 @@ def test_tls_serves_frames_and_refuses_plain_clients(tls_files: tuple[str, str])
         assert len(server.daemon.rejected) == 1  # plain bytes never get past the TLS layer
     finally:
         server.close()
+
+
+def test_a_server_that_stops_answering_is_a_communication_error() -> None:
+    release = threading.Event()
+
+    class Stuck(SpyInstrument):
+        def acquire(self) -> Any:
+            release.wait(timeout=30)
+            return self.inner.acquire()
+
+    with InstrumentServer(Stuck(small_stm()), token=TOKEN) as server:
+        client = RemoteInstrument("127.0.0.1", server.port, token=TOKEN, timeout_s=0.5)
+        try:
+            with pytest.raises(CommunicationError, match="lost during acquire"):
+                client.acquire()
+            release.set()
+            assert client.state().shape_px == (32, 32)  # reconnected
+        finally:
+            release.set()
+            client.close()

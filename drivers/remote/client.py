@@ -316,6 +316,7 @@ class RemoteInstrument:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._tls is not None:
             sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+        _kernel_timeouts(sock, self._timeout_s)
         sock.sendall(FRAME_CHANNEL_MAGIC + ticket)
         return sock
 
@@ -450,6 +451,22 @@ class RemoteInstrument:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _kernel_timeouts(sock: socket.socket, timeout_s: float) -> None:
+    """Blocking I/O with the timeout kept by the kernel (``SO_RCVTIMEO``/``SO_SNDTIMEO``): a
+    Python socket timeout would poll before every call and read large frames in small pieces.
+    A timed-out call raises an :class:`OSError`, as a closed connection does."""
+    if not hasattr(socket, "SO_RCVTIMEO"):
+        return  # the Python-level timeout stays
+    seconds = int(timeout_s)
+    timeval = struct.pack("ll", seconds, int((timeout_s - seconds) * 1e6))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    except OSError:
+        return
+    sock.settimeout(None)
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
