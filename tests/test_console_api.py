@@ -132,7 +132,9 @@ def test_ctl_reports_bad_requests_clearly_and_they_are_recorded(
 
 def test_malformed_request_bodies_are_refused_and_recorded(held: dict[str, Any]) -> None:
     http = held["http"]
-    not_json = http.post("/api/approve", content=b"{{{", headers=auth())
+    not_json = http.post(
+        "/api/approve", content=b"{{{", headers={**auth(), "Content-Type": "application/json"}
+    )
     assert not_json.status_code == 400 and "not JSON" in not_json.json()["error"]
     no_id = http.post("/api/approve", json={"operator": "alice"}, headers=auth())
     assert no_id.status_code == 400 and "needs 'id'" in no_id.json()["error"]

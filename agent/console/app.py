@@ -12,11 +12,17 @@ when the console has one, as ``Authorization: Bearer TOKEN`` or ``?token=TOKEN``
     POST /api/thresholds        body {..., "values": {NAME: NUMBER}}
     WS   /ws                    pushes {"type": "status", ...} texts and binary frames
 
+Requests from another site (an ``Origin`` that is not this console) are refused, and so are
+POSTs that are not ``application/json``: a web page elsewhere cannot drive the console through
+the operator's browser. Without a token, only loopback host names are served (no DNS rebinding).
+
 A refused request answers ``{"error": MESSAGE, "kind": EXCEPTION_NAME}`` with 400 (malformed),
-401 (token), 404 (no such pending command) or 409 (control lock held, session stopped), and is
-recorded in the session. Binary frame messages: a 4-byte little-endian header length, a UTF-8
-JSON header ``{"seq", "frame_index", "h", "w", "lo", "hi", "tip", "defects", "problems"}``,
-then ``h*w`` uint8 pixels (row-major, ``lo``..``hi`` mapped to 0..255, NaN as 0).
+401 (token, foreign origin), 404 (no such pending command) or 409 (control lock held, session
+stopped), and is recorded in the session.
+
+Binary frame messages: a 4-byte little-endian header length, a UTF-8 JSON header
+``{"seq", "frame_index", "h", "w", "lo", "hi", "tip", "defects", "problems"}``, then ``h*w``
+uint8 pixels (row-major, ``lo``..``hi`` mapped to 0..255, NaN as 0).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from starlette.applications import Starlette
@@ -52,6 +59,7 @@ STATIC = Path(__file__).parent / "static"
 ACTIONS = ("pause", "resume", "abort", "lock", "unlock", "mode", "approve", "veto", "send")
 _NAME = re.compile(r"^[\w.@+-]{1,64}$")
 _STATUS_INTERVAL_S = 0.25
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 def encode_frame(seq: int, frame: Frame, perception: dict[str, Any] | None = None) -> bytes:
@@ -137,6 +145,22 @@ def create_app(controller: Controller, *, token: str | None, max_fps: float = 15
             return auth[7:].strip()
         return request.query_params.get("token")
 
+    def foreign(headers: Any) -> str | None:
+        """Why a request comes from another site (cross-site request forgery, DNS rebinding),
+        or None. Browsers always send ``Origin`` on cross-site POSTs and websockets."""
+        origin = headers.get("origin")
+        host = headers.get("host", "")
+        if origin and urlsplit(origin).netloc != host:
+            return f"request from another site (Origin {origin!r}, Host {host!r})"
+        if token is None and urlsplit(f"//{host}").hostname not in _LOOPBACK_NAMES:
+            return f"Host {host!r} is not a loopback name and the console has no token"
+        return None
+
+    async def refuse_foreign(action: str, origin: str, why: str) -> AuthError:
+        error = AuthError(f"refused: {why}")
+        await run_in_threadpool(controller.refuse, action, origin, error)
+        return error
+
     async def refuse_auth(action: str, origin: str, given: str | None) -> AuthError:
         what = "no access token given" if not given else "wrong access token"
         error = AuthError(f"{what}; use the token from the console's token file")
@@ -151,8 +175,11 @@ def create_app(controller: Controller, *, token: str | None, max_fps: float = 15
 
     async def status(request: Request) -> Response:
         given = request_token(request)
+        host = request.client.host if request.client else "?"
+        why = foreign(request.headers)
+        if why is not None:
+            return _error(await refuse_foreign("status", f"http:{host}", why))
         if not token_ok(given):
-            host = request.client.host if request.client else "?"
             return _error(await refuse_auth("status", f"http:{host}", given))
         return JSONResponse(await run_in_threadpool(controller.status))
 
@@ -160,8 +187,15 @@ def create_app(controller: Controller, *, token: str | None, max_fps: float = 15
         name = request.path_params["action"]
         host = request.client.host if request.client else "?"
         given = request_token(request)
+        why = foreign(request.headers)
+        if why is not None:
+            return _error(await refuse_foreign(name, f"http:{host}", why))
         if not token_ok(given):
             return _error(await refuse_auth(name, f"http:{host}", given))
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            error = DataError("requests must be sent as Content-Type: application/json")
+            await run_in_threadpool(controller.refuse, name, f"http:{host}", error)
+            return _error(error)
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError) as exc:
@@ -186,9 +220,14 @@ def create_app(controller: Controller, *, token: str | None, max_fps: float = 15
     async def websocket(ws: WebSocket) -> None:
         await ws.accept()
         given = ws.query_params.get("token")
-        if not token_ok(given):
-            host = ws.client.host if ws.client else "?"
-            error = await refuse_auth("connect", f"ws:{host}", given)
+        host = ws.client.host if ws.client else "?"
+        why = foreign(ws.headers)
+        if why is not None or not token_ok(given):
+            error = (
+                await refuse_foreign("connect", f"ws:{host}", why)
+                if why is not None
+                else await refuse_auth("connect", f"ws:{host}", given)
+            )
             await ws.send_json({"type": "error", "error": str(error), "kind": "AuthError"})
             await ws.close(code=4401)
             return
