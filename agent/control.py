@@ -130,6 +130,12 @@ class Controller:
             for stage, values in self.agent.latencies(50).items()
             if values
         }
+        # Read the agent's side before taking our lock: the gate reports fates to
+        # _on_event (which takes our lock) while holding its own, so holding ours while
+        # asking the gate for its pending commands could deadlock.
+        pending = [_command_view(c) for c in gate.pending()]
+        mode, paused, aborted = gate.mode.value, gate.paused, gate.aborted
+        thresholds = self.agent.policy_thresholds()
         with self._lock:
             frame = self._frame
             current = None
@@ -150,19 +156,19 @@ class Controller:
                 "version": self._version,
                 "state": self._derived_state(),
                 "stop_reason": self._stop_reason,
-                "mode": gate.mode.value,
-                "paused": gate.paused,
-                "aborted": gate.aborted,
+                "mode": mode,
+                "paused": paused,
+                "aborted": aborted,
                 "lock": {"holder": self._lock_holder, "since": self._lock_since},
                 "instrument": {"id": self.agent.info.id, "kind": self.agent.info.kind},
                 "policy": {
                     "name": self.agent.policy.name,
                     "version": self.agent.policy.version,
-                    "thresholds": self.agent.policy_thresholds(),
+                    "thresholds": thresholds,
                 },
                 "frames": self.agent.result.frames,
                 "frame": current,
-                "pending": [_command_view(c) for c in gate.pending()],
+                "pending": pending,
                 "decisions": list(self._decisions)[::-1],
                 "faults": list(self._faults)[::-1],
                 "operator": list(self._operator)[::-1],
