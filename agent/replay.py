@@ -240,12 +240,19 @@ def replay_session(
                         },
                     )
             frame = session.frame(row)
-            recorder.append_frame(frame, problems=record.get("problems") or (), extra={"seq": row})
+            # the agent's problems; the recorder's own note about an unstorable ground-truth
+            # image was never shown to the policy
+            problems = tuple(
+                str(p)
+                for p in record.get("problems") or ()
+                if not str(p).startswith("ground-truth clean image")
+            )
+            recorder.append_frame(frame, problems=problems, extra={"seq": row})
             recorded_state = (decisions.get(row) or {}).get("state")
             perception, decision_payload, stop = replayer.step(
                 row,
                 frame,
-                tuple(record.get("problems") or ()),
+                problems,
                 recorded_state if isinstance(recorded_state, Mapping) else None,
             )
             recorder.append_event("perception", perception, t_instrument=frame.timestamp_s)

@@ -144,3 +144,35 @@ def test_operator_threshold_changes_are_replayed_where_they_happened(tmp_path: P
     recorded, unadjusted = decisions(store), decisions(tmp_path / "u.zarr")
     changed = [k for k in recorded if recorded[k] != unadjusted[k]]
     assert changed and min(changed) > 4
+
+
+def test_a_session_with_injected_faults_replays_exactly(tmp_path: Path) -> None:
+    from agent.loop import Agent, AgentConfig
+    from agent.pipeline import build_pipeline
+    from agent.recorder import SessionRecorder
+    from drivers.commands import Scan
+    from drivers.faults import FaultInjector, FaultKind
+    from drivers.frame import ScanRegion
+    from drivers.registry import open_instrument
+
+    store = tmp_path / "s.zarr"
+    config = {"instrument": "sim:stm", "policy": "rule", "policy_options": {}, "frames": 16}
+    pipeline = build_pipeline(config, kind="stm")
+    inner = open_instrument("sim:stm", seed=8)
+    inner.execute(Scan(region=ScanRegion(0, 0, 8e-9, 8e-9), shape_px=(48, 48)))
+    kinds = [k for k in FaultKind if k is not FaultKind.DELAY]
+    instrument = FaultInjector(inner, seed=2, probabilities={k: 0.5 / len(kinds) for k in kinds})
+    with SessionRecorder(store, config=config) as recorder:
+        Agent(
+            instrument,
+            pipeline.policy,
+            assessor=pipeline.assessor,
+            quality=pipeline.quality,
+            recorder=recorder,
+            config=AgentConfig(frames=16, fault_backoff_s=0.0),
+        ).run()
+    instrument.close()
+    flagged = [r for r in Session(store).frame_records() if r["problems"]]
+    assert len(flagged) >= 2, "the fault injector should have corrupted some frames"
+    replay_session(store, tmp_path / "r.zarr")
+    assert decisions(tmp_path / "r.zarr") == decisions(store)
