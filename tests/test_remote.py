@@ -535,3 +535,21 @@ def test_a_server_that_stops_answering_is_a_communication_error() -> None:
         finally:
             release.set()
             client.close()
+
+
+def test_a_late_disconnect_of_the_old_connection_spares_the_reconnected_client() -> None:
+    with InstrumentServer(small_stm(), token=TOKEN) as server:
+        client = RemoteInstrument("127.0.0.1", server.port, token=TOKEN)
+        try:
+            old = server.service._controller
+            assert old is not None
+            client._drop()  # the connection breaks (client side first)
+            parts = iter(client.stream())
+            first = next(parts)  # reconnected; the new connection streams
+            server.service.client_gone(old)  # the server notices the old one only now
+            rest = list(parts)
+            assert not first.complete and rest[-1].complete
+            assert client.execute(SetDwell(2e-4)).ok  # still in control
+            assert client.reconnects == 1
+        finally:
+            client.close()

@@ -83,7 +83,7 @@ def error_json(exc: ScopePilotError) -> dict[str, Any]:
 @dataclass
 class _Stream:
     parts: Iterator[Frame]
-    owner: str
+    owner: ClientRecord  # the connection that opened it
     sent_rows: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -102,7 +102,7 @@ class InstrumentService:
     def __init__(self, instrument: Instrument, envelope: SafetyEnvelope) -> None:
         self._instrument = instrument
         self._envelope = envelope
-        self._controller: str | None = None
+        self._controller: ClientRecord | None = None  # the connection holding control
         self._control_lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
@@ -128,8 +128,8 @@ class InstrumentService:
     def _require_control(self, what: str) -> ClientRecord:
         client = self._client()
         with self._control_lock:
-            if self._controller != client.client_id:
-                holder = self._controller or "nobody"
+            if self._controller is None or self._controller.client_id != client.client_id:
+                holder = self._controller.client_id if self._controller else "nobody"
                 raise CommandRejected(
                     f"{what} needs control of the instrument; client {client.client_id} is "
                     f"{'observing' if client.role == 'observe' else 'not in control'} and "
@@ -140,12 +140,14 @@ class InstrumentService:
     def client_gone(self, client: ClientRecord) -> None:
         """A connection closed: close its streams; release control it held."""
         with self._streams_lock:
-            gone = [sid for sid, s in self._streams.items() if s.owner == client.client_id]
+            # compared by connection, not by client id: a client that has already reconnected
+            # keeps what its new connection opened
+            gone = [sid for sid, s in self._streams.items() if s.owner is client]
             streams = [self._streams.pop(sid) for sid in gone]
         for stream in streams:
             stream.close()
         with self._control_lock:
-            if self._controller == client.client_id:
+            if self._controller is client:
                 self._controller = None
                 log.info("client %s released control (disconnected)", client.client_id)
 
@@ -162,13 +164,18 @@ class InstrumentService:
             client = self._client()
             if client.role == "control":
                 with self._control_lock:
-                    if self._controller not in (None, client.client_id):
+                    holder = self._controller
+                    if holder is not None and holder.client_id != client.client_id:
                         raise CommandRejected(
-                            f"client {self._controller} controls the instrument; connect as an "
+                            f"client {holder.client_id} controls the instrument; connect as an "
                             "observer or wait until it disconnects"
                         )
-                    self._controller = client.client_id
-            return {"protocol": PROTOCOL_VERSION, "controller": self._controller}
+                    self._controller = client  # (a reconnecting controller takes it back)
+            holder = self._controller
+            return {
+                "protocol": PROTOCOL_VERSION,
+                "controller": holder.client_id if holder else None,
+            }
 
         return self._reply(run)
 
@@ -199,7 +206,7 @@ class InstrumentService:
         def run() -> None:
             client = self._client()
             with self._control_lock:
-                if self._controller == client.client_id:
+                if self._controller is not None and self._controller.client_id == client.client_id:
                     self._controller = None
 
         return self._reply(run)
@@ -260,7 +267,7 @@ class InstrumentService:
             sid = uuid.uuid4().hex
             parts = self._instrument.stream()
             with self._streams_lock:
-                self._streams[sid] = _Stream(iter(parts), client.client_id)
+                self._streams[sid] = _Stream(iter(parts), client)
             return sid
 
         return self._reply(run)
@@ -272,7 +279,7 @@ class InstrumentService:
             client = self._require_control("stream")
             with self._streams_lock:
                 stream = self._streams.get(sid) if isinstance(sid, str) else None
-            if stream is None or stream.owner != client.client_id:
+            if stream is None or stream.owner.client_id != client.client_id:
                 raise CommandRejected(f"no open stream {sid!r} of client {client.client_id}")
             with stream.lock:
                 part = next(stream.parts, None)
