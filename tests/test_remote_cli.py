@@ -18,6 +18,7 @@ from agent.gate import Mode
 from agent.loop import Agent, AgentConfig, Step
 from agent.recorder import SessionRecorder
 from agent.session import Session
+from drivers.registry import open_instrument
 from drivers.remote import InstrumentServer, RemoteInstrument
 from drivers.sim import SimulatedSTM
 from policies.base import make_policy
@@ -68,10 +69,24 @@ def _frame_indices(store: Path) -> list[int]:
 
 
 def test_run_against_scopepilot_serve(tmp_path: Path, token_file: Path) -> None:
+    limits = tmp_path / "limits.json"
+    limits.write_text('{"pulse_bias_V": [-3.0, 3.0]}')
     proc, uri = _start(
-        "serve", "--port", "0", "--token-file", str(token_file), "--seed", "3", "--shape", "64"
+        "serve",
+        "--port",
+        "0",
+        "--token-file",
+        str(token_file),
+        "--seed",
+        "3",
+        "--shape",
+        "64",
+        "--limits",
+        str(limits),
     )
     try:
+        with open_instrument(uri, role="observe") as watcher:  # type: ignore[attr-defined]
+            assert watcher.info().limits.pulse_bias_V == (-3.0, 3.0)  # the operator's narrowing
         out = tmp_path / "remote.zarr"
         code = main(["run", "--instrument", uri, "--frames", "5", "--out", str(out), "--quiet"])
         assert code == 0

@@ -272,6 +272,8 @@ class NanonisEmulator:
             self._refuse(peer, f"client stalled for {self.message_timeout_s} s inside a message")
         except OSError as exc:
             log.info("nanonis emulator: client %s went away: %s", peer, exc)
+        except Exception:  # a bug here must not pass silently, nor stop the other clients
+            log.exception("nanonis emulator: serving %s failed", peer)
         finally:
             with self._lock:
                 self._clients.discard(conn)
