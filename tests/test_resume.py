@@ -57,7 +57,6 @@ def test_resume_continues_numbering_into_the_same_store(complete: Path, tmp_path
     ("edit", "words"),
     [
         (lambda a: None, "already holds 5 of 5 frames"),
-        (lambda a: a["config"].update(frames=8, instrument="sim:sem"), "recorded on a 'stm'"),
         (
             lambda a: (a["config"].update(frames=8), a["versions"].update(policy="none 0.1")),
             "versions changed",
@@ -94,3 +93,15 @@ def test_resume_refuses_complete_and_foreign_stores(
     assert "drop --out" in capsys.readouterr().err
     assert main(["run", "--frames", "2"]) == 2
     assert "--out S.zarr" in capsys.readouterr().err
+
+
+def test_another_instrument_kind_is_refused(complete: Path, tmp_path: Path) -> None:
+    from agent.resume import plan_resume
+    from drivers.errors import ConfigError
+
+    path = interrupted(complete, tmp_path, lambda a: a["config"].update(frames=8))
+    plan = plan_resume(path)
+    assert plan.instrument_kind == "stm" and plan.frames_left == 3
+    with pytest.raises(ConfigError, match="recorded on a 'stm' instrument"):
+        plan.check_compatible("sem", {})
+    plan.check_compatible("stm", {"scopepilot": "other", "policy": "none 1"})

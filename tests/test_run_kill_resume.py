@@ -32,9 +32,9 @@ from drivers.errors import ScopePilotError
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 7_2026
-KILLS_PER_SESSION = 8
-SESSIONS = 3  # 24 kill trials
-FRAMES = 36
+KILLS_PER_SESSION = 7
+SESSIONS = 3  # 21 kill trials
+FRAMES = 30
 RUN = ["--instrument", "sim:stm", "--shape", "32", "--size-nm", "4", "--quiet"]
 
 
