@@ -3,6 +3,7 @@ at known points (see tests/console_support.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -248,3 +249,27 @@ def test_faults_and_stopped_sessions() -> None:
     assert "link down" in status["faults"][0]["error"]
     with pytest.raises(OperatorError, match="the session has stopped"):
         controller.approve("x", origin="ctl:alice")
+
+
+def test_status_polling_during_a_fast_supervised_session_never_deadlocks() -> None:
+    """The gate reports fates to the controller while holding its lock; status() asks the gate
+    for its pending commands. Polled from another thread all session long, neither may wait for
+    the other forever (a lock-order deadlock fails this test instead of finishing)."""
+    _agent, controller, _inst, _rec, _holder, thread = start(frames=300, hold=False)
+    polls: list[int] = []
+
+    def poll() -> None:
+        while thread.is_alive():
+            status = controller.status()
+            polls.append(1)
+            for command in status["pending"][:1]:
+                # superseded by a newer decision, or the session just ended: both fine here
+                with contextlib.suppress(NoSuchCommand, OperatorError):
+                    controller.approve(command["id"], origin="ctl:alice")
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    thread.join(HANG_GUARD_S)
+    poller.join(HANG_GUARD_S)
+    assert not thread.is_alive() and not poller.is_alive(), "agent and controller deadlocked"
+    assert len(polls) > 10 and controller.status()["frames"] == 300
