@@ -60,7 +60,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
         group.add_argument("--console-port", type=int, default=8765, help="(default 8765)")
         group.add_argument(
             "--console-token-file",
-            help="file holding the access token (created with a random token if missing)",
+            help="file holding the access token (created with a random token if missing; "
+            "default: $SCOPEPILOT_TOKEN_FILE or $SCOPEPILOT_TOKEN if set, else no token)",
         )
         group.add_argument(
             "--console-fps",
@@ -79,7 +80,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
     ctl.add_argument(
         "--connect", default="http://127.0.0.1:8765", help="console URL (default %(default)s)"
     )
-    ctl.add_argument("--token-file", help="file holding the console's access token")
+    ctl.add_argument(
+        "--token-file",
+        help="file holding the console's access token (default: $SCOPEPILOT_TOKEN_FILE or "
+        "$SCOPEPILOT_TOKEN, as for remote instruments)",
+    )
     ctl.add_argument("--operator", default=_default_operator(), help="your name (recorded)")
     ctl.add_argument("--reason", default="", help="reason for veto or abort (recorded)")
     ctl.add_argument("--json", action="store_true", help="print the raw JSON reply")
@@ -106,7 +111,13 @@ def console_for(agent: Any, args: argparse.Namespace) -> Iterator[Any]:
     from agent.console.server import ConsoleServer, read_or_create_token
     from agent.control import Controller
 
-    token = read_or_create_token(args.console_token_file) if args.console_token_file else None
+    token: str | None
+    if args.console_token_file:
+        token = read_or_create_token(args.console_token_file)
+    else:  # the token the remote instruments use, if the environment names one
+        from drivers.remote import read_token
+
+        token = read_token(None, None)
     server = ConsoleServer(
         Controller(agent),
         host=args.console_host,
@@ -140,11 +151,9 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
         raise ConfigError(f"ctl {args.action} takes no value, got {' '.join(value)!r}")
     if args.action in ("veto", "abort") and args.reason:
         body["reason"] = args.reason
-    token = None
-    if args.token_file:
-        from agent.console.server import read_or_create_token
+    from drivers.remote import read_token  # the remote instruments' token sources
 
-        token = read_or_create_token(args.token_file, create=False)
+    token = read_token(None, args.token_file)
     if args.action == "status":
         reply = request(args.connect, "GET", "/api/status", token=token, timeout_s=args.timeout)
     else:

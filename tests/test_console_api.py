@@ -240,3 +240,37 @@ def test_run_with_console_serves_and_refuses_an_open_bind_without_token(
         [*base, "--out", str(tmp_path / "b.zarr"), "--console", "--console-host", "0.0.0.0"]
     )
     assert code == 2 and "without a token" in capsys.readouterr().err
+
+
+def test_ctl_takes_the_token_from_the_environment_like_remote_instruments(
+    held: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SCOPEPILOT_TOKEN", TOKEN)
+    monkeypatch.delenv("SCOPEPILOT_TOKEN_FILE", raising=False)
+    code = main(["ctl", "status", "--json", "--connect", held["server"].base_url])
+    assert code == 0 and json.loads(capsys.readouterr().out)["mode"] == "supervised"
+
+
+def test_requests_from_another_site_are_refused(held: dict[str, Any]) -> None:
+    """A page elsewhere cannot drive the console through the operator's browser."""
+    http = held["http"]
+    evil = {**auth(), "Origin": "http://evil.example"}
+    forged = http.post("/api/abort", json={}, headers=evil)
+    assert forged.status_code == 401 and "another site" in forged.json()["error"]
+    plain = http.post("/api/abort", content=b"{}", headers={**auth(), "Content-Type": "text/plain"})
+    assert plain.status_code == 400 and "application/json" in plain.json()["error"]
+    assert not held["agent"].gate.aborted
+    refused = [o["action"] for o in operator_events(held["rec"]) if o.get("refused")]
+    assert refused == ["abort", "abort"]
+
+
+def test_without_a_token_only_loopback_host_names_are_served(held: dict[str, Any]) -> None:
+    """DNS rebinding: a name that resolves to 127.0.0.1 must not open a tokenless console."""
+    with (
+        ConsoleServer(held["controller"], port=0) as open_server,
+        httpx.Client(base_url=open_server.base_url, timeout=10.0) as http,
+    ):
+        assert http.get("/api/status").status_code == 200
+        port = open_server.port
+        rebound = http.get("/api/status", headers={"Host": f"evil.example:{port}"})
+        assert rebound.status_code == 401 and "not a loopback name" in rebound.json()["error"]
