@@ -34,6 +34,7 @@ Handler = Callable[[argparse.Namespace], int]
 COMMAND_MODULES: tuple[str, ...] = (
     "agent.cli_perception",
     "agent.cli_reliability",
+    "agent.cli_policies",
     "agent.cli_remote",
     "agent.cli_console",
 )
@@ -56,7 +57,11 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
 
     run = sub.add_parser("run", help="run an agent session against an instrument")
     run.add_argument("--instrument", default="sim:stm", help="instrument URI (default sim:stm)")
-    run.add_argument("--policy", default="rule", help="policy name: rule or none (default rule)")
+    run.add_argument(
+        "--policy",
+        default="rule",
+        help="policy name: rule, none, rl, rl-tip or rl-dose (default rule)",
+    )
     run.add_argument("--frames", type=int, default=100, help="frames to acquire (default 100)")
     run.add_argument("--out", help="session store to create (S.zarr)")
     run.add_argument(

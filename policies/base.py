@@ -63,9 +63,23 @@ def _make_rule(**options: Any) -> Policy:
     return RulePolicy.from_options(**options)
 
 
+def _make_rl(kind: str) -> Callable[..., Policy]:
+    def factory(**options: Any) -> Policy:
+        from policies import rl
+
+        return {"rl": rl.make_rl, "rl-tip": rl.make_rl_tip, "rl-dose": rl.make_rl_dose}[kind](
+            **options
+        )
+
+    return factory
+
+
 _POLICIES: dict[str, Callable[..., Policy]] = {
     "none": _make_none,
     "rule": _make_rule,
+    "rl": _make_rl("rl"),
+    "rl-tip": _make_rl("rl-tip"),
+    "rl-dose": _make_rl("rl-dose"),
 }
 
 

@@ -14,6 +14,11 @@ DWELL_LEVELS_S: tuple[float, ...] = tuple(0.25e-6 * 2 ** (k / 2) for k in range(
 """0.25 µs to 16 µs in steps of sqrt(2) (13 levels): the dwell choices (inside both STEM and
 SEM limits). One step changes the shot-noise SNR by 2 ** (1/4), about 19 %."""
 DOSE_OBS_DIM = 7
+MARGINS: tuple[int, ...] = tuple(range(-4, 9))
+"""The 13 actions: how many dwell levels to add to the sqrt-law estimate of the level that just
+reaches the target (:func:`level_for_action`); negative margins trust a pessimistic estimate."""
+FIRST_LEVEL = len(DWELL_LEVELS_S) - 1
+"""The first frame of a survey, with no SNR known yet, is scanned at the longest dwell."""
 
 
 def true_snr(frame: Frame) -> float:
@@ -40,6 +45,26 @@ def true_snr(frame: Frame) -> float:
 def level_index(dwell_s: float) -> float:
     """The (fractional) index of ``dwell_s`` on :data:`DWELL_LEVELS_S` (0 = 0.25 µs, 12 = 16 µs)."""
     return 2.0 * math.log2(dwell_s / DWELL_LEVELS_S[0])
+
+
+def level_for_action(
+    action: int, snr_estimate: float | None, dwell_s: float | None, *, target_snr: float
+) -> int:
+    """The dwell level of the next frame: :data:`FIRST_LEVEL` before any frame, else the level
+    that would just reach ``target_snr`` if the SNR grows as sqrt(dwell) from the last frame's
+    (``snr_estimate`` at ``dwell_s``), rounded up, plus ``MARGINS[action]``, clipped to the
+    levels. Raises :class:`DataError` for an action outside ``0..12`` or a NaN estimate."""
+    if isinstance(action, bool) or not isinstance(action, (int, np.integer)):
+        raise DataError(f"dose action must be an integer 0..{len(MARGINS) - 1}, got {action!r}")
+    if not 0 <= int(action) < len(MARGINS):
+        raise DataError(f"dose action must be an integer 0..{len(MARGINS) - 1}, got {action!r}")
+    if snr_estimate is None or dwell_s is None:
+        return FIRST_LEVEL
+    if math.isnan(snr_estimate):
+        raise DataError("SNR estimate is NaN: the dose policy needs an image-quality estimate")
+    snr = min(max(snr_estimate, 1e-3), 1e3)
+    needed = math.ceil(level_index(dwell_s) + 4.0 * math.log2(target_snr / snr) - 1e-9)
+    return int(min(max(needed + MARGINS[int(action)], 0), len(DWELL_LEVELS_S) - 1))
 
 
 def dose_observation(

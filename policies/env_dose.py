@@ -3,20 +3,25 @@
 An episode is a survey of ``frames`` frames at random stage positions of one session. What a
 session needs is unknown in advance: each episode draws the beam current (log-uniform over
 ``beam_current_A``) and, on the STEM, the specimen (``specimens``: MoS2 needs about twice the dose
-of WS2). Before each frame the policy picks the dwell from :data:`DWELL_LEVELS_S` (factors
-of two); the frame is then scanned and judged.
+of WS2). Before each frame the policy picks the dwell from :data:`DWELL_LEVELS_S` (0.25–16 µs
+in steps of sqrt 2), as a *margin* over a physics estimate: the action is one of
+:data:`MARGINS`, levels added to the level that would just reach the target if the SNR grew as
+sqrt(dwell) from the last frame's estimate (:func:`policies.dose_features.level_for_action`; the
+first frame of a survey is scanned at 16 µs). The network learns how far to trust that estimate
+from what it sees; :meth:`DoseControlEnv.step_level` scans at a given level (for baselines).
 
 - Observation ``(DOSE_OBS_DIM,) float32`` (:func:`dose_observation`): whether a previous frame
   exists, its SNR as the *quality assessor* passed in by the caller estimates it (anything with
   ``assess(frame) -> QualityEstimate``, e.g. ``agent.perception.quality.ImageQualityAssessor``),
-  the dwell used, the SNR per sqrt(µs) it implies, the mean signal per µs (brightness), and the
-  fraction of the survey done.
+  the dwell used, the SNR per sqrt(µs) it implies, the mean signal per µs (brightness), the
+  estimated level that just reaches the target, and the fraction of the survey done.
 - Reward per frame: ``-dwell / 16 µs`` (the dose the policy controls: the beam current is fixed
   within a survey, so dose is proportional to dwell) minus ``miss_penalty`` when the frame's
   *true* SNR (from the noise-free ground truth, :func:`true_snr`) is below ``target_snr``.
 - ``info``: ``true_snr``, ``met``, ``electrons_per_px``, ``dwell_s``.
 
-All actions are always valid (the levels lie inside the instruments' dwell limits);
+All actions are always valid (levels are clipped to 0.25–16 µs, inside both instruments'
+dwell limits);
 :meth:`DoseControlEnv.action_masks` is provided for MaskablePPO.
 """
 
@@ -37,7 +42,9 @@ from drivers.registry import open_instrument
 from policies.dose_features import (
     DOSE_OBS_DIM,
     DWELL_LEVELS_S,
+    MARGINS,
     dose_observation,
+    level_for_action,
     mean_signal,
     true_snr,
 )
@@ -98,7 +105,7 @@ class DoseControlEnv(gym.Env[np.ndarray, np.int64]):
         self.observation_space = gym.spaces.Box(
             -10.0, 10.0, shape=(DOSE_OBS_DIM,), dtype=np.float32
         )
-        self.action_space = gym.spaces.Discrete(len(DWELL_LEVELS_S))
+        self.action_space = gym.spaces.Discrete(len(MARGINS))
         self._instrument: Any = None
         self._done = 0
         self._snr: float | None = None
@@ -145,16 +152,30 @@ class DoseControlEnv(gym.Env[np.ndarray, np.int64]):
         return self._observation(), {"beam_current_A": self._current, **extra}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        if self._instrument is None:
-            raise CommandRejected("DoseControlEnv.step called before reset()")
+        """Scan the next frame at the level :func:`level_for_action` gives for ``action``."""
         try:
             index = int(action)
         except (TypeError, ValueError):
             index = -1
-        if index != action or not 0 <= index < len(DWELL_LEVELS_S):
+        if index != action or not 0 <= index < len(MARGINS):
             raise CommandRejected(
-                f"action must be an integer 0..{len(DWELL_LEVELS_S) - 1}, got {action!r}"
+                f"action must be an integer 0..{len(MARGINS) - 1}, got {action!r}"
             )
+        return self.step_level(self.level_for(index))
+
+    def level_for(self, action: int) -> int:
+        """The dwell level ``action`` means now (see :func:`level_for_action`)."""
+        return level_for_action(action, self._snr, self._dwell, target_snr=self.config.target_snr)
+
+    def step_level(self, level: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Scan the next frame at dwell ``DWELL_LEVELS_S[level]`` (baselines use this)."""
+        if self._instrument is None:
+            raise CommandRejected("DoseControlEnv.step called before reset()")
+        if not (isinstance(level, (int, np.integer)) and 0 <= level < len(DWELL_LEVELS_S)):
+            raise CommandRejected(
+                f"dwell level must be an integer 0..{len(DWELL_LEVELS_S) - 1}, got {level!r}"
+            )
+        index = int(level)
         cfg = self.config
         dwell = DWELL_LEVELS_S[index]
         limits = self._instrument.info().limits
@@ -204,7 +225,7 @@ class DoseControlEnv(gym.Env[np.ndarray, np.int64]):
         return self._last_frame
 
     def action_masks(self) -> np.ndarray:
-        return np.ones(len(DWELL_LEVELS_S), dtype=bool)
+        return np.ones(len(MARGINS), dtype=bool)
 
     def close(self) -> None:
         if self._instrument is not None:

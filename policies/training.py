@@ -29,12 +29,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PPOSettings:
-    """MaskablePPO hyper-parameters (SB3 names)."""
+    """MaskablePPO hyper-parameters (SB3 names). Simulated steps are slow (tens of ms), so the
+    defaults make many small updates per sample: 64 steps per environment between updates,
+    10 epochs of minibatches of 64, learning rate 1e-3."""
 
-    n_steps: int = 128
-    batch_size: int = 128
-    n_epochs: int = 6
-    learning_rate: float = 3e-4
+    n_steps: int = 64
+    batch_size: int = 64
+    n_epochs: int = 10
+    learning_rate: float = 1e-3
     gamma: float = 0.97
     gae_lambda: float = 0.95
     ent_coef: float = 0.01

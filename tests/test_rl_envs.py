@@ -15,7 +15,14 @@ from drivers.errors import CommandRejected, ConfigError, DataError
 from drivers.frame import TipState
 from drivers.limits import Limits
 from drivers.observation import TipEstimate
-from policies.dose_features import DOSE_OBS_DIM, DWELL_LEVELS_S, dose_observation
+from policies.dose_features import (
+    DOSE_OBS_DIM,
+    DWELL_LEVELS_S,
+    FIRST_LEVEL,
+    MARGINS,
+    dose_observation,
+    level_for_action,
+)
 from policies.env_dose import DoseControlEnv, DoseEnvConfig
 from policies.env_tip import TipConditioningEnv, TipEnvConfig
 from policies.tip_actions import (
@@ -180,8 +187,8 @@ def test_dose_env_passes_the_checker_and_is_seeded() -> None:
 def test_dose_env_longer_dwell_gives_higher_true_snr_and_more_dose() -> None:
     env = DoseControlEnv(ImageQualityAssessor(), DoseEnvConfig(frames=2, specimens=("ws2",)))
     env.reset(seed=2)
-    _, r_short, _, _, short = env.step(0)
-    _, _r_long, _, _, long = env.step(len(DWELL_LEVELS_S) - 1)
+    _, r_short, _, _, short = env.step_level(0)
+    _, _r_long, _, _, long = env.step_level(len(DWELL_LEVELS_S) - 1)
     assert long["true_snr"] > 4 * short["true_snr"]  # 64x the dwell: ~8x the shot-noise SNR
     assert long["dose_As"] == pytest.approx(64 * short["dose_As"])
     assert long["met"] and not short["met"]
@@ -211,7 +218,7 @@ def test_training_is_reproducible_by_seed(tmp_path: object) -> None:
             "dose",
             lambda: DoseControlEnv(ImageQualityAssessor(), DoseEnvConfig(frames=4, shape_px=32)),
             obs_dim=DOSE_OBS_DIM,
-            n_actions=len(DWELL_LEVELS_S),
+            n_actions=len(MARGINS),
             steps=32,
             seed=3,
             out=out / name,
@@ -227,3 +234,17 @@ def test_training_is_reproducible_by_seed(tmp_path: object) -> None:
     ):
         assert torch.equal(a, b), k
     assert (out / "curve.png").stat().st_size > 0
+
+
+def test_dose_action_is_a_margin_over_the_sqrt_law() -> None:
+    assert level_for_action(0, None, None, target_snr=5.0) == FIRST_LEVEL
+    # SNR 2.5 at level 8 (4 µs): reaching 5 needs 4x the dwell = 4 levels up, so level 12
+    zero = MARGINS.index(0)
+    assert level_for_action(zero, 2.5, DWELL_LEVELS_S[8], target_snr=5.0) == 12
+    assert level_for_action(zero - 2, 2.5, DWELL_LEVELS_S[8], target_snr=5.0) == 10
+    # SNR 20 at level 8: a quarter of the SNR is enough, 1/16 of the dwell = 8 levels down
+    assert level_for_action(zero, 20.0, DWELL_LEVELS_S[8], target_snr=5.0) == 0
+    with pytest.raises(DataError, match=r"integer 0\.\.12"):
+        level_for_action(13, 2.5, 1e-6, target_snr=5.0)
+    with pytest.raises(DataError, match="NaN"):
+        level_for_action(0, math.nan, 1e-6, target_snr=5.0)

@@ -1,0 +1,383 @@
+"""``scopepilot train-policy`` and ``scopepilot evaluate-policy``: the RL policies' commands.
+
+    scopepilot train-policy tip --steps 16000 --seed 0        # -> policies/weights/rl_tip.pt
+    scopepilot train-policy dose --steps 16000 --seed 0       # -> policies/weights/rl_dose.pt
+    scopepilot evaluate-policy tip --episodes 200     # table + plots in bench/out/policy_tip
+
+The environments live in :mod:`policies` and take their perception from here (policies never
+import the agent): the tip environment gets the classical tip assessor (``--assessor tipnet``:
+the trained tip network), the dose environment the image-quality assessor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Handler = Callable[[argparse.Namespace], int]
+KINDS = ("tip", "dose")
+DEFAULT_OUT_DIR = Path("bench/out")
+
+
+def register(sub: Any) -> dict[str, Handler]:
+    train = sub.add_parser("train-policy", help="train an RL policy in simulation (MaskablePPO)")
+    train.add_argument("kind", choices=KINDS)
+    train.add_argument("--steps", type=int, default=16000, help="environment steps (default 16000)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--n-envs", type=int, default=4, help="parallel environments (default 4)")
+    train.add_argument(
+        "--subproc", action="store_true", help="one process per environment (SubprocVecEnv)"
+    )
+    train.add_argument("--out", help="policy file (default policies/weights/rl_KIND.pt)")
+    train.add_argument("--png", help="learning curve (default: the policy file with .png)")
+    train.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--assessor", default="classical", choices=("classical", "tipnet"), help="tip perception"
+    )
+
+    evaluate = sub.add_parser(
+        "evaluate-policy", help="compare an RL policy with its baselines on held-out episodes"
+    )
+    evaluate.add_argument("kind", choices=KINDS)
+    evaluate.add_argument("--episodes", type=int, default=200, help="episodes per policy")
+    evaluate.add_argument("--seed", type=int, default=1_000_000, help="first held-out seed")
+    evaluate.add_argument("--weights", help="policy file (default: the shipped one)")
+    evaluate.add_argument("--out-dir", help="where the JSON and plots go (bench/out/policy_KIND)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.add_argument(
+        "--assessor", default="classical", choices=("classical", "tipnet"), help="tip perception"
+    )
+    return {"train-policy": _cmd_train, "evaluate-policy": _cmd_evaluate}
+
+
+def make_tip_assessor(name: str = "classical") -> Any:
+    """The tip assessor the environment judges frames with: ``classical`` or ``tipnet`` (the
+    trained network of :mod:`agent.perception.tip_net`, with its classical fallback)."""
+    from drivers.errors import ConfigError
+
+    if name == "classical":
+        from agent.perception.classical import ClassicalTipAssessor
+
+        return ClassicalTipAssessor()
+    if name == "tipnet":
+        from agent.perception.tip_net import TipNetAssessor
+
+        return TipNetAssessor(baseline=False)
+    raise ConfigError(f"unknown tip assessor {name!r}; choose 'classical' or 'tipnet'")
+
+
+def tip_env_factory(assessor: str = "classical") -> Callable[[], Any]:
+    from policies.env_tip import TipConditioningEnv
+
+    make_tip_assessor(assessor)  # fail early on a bad name or missing weights
+    return lambda: TipConditioningEnv(make_tip_assessor(assessor))
+
+
+def dose_env_factory() -> Callable[[], Any]:
+    from agent.perception.quality import ImageQualityAssessor
+    from policies.env_dose import DoseControlEnv
+
+    return lambda: DoseControlEnv(ImageQualityAssessor())
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from drivers.errors import ConfigError
+    from policies.dose_features import DOSE_OBS_DIM, MARGINS
+    from policies.rl_net import WEIGHTS_DIR
+    from policies.tip_actions import N_ACTIONS, OBS_DIM
+    from policies.training import PPOSettings, train_masked_ppo
+
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    out = Path(args.out) if args.out else WEIGHTS_DIR / f"rl_{args.kind}.pt"
+    png = Path(args.png) if args.png else out.with_suffix(".png")
+    if args.kind == "tip":
+        make, obs_dim, n_actions = tip_env_factory(args.assessor), OBS_DIM, N_ACTIONS
+        assessor = make_tip_assessor(args.assessor)
+        meta: dict[str, Any] = {"perception": f"{assessor.name} {assessor.version}"}
+
+    else:
+        make, obs_dim, n_actions = dose_env_factory(), DOSE_OBS_DIM, len(MARGINS)
+        meta = {"perception": "snr quality assessor 1", "target_snr": 5.0}
+    result = train_masked_ppo(
+        args.kind,
+        make,
+        obs_dim=obs_dim,
+        n_actions=n_actions,
+        steps=args.steps,
+        seed=args.seed,
+        out=out,
+        n_envs=args.n_envs,
+        subproc=args.subproc,
+        settings=PPOSettings(),
+        curve_png=png,
+        progress=not args.quiet,
+        meta=meta,
+        checkpoint_every=2000,
+        threads=args.threads,
+    )
+    print(
+        f"trained {args.kind} policy: {result.steps} steps, {len(result.episodes)} episodes, "
+        f"{result.wall_s:.0f} s; weights {result.policy_path} (sha256 {result.sha256[:12]}); "
+        f"learning curve {result.curve_path}"
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from drivers.errors import ConfigError
+
+    if args.episodes < 1:
+        raise ConfigError(f"--episodes must be >= 1, got {args.episodes}")
+    out_dir = Path(args.out_dir) if args.out_dir else DEFAULT_OUT_DIR / f"policy_{args.kind}"
+    if args.kind == "tip":
+        report = evaluate_tip(
+            args.episodes,
+            seed=args.seed,
+            weights=args.weights,
+            progress=not args.quiet,
+            assessor=args.assessor,
+        )
+    else:
+        report = evaluate_dose(
+            args.episodes, seed=args.seed, weights=args.weights, progress=not args.quiet
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2))
+    print(report["table"])
+    if args.kind == "tip":
+        plot_tip(report, out_dir / "actions.png")
+    else:
+        plot_dose(report, out_dir / "dose.png")
+    print(f"results: {out_dir / 'results.json'}; plots in {out_dir}")
+    return 0
+
+
+def evaluate_tip(
+    episodes: int,
+    *,
+    seed: int,
+    weights: str | None = None,
+    progress: bool = True,
+    assessor: str = "classical",
+) -> dict[str, Any]:
+    """Random, rule ladder and RL on the same ``episodes`` held-out seeds; see
+    :mod:`policies.evaluation`."""
+    from tqdm import tqdm
+
+    from policies.evaluation import (
+        net_chooser,
+        random_chooser,
+        rule_chooser,
+        run_tip_episode,
+        summarize_tip,
+    )
+    from policies.rl import TIP_WEIGHTS
+    from policies.rl_net import load_policy
+    from policies.tip_actions import N_ACTIONS, OBS_DIM
+
+    net, meta = load_policy(
+        weights or TIP_WEIGHTS, kind="tip", obs_dim=OBS_DIM, n_actions=N_ACTIONS
+    )
+    env = tip_env_factory(assessor)()
+    rule, rule_reset = rule_chooser()
+    choosers = {"random": random_chooser(seed), "rule": rule, "rl": net_chooser(net)}
+    runs: dict[str, list[Any]] = {name: [] for name in choosers}
+    start = time.perf_counter()
+    with tqdm(total=episodes * len(choosers), unit="episode", disable=not progress) as bar:
+        for i in range(episodes):
+            for name, choose in choosers.items():
+                if name == "rule":
+                    rule_reset()
+                runs[name].append(run_tip_episode(env, choose, seed=seed + i, policy=name))
+                bar.update(1)
+    env.close()
+    summary = {name: summarize_tip(eps) for name, eps in runs.items()}
+    rl, rnd, rul = summary["rl"], summary["random"], summary["rule"]
+    ratios = {
+        "median_actions_random_over_rl": rnd["actions"]["median"]
+        / max(rl["actions"]["median"], 1e-9),
+        "median_actions_rule_over_rl": rul["actions"]["median"]
+        / max(rl["actions"]["median"], 1e-9),
+        "mean_damage_rule_over_rl": rul["damaged_nm2"]["mean"]
+        / max(rl["damaged_nm2"]["mean"], 1e-9),
+    }
+    lines = [
+        f"tip conditioning, {episodes} held-out episodes per policy "
+        f"(seeds {seed}..{seed + episodes - 1})",
+        f"{'policy':8} {'success':>8} {'actions median':>15} {'p25-p75':>9} {'p90':>5} "
+        f"{'mean':>6} {'frames med':>10} {'damage nm² mean':>16} {'median':>8}",
+    ]
+    for name, s in summary.items():
+        a = s["actions"]
+        lines.append(
+            f"{name:8} {s['success_rate']:8.1%} {a['median']:15.1f} "
+            f"{a['p25']:4.0f}-{a['p75']:<4.0f} {a['p90']:5.0f} {a['mean']:6.2f} "
+            f"{s['frames']['median']:10.1f} {s['damaged_nm2']['mean']:16.0f} "
+            f"{s['damaged_nm2']['median']:8.0f}"
+        )
+    lines.append(
+        "ratios: median actions random/rl = {median_actions_random_over_rl:.2f} (target >= 2), "
+        "rule/rl = {median_actions_rule_over_rl:.2f} (target >= 1.3); mean damage rule/rl = "
+        "{mean_damage_rule_over_rl:.2f} (target > 1)".format(**ratios)
+    )
+    return {
+        "kind": "tip",
+        "episodes": episodes,
+        "seed": seed,
+        "weights_sha256": meta["sha256"],
+        "wall_s": time.perf_counter() - start,
+        "summary": summary,
+        "ratios": ratios,
+        "per_episode": {name: [e.__dict__ for e in eps] for name, eps in runs.items()},
+        "table": "\n".join(lines),
+    }
+
+
+def evaluate_dose(
+    episodes: int, *, seed: int, weights: str | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """The RL policy, the SNR rule and fixed dwells (bisected for the shortest that meets the
+    target in >= 95 % of frames: the best fixed dwell) on the same held-out survey episodes."""
+    from tqdm import tqdm
+
+    from policies.dose_features import DOSE_OBS_DIM, DWELL_LEVELS_S, MARGINS
+    from policies.evaluation import (
+        dose_net_chooser,
+        dose_rule_chooser,
+        fixed_dwell_chooser,
+        run_dose_episode,
+        summarize_dose,
+    )
+    from policies.rl import DOSE_WEIGHTS
+    from policies.rl_net import load_policy
+
+    net, meta = load_policy(
+        weights or DOSE_WEIGHTS, kind="dose", obs_dim=DOSE_OBS_DIM, n_actions=len(MARGINS)
+    )
+    env = dose_env_factory()()
+    target = float(env.config.target_snr)
+    start = time.perf_counter()
+    summary: dict[str, Any] = {}
+
+    def run(name: str, choose: Any, bar: Any) -> dict[str, Any]:
+        eps = []
+        for i in range(episodes):
+            eps.append(run_dose_episode(env, choose, seed=seed + i, policy=name))
+            bar.update(1)
+        return summarize_dose(eps)
+
+    with tqdm(unit="episode", disable=not progress) as bar:
+        summary["rl"] = run("rl", dose_net_chooser(net), bar)
+        summary["rule"] = run("rule", dose_rule_chooser(target_snr=target), bar)
+        # the fraction of frames meeting the target rises with the dwell: bisect for the
+        # shortest fixed dwell that meets it in >= 95 % of frames
+        best: str | None = None
+        low, high = -1, len(DWELL_LEVELS_S)  # invariant: low misses (or none), high meets
+        while high - low > 1:
+            level = (low + high) // 2
+            name = f"fixed {DWELL_LEVELS_S[level] * 1e6:.3g} us"
+            summary[name] = run(name, fixed_dwell_chooser(level), bar)
+            if summary[name]["met_fraction"] >= 0.95:
+                high, best = level, name
+            else:
+                low = level
+    env.close()
+    rl = summary["rl"]
+    ratios: dict[str, float] = {}
+    if best is not None:
+        ratios["dose_best_fixed_over_rl"] = (
+            summary[best]["dose_per_frame_As"] / rl["dose_per_frame_As"]
+        )
+    ratios["dose_rule_over_rl"] = summary["rule"]["dose_per_frame_As"] / rl["dose_per_frame_As"]
+    lines = [
+        f"dose control, {episodes} held-out surveys x {env.config.frames} frames per policy, "
+        f"target true SNR >= {target:g} (seeds {seed}..{seed + episodes - 1})",
+        f"{'policy':16} {'target met':>10} {'electrons/px/frame':>19} {'mean dwell µs':>14}",
+    ]
+    fixed = sorted(
+        (n for n in summary if n.startswith("fixed")), key=lambda n: -float(n.split()[1])
+    )
+    summary = {n: summary[n] for n in ("rl", "rule", *fixed)}
+    for name, s in summary.items():
+        mark = "  <- best fixed dwell (>= 95 % met)" if name == best else ""
+        lines.append(
+            f"{name:16} {s['met_fraction']:10.1%} {s['electrons_per_px_per_frame']:19.1f} "
+            f"{s['mean_dwell_s'] * 1e6:14.3g}{mark}"
+        )
+    if best is not None:
+        lines.append(
+            f"ratio: dose best fixed / rl = {ratios['dose_best_fixed_over_rl']:.2f} (target >= 2, "
+            f"with >= 95 % met: rl {rl['met_fraction']:.1%})"
+        )
+    else:
+        lines.append("no fixed dwell meets the target in 95 % of frames")
+    return {
+        "kind": "dose",
+        "episodes": episodes,
+        "seed": seed,
+        "weights_sha256": meta["sha256"],
+        "wall_s": time.perf_counter() - start,
+        "best_fixed": best,
+        "summary": summary,
+        "ratios": ratios,
+        "table": "\n".join(lines),
+    }
+
+
+def plot_tip(report: dict[str, Any], path: Path) -> None:
+    """Cumulative success against actions, and damage per episode, per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    names = list(report["per_episode"])
+    for name in names:
+        eps = report["per_episode"][name]
+        actions = np.array([e["actions"] for e in eps if e["success"]])
+        xs = np.arange(0, 101)
+        ax1.plot(xs, [(actions <= x).sum() / len(eps) for x in xs], label=name)
+    ax1.set_xscale("symlog", linthresh=10)
+    ax1.set_xlabel("conditioning actions")
+    ax1.set_ylabel("fraction of episodes with a confirmed good tip")
+    ax1.legend()
+    ax2.boxplot(
+        [[e["damaged_nm2"] for e in report["per_episode"][n]] for n in names], tick_labels=names
+    )
+    ax2.set_ylabel("damaged area per episode (nm²)")
+    fig.suptitle(f"tip conditioning, {report['episodes']} held-out episodes per policy")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_dose(report: dict[str, Any], path: Path) -> None:
+    """Dose per frame and fraction of frames meeting the target, per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["summary"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax1.bar(names, [report["summary"][n]["electrons_per_px_per_frame"] for n in names])
+    ax1.set_ylabel("electrons / pixel / frame")
+    ax2.bar(names, [report["summary"][n]["met_fraction"] for n in names])
+    ax2.axhline(0.95, color="k", ls="--", lw=1)
+    ax2.set_ylabel("frames meeting the target SNR")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    fig.suptitle(f"dose control, {report['episodes']} held-out surveys per policy")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,98 @@
+"""Tip conditioning: the RL policy against a random policy and the rule ladder (issue 4).
+
+    python bench/policy_tip.py --episodes 200          # held-out seeds 1000000..1000199
+
+Runs :func:`agent.cli_policies.evaluate_tip` (random, rule ladder and the shipped RL network
+on the same held-out episodes of ``sim:stm`` with the classical tip assessor), then times the
+deployed policy's ``decide`` (the whole decision: observation vector, mask, network, commands)
+against the rule policy's on the same observations. Prints each figure as a ratio against its
+baseline and writes ``bench/out/policy_tip/results.json`` and ``actions.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from agent.cli_policies import evaluate_tip, plot_tip, tip_env_factory  # noqa: E402
+from bench._common import machine  # noqa: E402
+from drivers.observation import Observation  # noqa: E402
+from policies.rl import RLTipPolicy  # noqa: E402
+from policies.rule import RulePolicy  # noqa: E402
+
+
+def decision_latency(samples: int = 300) -> dict[str, float]:
+    """Median and 99th-percentile ``decide`` time (s) of the RL and the rule tip policies."""
+    env = tip_env_factory()()
+    observations: list[Observation] = []
+    seed = 2_000_000
+    while len(observations) < samples:
+        env.reset(seed=seed)
+        seed += 1
+        for _ in range(5):
+            inst = env.instrument
+            observations.append(
+                Observation(
+                    frame=env.last_frame,
+                    tip=env.estimate,
+                    state=inst.state(),
+                    info=inst.info(),
+                    history=env.history,
+                )
+            )
+            mask = env.action_masks()
+            _, _, terminated, truncated, _ = env.step(int(mask.nonzero()[0][-1]))
+            if terminated or truncated:
+                break
+    env.close()
+    out: dict[str, float] = {}
+    for name, policy in (("rl", RLTipPolicy()), ("rule", RulePolicy.from_options())):
+        times = []
+        for obs in observations[:samples]:
+            policy.reset()
+            t0 = time.perf_counter()
+            policy.decide(obs)
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        out[f"{name}_median_s"] = statistics.median(times)
+        out[f"{name}_p99_s"] = times[int(0.99 * (len(times) - 1))]
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--episodes", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1_000_000)
+    parser.add_argument("--out-dir", default=str(ROOT / "bench" / "out" / "policy_tip"))
+    args = parser.parse_args()
+    out = Path(args.out_dir)
+    report = evaluate_tip(args.episodes, seed=args.seed)
+    latency = decision_latency()
+    report["latency"] = latency
+    report["machine"] = machine()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    plot_tip(report, out / "actions.png")
+    print(report["table"])
+    rl = report["summary"]["rl"]
+    print(f"success within 100 actions: rl {rl['success_rate']:.1%} (target >= 99 %)")
+    print(
+        f"decision latency: rl median {latency['rl_median_s'] * 1e3:.3f} ms, p99 "
+        f"{latency['rl_p99_s'] * 1e3:.3f} ms (target <= 2 ms); rule median "
+        f"{latency['rule_median_s'] * 1e3:.3f} ms; ratio rl/rule "
+        f"{latency['rl_median_s'] / latency['rule_median_s']:.2f}"
+    )
+    print(f"machine: {report['machine']}; wall {report['wall_s']:.0f} s; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,405 @@
+"""Deployed RL policies: the trained networks behind the :class:`~policies.base.Policy` protocol.
+
+They load plain state_dicts (:mod:`policies.rl_net`, ``torch.load(weights_only=True)``) and need
+neither gymnasium nor stable-baselines3. Each builds exactly the observation and action mask its
+training environment built (:mod:`policies.tip_actions`, :mod:`policies.env_dose`).
+
+- :class:`RLTipPolicy` (``rl-tip``): one of the 12 DeepSPM conditioning actions per frame whose
+  P(good) is below ``good_threshold``, then a move to a fresh site of its damaged-area map.
+- :class:`RLDosePolicy` (``rl-dose``): the dwell of the next frame.
+- :class:`FallbackPolicy` wraps either: when perception is too uncertain it rescans, when the
+  network's own confidence (probability of its chosen action) is low it hands the frame to the
+  rule policy, and the decision's reason says which and why.
+- ``rl``: the tip policy on instruments with tip conditioning, the dose policy on the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from drivers.commands import Capability, Command, MoveTo, SetDwell
+from drivers.errors import ConfigError, DataError
+from drivers.observation import Decision, Observation
+from policies.base import Policy
+from policies.dose_features import (
+    DOSE_OBS_DIM,
+    DWELL_LEVELS_S,
+    MARGINS,
+    dose_observation,
+    level_for_action,
+)
+from policies.rl_net import WEIGHTS_DIR, PolicyNet, load_policy
+from policies.tip_actions import (
+    CONDITIONING_ACTIONS,
+    N_ACTIONS,
+    NM,
+    OBS_DIM,
+    SiteMap,
+    footprint_m,
+    tip_observation,
+)
+
+TIP_WEIGHTS = WEIGHTS_DIR / "rl_tip.pt"
+DOSE_WEIGHTS = WEIGHTS_DIR / "rl_dose.pt"
+
+
+def _short(sha: str) -> str:
+    return sha[:10] if isinstance(sha, str) else "?"
+
+
+class RLTipPolicy:
+    """Tip conditioning by the trained network (see the module doc)."""
+
+    name = "rl-tip"
+
+    def __init__(
+        self,
+        weights: str | Path = TIP_WEIGHTS,
+        *,
+        good_threshold: float = 0.9,
+        max_actions: int = 100,
+    ) -> None:
+        self.net: PolicyNet
+        self.net, self.meta = load_policy(weights, kind="tip", obs_dim=OBS_DIM, n_actions=N_ACTIONS)
+        self.version = f"1+{_short(self.meta['sha256'])}"
+        if not 0 < good_threshold < 1:
+            raise ConfigError(f"good_threshold must be in (0, 1), got {good_threshold!r}")
+        self.good_threshold = float(good_threshold)
+        self.max_actions = int(max_actions)
+        self.reset()
+
+    def reset(self) -> None:
+        self._sites: SiteMap | None = None
+        self._last_action: int | None = None
+        self._actions = 0
+
+    def decide(self, observation: Observation) -> Decision:
+        label = f"frame {observation.frame.frame_index}"
+        if observation.problems:
+            return self._decision(
+                f"{label} not acted on ({'; '.join(observation.problems)}): rescan", 0.0
+            )
+        if Capability.TIP_CONDITIONING not in observation.info.capabilities:
+            return self._decision(
+                f"{label}: instrument {observation.info.id!r} has no tip to condition", 1.0
+            )
+        tip = observation.tip
+        if tip is None:
+            return self._decision(f"{label} has no tip estimate: rescan", 0.0)
+        if tip.p_good >= self.good_threshold:
+            done = f"; conditioning done after {self._actions} actions" if self._actions else ""
+            self._last_action, self._actions = None, 0
+            return self._decision(
+                f"tip P(good)={tip.p_good:.2f} >= {self.good_threshold:g}: keep scanning{done}",
+                tip.p_good,
+            )
+        position = (float(observation.state.position_m[0]), float(observation.state.position_m[1]))
+        if self._sites is None:  # sites are spaced for the frames this session scans
+            region = observation.state.scan_region
+            frame_m = max(region.width_m, region.height_m)
+            self._sites = SiteMap(
+                position,
+                observation.info.limits,
+                frame_m=frame_m,
+                pitch_m=max(30 * NM, 2 * frame_m),
+            )
+        sites = self._sites
+        free = sites.free_radius_m(*position)
+        obs = tip_observation(
+            tip,
+            observation.history,
+            last_action=self._last_action,
+            free_radius_m=free,
+            actions_taken=self._actions,
+            max_actions=self.max_actions,
+        )
+        mask = sites.mask(position)
+        stage = Capability.STAGE in observation.info.capabilities
+        if not mask.any():
+            target = sites.next_site(position) if stage else None
+            if target is None:
+                return self._decision(
+                    "no conditioning action fits the free area or the limits here and no fresh "
+                    "site is left: operator attention needed",
+                    1.0,
+                    stop=True,
+                )
+            return self._decision(
+                f"no conditioning action fits here (free radius {free / NM:.0f} nm): move to "
+                f"fresh site ({target[0] / NM:.0f}, {target[1] / NM:.0f}) nm",
+                1.0,
+                commands=(MoveTo(*target, source=self.name, reason="no room to condition here"),),
+            )
+        index, probs = self.net.act(obs, mask)
+        step = CONDITIONING_ACTIONS[index]
+        confidence = float(probs[index])
+        why = (
+            f"tip P(good)={tip.p_good:.2f}, most likely {tip.state.value}: {step.describe()} "
+            f"(network p={confidence:.2f} over {int(mask.sum())} valid actions)"
+        )
+        commands: list[Command] = [step.command(source=self.name, reason=why)]
+        sites.add_damage(position[0], position[1], footprint_m(step))
+        if stage:
+            target = sites.next_site(position)
+            if target is not None:
+                commands.append(
+                    MoveTo(*target, source=self.name, reason="fresh site after conditioning")
+                )
+                why += f"; move to fresh site ({target[0] / NM:.0f}, {target[1] / NM:.0f}) nm"
+        self._last_action = index
+        self._actions += 1
+        return self._decision(why, confidence, commands=tuple(commands))
+
+    def _decision(
+        self,
+        reason: str,
+        confidence: float,
+        *,
+        commands: tuple[Command, ...] = (),
+        stop: bool = False,
+    ) -> Decision:
+        return Decision(
+            commands=commands,
+            reason=f"{self.name}: {reason}",
+            confidence=min(max(confidence, 0.0), 1.0),
+            stop=stop,
+            policy=self.name,
+        )
+
+
+class RLDosePolicy:
+    """The dwell of each next frame, chosen by the trained network (see the module doc).
+
+    The SNR target is the one the network was trained for (``meta["target_snr"]``)."""
+
+    name = "rl-dose"
+
+    def __init__(self, weights: str | Path = DOSE_WEIGHTS, *, frames: int = 20) -> None:
+        self.net, self.meta = load_policy(
+            weights, kind="dose", obs_dim=DOSE_OBS_DIM, n_actions=len(MARGINS)
+        )
+        self.version = f"1+{_short(self.meta['sha256'])}"
+        self.frames = int(frames)
+        self.target_snr = float(self.meta.get("target_snr", 5.0))
+        self.reset()
+
+    def reset(self) -> None:
+        self._done = 0
+
+    def decide(self, observation: Observation) -> Decision:
+        if observation.problems:
+            return self._decision(f"frame not acted on ({'; '.join(observation.problems)})", 0.0)
+        quality = observation.quality
+        if quality is None or not math.isfinite(quality.snr):
+            return self._decision("no image-quality estimate: dwell unchanged", 0.0)
+        frame = observation.frame
+        data = np.asarray(frame.done_data, dtype=np.float64)
+        finite = data[np.isfinite(data)]
+        if finite.size == 0:
+            raise DataError(f"frame {frame.frame_index} has no finite pixels")
+        self._done += 1
+        obs = dose_observation(
+            float(quality.snr),
+            float(frame.dwell_s),
+            float(finite.mean()),
+            min(self._done, self.frames - 1),  # as in training: the survey never looks finished
+            self.frames,
+            target_snr=self.target_snr,
+        )
+        action, probs = self.net.act(obs)
+        confidence = float(probs[action])
+        level = level_for_action(
+            action, float(quality.snr), float(frame.dwell_s), target_snr=self.target_snr
+        )
+        low, high = observation.info.limits.dwell_s
+        allowed = [i for i, d in enumerate(DWELL_LEVELS_S) if low <= d <= high]
+        if not allowed:
+            return self._decision(
+                f"no dwell level fits the instrument's dwell limits {low:g}..{high:g} s", 1.0
+            )
+        level = min(allowed, key=lambda i: abs(i - level))
+        dwell = DWELL_LEVELS_S[level]
+        current = float(observation.state.dwell_s)
+        why = (
+            f"SNR estimate {quality.snr:.2f} at {frame.dwell_s * 1e6:.3g} µs: next dwell "
+            f"{dwell * 1e6:.3g} µs (margin {MARGINS[action]:+d} levels over the sqrt-law "
+            f"estimate, network p={confidence:.2f})"
+        )
+        if math.isclose(dwell, current, rel_tol=0.01):
+            return self._decision(why + ", unchanged", confidence)
+        return self._decision(
+            why, confidence, commands=(SetDwell(dwell, source=self.name, reason=why),)
+        )
+
+    def _decision(
+        self, reason: str, confidence: float, *, commands: tuple[Command, ...] = ()
+    ) -> Decision:
+        return Decision(
+            commands=commands,
+            reason=f"{self.name}: {reason}",
+            confidence=min(max(confidence, 0.0), 1.0),
+            policy=self.name,
+        )
+
+
+class FallbackPolicy:
+    """Run ``primary``; rescan when perception is too uncertain, hand over to ``fallback`` when
+    the primary's confidence is low. Every decision says which policy decided and why.
+
+    The fallback is consulted on every observation, so its bad-frame counter follows the session;
+    its decision is used only when the primary's confidence is below ``min_confidence``. (Its
+    ladder position therefore advances as if its unused proposals had been carried out.)
+    """
+
+    def __init__(
+        self,
+        primary: Policy,
+        fallback: Policy | None,
+        *,
+        max_uncertainty: float = 0.6,
+        min_confidence: float = 0.25,
+    ) -> None:
+        for name, value in (
+            ("max_uncertainty", max_uncertainty),
+            ("min_confidence", min_confidence),
+        ):
+            if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+                raise ConfigError(f"{name} must be in [0, 1], got {value!r}")
+        self.primary = primary
+        self.fallback = fallback
+        self.max_uncertainty = float(max_uncertainty)
+        self.min_confidence = float(min_confidence)
+        self.name = primary.name
+        self.version = primary.version
+        self.fallbacks: dict[str, int] = {"uncertain": 0, "low_confidence": 0}
+
+    def reset(self) -> None:
+        self.primary.reset()
+        if self.fallback is not None:
+            self.fallback.reset()
+        self.fallbacks = {"uncertain": 0, "low_confidence": 0}
+
+    def decide(self, observation: Observation) -> Decision:
+        backup = self.fallback.decide(observation) if self.fallback is not None else None
+        tip = observation.tip
+        if tip is not None and not (
+            math.isfinite(tip.uncertainty) and tip.uncertainty <= self.max_uncertainty
+        ):
+            self.fallbacks["uncertain"] += 1
+            return Decision(
+                reason=f"fallback: perception uncertainty {tip.uncertainty:.2f} > "
+                f"{self.max_uncertainty:.2f} (most likely {tip.state.value}): not acting, rescan",
+                confidence=0.0,
+                policy=self.name,
+            )
+        decision = self.primary.decide(observation)
+        if not decision.commands or decision.confidence >= self.min_confidence:
+            return decision
+        self.fallbacks["low_confidence"] += 1
+        if backup is None:
+            return Decision(
+                reason=f"fallback: {decision.reason}; confidence {decision.confidence:.2f} < "
+                f"{self.min_confidence:.2f}: not acting, operator attention needed",
+                confidence=decision.confidence,
+                policy=self.name,
+            )
+        return dataclasses.replace(
+            backup,
+            reason=f"fallback to {backup.policy or 'rule'}: {self.primary.name} confidence "
+            f"{decision.confidence:.2f} < {self.min_confidence:.2f}; {backup.reason}",
+            policy=self.name,
+        )
+
+
+class RLPolicy:
+    """``rl``: the tip policy where the instrument has tip conditioning, else the dose policy.
+
+    Each sub-policy loads its weights on first use, so ``rl`` works on an STM without the dose
+    weights and on a STEM without the tip weights.
+    """
+
+    name = "rl"
+
+    def __init__(self, **options: Any) -> None:
+        self._tip_options = {k: v for k, v in options.items() if k != "dose_weights"}
+        if "tip_weights" in self._tip_options:
+            self._tip_options["weights"] = self._tip_options.pop("tip_weights")
+        self._dose_options = (
+            {"weights": options["dose_weights"]} if "dose_weights" in options else {}
+        )
+        self._tip: Policy | None = None
+        self._dose: Policy | None = None
+        self.version = "1"
+
+    def reset(self) -> None:
+        for policy in (self._tip, self._dose):
+            if policy is not None:
+                policy.reset()
+
+    def decide(self, observation: Observation) -> Decision:
+        if Capability.TIP_CONDITIONING in observation.info.capabilities:
+            if self._tip is None:
+                self._tip = make_rl_tip(**self._tip_options)
+                self.version = self._tip.version
+            return self._tip.decide(observation)
+        if self._dose is None:
+            self._dose = make_rl_dose(**self._dose_options)
+            self.version = self._dose.version
+        return self._dose.decide(observation)
+
+
+def make_rl_tip(**options: Any) -> Policy:
+    """``rl-tip`` with its fallback: options ``weights``, ``good_threshold``,
+    ``max_uncertainty`` (perception), ``min_confidence`` (network), ``fallback``
+    (``"rule"``, default, or ``"operator"``)."""
+    from policies.rule import RulePolicy
+
+    opts = dict(options)
+    fallback_name = opts.pop("fallback", "rule")
+    max_uncertainty = opts.pop("max_uncertainty", 0.6)
+    min_confidence = opts.pop("min_confidence", 0.25)
+    opts.pop("target_snr", None)
+    unknown = set(opts) - {"weights", "good_threshold", "max_actions"}
+    if unknown:
+        raise ConfigError(f"policy 'rl-tip' has no options {sorted(unknown)}")
+    if fallback_name not in ("rule", "operator"):
+        raise ConfigError(f"fallback must be 'rule' or 'operator', got {fallback_name!r}")
+    fallback = RulePolicy.from_options() if fallback_name == "rule" else None
+    return FallbackPolicy(
+        RLTipPolicy(**opts),
+        fallback,
+        max_uncertainty=max_uncertainty,
+        min_confidence=min_confidence,
+    )
+
+
+def make_rl_dose(**options: Any) -> Policy:
+    """``rl-dose``: options ``weights``, ``frames``."""
+    opts = dict(options)
+    opts.pop("target_snr", None)  # the trained target is in the weights' meta
+    unknown = set(opts) - {"weights", "frames"}
+    if unknown:
+        raise ConfigError(f"policy 'rl-dose' has no options {sorted(unknown)}")
+    return RLDosePolicy(**opts)
+
+
+def make_rl(**options: Any) -> Policy:
+    """``rl``: options ``tip_weights``, ``dose_weights`` and the fallback thresholds
+    (``max_uncertainty``, ``min_confidence``, ``fallback``) of ``rl-tip``."""
+    opts = dict(options)
+    opts.pop("target_snr", None)
+    unknown = set(opts) - {
+        "tip_weights",
+        "dose_weights",
+        "max_uncertainty",
+        "min_confidence",
+        "fallback",
+    }
+    if unknown:
+        raise ConfigError(f"policy 'rl' has no options {sorted(unknown)}")
+    return RLPolicy(**opts)
