@@ -106,6 +106,11 @@ def test_supervised_session_in_the_browser(tmp_path: Path) -> None:
                     " return [c.width, hi - lo]; }"
                 )
                 assert drawn[0] == 64 and drawn[1] > 100
+                # The tip-state overlay is drawn over the grey image: a coloured corner.
+                page.wait_for_function(
+                    "() => { const d = document.getElementById('frame').getContext('2d')"
+                    ".getImageData(1, 1, 1, 1).data; return d[0] !== d[1] || d[1] !== d[2]; }"
+                )
                 for _ in range(2):  # frames 2 and 3 finish the session
                     holder.go()
                     holder.next()

@@ -101,29 +101,31 @@ function drawFrame() {
     rgba[j] = v; rgba[j + 1] = v; rgba[j + 2] = v; rgba[j + 3] = 255;
   }
   ctx.putImageData(image, 0, 0);
-  // Overlays: tip state, detected defects.
-  const scale = header.w / 512;
-  ctx.font = `${Math.max(12, 16 * scale)}px sans-serif`;
+  // Overlays (tip state, detected defects, problems), sized in screen pixels whatever the
+  // frame size. A frame is pushed as soon as it is acquired, before perception has judged it:
+  // renderStatus() fills in the tip and defects when the status for that frame arrives.
+  const k = canvas.width / (canvas.clientWidth || canvas.width);  // frame px per screen px
+  ctx.font = `${14 * k}px sans-serif`;
   const tip = header.tip;
   if (tip) {
-    const good = tip.state === "good";
-    ctx.fillStyle = good ? "rgba(40,160,80,0.85)" : "rgba(200,60,60,0.85)";
-    ctx.fillRect(4, 4, 200 * scale, 22 * scale);
+    const text = `tip ${tip.state} (uncertainty ${tip.uncertainty.toFixed(2)})`;
+    ctx.fillStyle = tip.state === "good" ? "rgba(40,160,80,0.85)" : "rgba(200,60,60,0.85)";
+    ctx.fillRect(0, 0, ctx.measureText(text).width + 12 * k, 22 * k);
     ctx.fillStyle = "#fff";
-    ctx.fillText(`tip ${tip.state} (u=${tip.uncertainty.toFixed(2)})`, 8, 20 * scale);
+    ctx.fillText(text, 6 * k, 16 * k);
   }
   if ($("show-defects").checked) {
     ctx.strokeStyle = "#ffcc00";
-    ctx.lineWidth = Math.max(1, 2 * scale);
+    ctx.lineWidth = 2 * k;
     for (const d of header.defects || []) {
       ctx.beginPath();
-      ctx.arc(d.col_px, d.row_px, 6 * scale, 0, 2 * Math.PI);
+      ctx.arc(d.col_px, d.row_px, 6 * k, 0, 2 * Math.PI);
       ctx.stroke();
     }
   }
   if ((header.problems || []).length) {
     ctx.fillStyle = "rgba(200,60,60,0.85)";
-    ctx.fillText(header.problems[0].slice(0, 60), 8, header.h - 8);
+    ctx.fillText(header.problems[0].slice(0, 80), 6 * k, header.h - 6 * k);
   }
   $("frame-info").textContent =
     `#${header.seq} (index ${header.frame_index}, ${header.w}×${header.h}, ${header.channel})`;
@@ -154,6 +156,12 @@ function renderStatus() {
   $("lock-holder").textContent = holder ? `control held by ${holder}` : "control lock free";
   $("lock").textContent = holder && holder === operatorName() ? "Release control" : "Take control";
   $("tip").textContent = s.frame && s.frame.tip ? `tip ${s.frame.tip.state}` : "";
+  if (lastFrame && s.frame && s.frame.seq === lastFrame.header.seq && !lastFrame.header.tip
+      && (s.frame.tip || s.frame.defects.length || s.frame.problems.length)) {
+    Object.assign(lastFrame.header,
+                  {tip: s.frame.tip, defects: s.frame.defects, problems: s.frame.problems});
+    drawFrame();
+  }
 
   const pending = $("pending").tBodies[0];
   pending.replaceChildren();
