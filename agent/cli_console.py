@@ -9,7 +9,9 @@
 ``ctl`` speaks the console's HTTP API (see :mod:`agent.console.app`) with the standard library
 only, so that scripts can drive a session from anywhere Python runs. A refused request exits
 with status 2 and prints the console's reason (wrong token, lock held, no such command, ...);
-the refusal is recorded in the session like the accepted actions.
+the refusal is recorded in the session like the accepted actions. A command that was accepted
+but did not reach the instrument (rejected by the safety envelope, failed, suppressed) exits with
+status 1.
 """
 
 from __future__ import annotations
@@ -169,6 +171,8 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
             command = reply["command"]
             text += f" — {command['text']}" + (f" ({reply['reason']})" if reply["reason"] else "")
         print(text)
+    if reply.get("fate") in ("rejected", "failed", "suppressed"):
+        return 1  # the request was accepted, but the command did not reach the instrument
     return 0
 
 

@@ -115,6 +115,8 @@ def test_ctl_reports_bad_requests_clearly_and_they_are_recorded(
     assert code == 2 and "malformed command" in err and "Teleport" in err
     code, _, err = ctl(["send", "{not json"], held, capsys)
     assert code == 2 and "not valid JSON" in err
+    code, out, _ = ctl(["send", '{"type": "MoveTo", "x_m": 5e-6, "y_m": 0}'], held, capsys)
+    assert code == 1 and out.startswith("send: rejected") and "outside the stage range" in out
     code, _, err = ctl(["mode", "turbo"], held, capsys)
     assert code == 2 and "unknown mode 'turbo'" in err
     code, _, err = ctl(["lock", "--operator", "alice"], held, capsys)
