@@ -1,0 +1,148 @@
+"""The training loop shared by the sr and defects networks: seeded, step-counted, with a
+progress bar, a held-out validation loss and a loss-curve PNG.
+
+Training is reproducible by seed: the data set, the crop order and the initial weights all
+derive from ``seed``, the number of steps is fixed, and torch runs on a fixed thread count.
+``max_minutes`` is a safety stop only (a loaded machine); when it cuts training short, the
+result says so and the model card records it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, ...]
+
+
+@dataclass
+class FitResult:
+    """Losses per step, validation losses at ``val_steps``, the wall time and whether the
+    ``max_minutes`` safety stop ended training early."""
+
+    steps_done: int
+    train_loss: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    stopped_early: bool = False
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    """Seed torch and fix its thread count (the numpy generators are passed explicitly)."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, int(threads)))
+
+
+def fit(
+    model: nn.Module,
+    *,
+    steps: int,
+    lr: float,
+    next_batch: Callable[[int], Batch],
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
+    val_batches: Sequence[Batch],
+    val_every: int = 100,
+    max_minutes: float = 28.0,
+    desc: str = "training",
+) -> FitResult:
+    """Train ``model`` for ``steps`` Adam steps (linear warm-up, cosine learning-rate decay).
+
+    ``next_batch(step)`` returns the inputs of one step, ``loss_fn(model, batch)`` its scalar
+    loss; the mean loss over ``val_batches`` (no gradients, eval mode) is logged every
+    ``val_every`` steps and at the end.
+    """
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    warmup = max(1, steps // 20)
+
+    def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 2 % of lr
+        if step < warmup:
+            return (step + 1) / warmup
+        done = (step - warmup) / max(1, steps - warmup)
+        return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    result = FitResult(steps_done=0)
+    start = time.monotonic()
+    bar = tqdm(range(steps), desc=desc, unit="step")
+    for step in bar:
+        model.train()
+        loss = loss_fn(model, next_batch(step))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        sched.step()
+        result.train_loss.append(float(loss.item()))
+        result.steps_done = step + 1
+        last = step + 1 == steps
+        if (step + 1) % val_every == 0 or last:
+            result.val_steps.append(step + 1)
+            result.val_loss.append(validation_loss(model, loss_fn, val_batches))
+            bar.set_postfix(
+                loss=f"{np.mean(result.train_loss[-val_every:]):.4f}",
+                val=f"{result.val_loss[-1]:.4f}",
+            )
+        if time.monotonic() - start > max_minutes * 60 and not last:
+            log.warning(
+                "training stopped by the %.0f-minute safety limit at step %d of %d",
+                max_minutes,
+                step + 1,
+                steps,
+            )
+            result.stopped_early = True
+            result.val_steps.append(step + 1)
+            result.val_loss.append(validation_loss(model, loss_fn, val_batches))
+            break
+    bar.close()
+    result.seconds = time.monotonic() - start
+    model.eval()
+    return result
+
+
+def validation_loss(
+    model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], batches: Sequence[Batch]
+) -> float:
+    model.eval()
+    with torch.no_grad():
+        values = [float(loss_fn(model, b).item()) for b in batches]
+    return float(np.mean(values)) if values else math.nan
+
+
+def save_loss_curve(result: FitResult, path: Path, title: str) -> Path:
+    """Training loss (smoothed over 25 steps) and validation loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    loss = np.asarray(result.train_loss)
+    if loss.size:
+        k = min(25, loss.size)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(np.arange(k, loss.size + 1), smooth, label="training (25-step mean)")
+    if result.val_loss:
+        ax.plot(result.val_steps, result.val_loss, "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

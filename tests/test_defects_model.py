@@ -1,0 +1,122 @@
+"""The defects network: committed weights, bad input, and detection on held-out simulated
+frames against a trivial baseline and the classical peak finder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.perception.registry import WEIGHTS_DIR, file_sha256, read_card
+from agent.perception.tasks import defects
+from agent.perception.tasks.stem_baselines import PeakDefectFinder
+from agent.perception.tasks.stem_data import DEFECT_CLASSES, defect_class
+from agent.perception.tasks.stem_metrics import DetectionScore
+from drivers.errors import DataError, ModelError
+from drivers.frame import Frame, ScanRegion
+from drivers.registry import open_instrument
+
+PIXEL_NM = 0.025
+HELD_OUT_SEEDS = (7_200_001, 7_200_002)
+
+
+def _frame(seed: int, size_px: int = 192) -> Frame:
+    side_m = size_px * PIXEL_NM * 1e-9
+    inst = open_instrument(
+        "sim:stem",
+        seed=seed,
+        region=ScanRegion(0.0, 0.0, side_m, side_m),
+        shape_px=(size_px, size_px),
+        dwell_s=2e-6,
+        defect_density_scale=2.0,
+    )
+    try:
+        return inst.acquire()
+    finally:
+        inst.close()
+
+
+def test_committed_weights_match_their_card_and_are_small() -> None:
+    card = read_card("defects")
+    weights = WEIGHTS_DIR / "defects.pt"
+    assert file_sha256(weights) == card.sha256
+    assert weights.stat().st_size <= 5 * 1024 * 1024
+    assert card.architecture["classes"] == list(DEFECT_CLASSES)
+    assert 0 < card.training["threshold"] < 1
+    assert "held_out" in card.metrics
+
+
+def test_detection_on_held_out_frames_beats_the_classical_finder() -> None:
+    net, classical = DetectionScore(DEFECT_CLASSES[1:]), DetectionScore(DEFECT_CLASSES[1:])
+    for seed in HELD_OUT_SEEDS:
+        frame = _frame(seed)
+        assert frame.truth is not None
+        truth = frame.truth.defects
+        classes = [defect_class(d.kind) for d in truth]
+        found = defects.find_defects(frame.data, PIXEL_NM)
+        assert found.class_map.shape == frame.data.shape
+        net.add(found.defects, truth, classes, 4.0)
+        classical.add(PeakDefectFinder().find(frame.data), truth, classes, 4.0)
+    assert net.detection.tp + net.detection.fn >= 20  # enough defects to mean something
+    assert net.detection.f1() >= 0.8
+    assert net.detection.f1() > classical.detection.f1()
+
+
+def test_infer_is_json_with_positions_classes_and_confidence() -> None:
+    frame = _frame(HELD_OUT_SEEDS[0], 128)
+    out = defects.infer(frame.data, PIXEL_NM)
+    again = json.loads(json.dumps(out))
+    assert again["model"] == "defects"
+    assert sum(again["counts"].values()) == len(again["defects"]) > 0
+    for d in again["defects"]:
+        assert d["class"] in DEFECT_CLASSES[1:]
+        assert 0.0 <= d["confidence"] <= 1.0
+        assert d["x_nm"] == pytest.approx(d["col_px"] * PIXEL_NM, abs=1e-3)
+
+
+def test_resampled_input_reports_positions_in_input_pixels() -> None:
+    frame = _frame(HELD_OUT_SEEDS[1], 192)
+    assert frame.truth is not None
+    # the same frame binned 2x2 is at 0.5 Å pixels: positions come back in the binned grid
+    binned = frame.data.reshape(96, 2, 96, 2).mean(axis=(1, 3))
+    found = defects.find_defects(binned, 2 * PIXEL_NM)
+    full = defects.find_defects(frame.data, PIXEL_NM)
+    assert found.class_map.shape == binned.shape
+    assert len(found.defects) > 0
+    for d in found.defects:
+        nearest = min(
+            np.hypot(2 * d.row_px + 0.5 - f.row_px, 2 * d.col_px + 0.5 - f.col_px)
+            for f in full.defects
+        )
+        assert nearest < 6.0
+
+
+@pytest.mark.parametrize(
+    ("image", "pixel_nm", "message"),
+    [
+        (np.ones((2, 64, 64)), PIXEL_NM, "2-D"),
+        (np.where(np.eye(64) > 0, np.nan, 1.0), PIXEL_NM, "NaN"),
+        (np.where(np.eye(64) > 0, np.inf, 1.0), PIXEL_NM, "infinite"),
+        (np.ones((64, 64)), 0.001, "outside"),
+        (-np.ones((64, 64)), PIXEL_NM, "mean"),
+        (np.ones((64, 0)), PIXEL_NM, "empty"),
+        (np.array([["a", "b"], ["c", "d"]]), PIXEL_NM, "numbers"),
+    ],
+)
+def test_bad_input_raises_data_error(image: np.ndarray, pixel_nm: float, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        defects.find_defects(image, pixel_nm)
+
+
+def test_truncated_weights_raise_model_error(tmp_path: Path) -> None:
+    shutil.copy(WEIGHTS_DIR / "defects.json", tmp_path / "defects.json")
+    blob = (WEIGHTS_DIR / "defects.pt").read_bytes()
+    (tmp_path / "defects.pt").write_bytes(blob[: len(blob) // 3])
+    with pytest.raises(ModelError):
+        defects.load(tmp_path)
+    (tmp_path / "defects.pt").unlink()
+    with pytest.raises(ModelError, match="missing"):
+        defects.load(tmp_path)
