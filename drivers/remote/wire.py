@@ -105,7 +105,10 @@ def _int(header: Mapping[str, Any], key: str, low: int, high: int) -> int:
 
 
 def _float(header: Mapping[str, Any], key: str) -> float:
-    value = float(_need(header, key, (int, float)))
+    try:
+        value = float(_need(header, key, (int, float)))
+    except OverflowError:  # an int too large for a float
+        value = math.inf
     if not math.isfinite(value):
         raise DataError(f"frame header field {key!r}={value!r} is not finite")
     return value
