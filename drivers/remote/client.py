@@ -162,7 +162,10 @@ class RemoteInstrument:
         self._tls: ssl.SSLContext | None = None
         if ca is not None:
             enable_tls(ca=str(ca))
-            self._tls = ssl.create_default_context(cafile=str(ca))
+            try:
+                self._tls = ssl.create_default_context(cafile=str(ca))
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(f"cannot use {str(ca)!r} as the TLS CA file: {exc}") from None
         self._lock = threading.RLock()
         self._proxy: Pyro5.client.Proxy | None = None
         self._channel: socket.socket | None = None
@@ -199,9 +202,9 @@ class RemoteInstrument:
             raise CommunicationError(
                 f"cannot connect to {self.uri}: {exc}; is `scopepilot serve` running there?"
             ) from None
-        if "error" in reply:
+        if not isinstance(reply, Mapping) or "error" in reply:
             proxy._pyroRelease()
-            raise_remote_error(reply["error"])
+            raise_remote_error(reply.get("error") if isinstance(reply, Mapping) else reply)
         self._proxy = proxy
 
     def _reconnect(self) -> None:
@@ -234,7 +237,7 @@ class RemoteInstrument:
         if self._proxy is not None:
             try:
                 self._proxy._pyroRelease()
-            except Exception:
+            except Exception:  # a broken socket may fail to close; it is gone anyway
                 log.debug("closing a broken proxy failed", exc_info=True)
             self._proxy = None
 
@@ -259,7 +262,7 @@ class RemoteInstrument:
                     f"connection to {self.uri} lost during {method}: {exc}; the next call "
                     "reconnects"
                 ) from None
-            except Exception as exc:
+            except Exception as exc:  # a server-side bug, reported back by Pyro5
                 raise InstrumentError(
                     f"{self.uri} failed in {method}: {type(exc).__name__}: {exc}"
                 ) from None
@@ -442,7 +445,7 @@ class RemoteInstrument:
                 try:
                     self._proxy._pyroClaimOwnership()
                     self._proxy.release_control()
-                except Exception:
+                except Exception:  # closing: the server may already be gone
                     log.debug("release_control failed while closing", exc_info=True)
             self._drop()
 
