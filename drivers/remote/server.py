@@ -12,6 +12,7 @@ and raw bytes (:mod:`drivers.remote.wire`).
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 import time
@@ -298,8 +299,11 @@ class InstrumentService:
 
     def stream_close(self, sid: Any) -> dict[str, Any]:
         def run() -> None:
-            self._client()
-            self._drop_stream(sid)
+            client = self._client()
+            with self._streams_lock:
+                stream = self._streams.get(sid) if isinstance(sid, str) else None
+            if stream is not None and stream.owner.client_id == client.client_id:
+                self._drop_stream(sid)
 
         return self._reply(run)
 
@@ -310,11 +314,9 @@ class InstrumentService:
         def run() -> list[Any] | None:
             self._client()
             after = after_index if isinstance(after_index, int) else -1
-            wait_s = (
-                min(max(float(timeout_s), 0.0), 10.0)
-                if isinstance(timeout_s, (int, float))
-                else 0.0
-            )
+            wait_s = 0.0
+            if isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s):
+                wait_s = min(max(float(timeout_s), 0.0), 10.0)
             with self._latest_cond:
                 self._latest_cond.wait_for(
                     lambda: self._latest is not None and self._latest.frame_index > after,
