@@ -169,6 +169,7 @@ class RemoteInstrument:
         self._lock = threading.RLock()
         self._proxy: Pyro5.client.Proxy | None = None
         self._channel: socket.socket | None = None
+        self._scratch = memoryview(bytearray(1 << 16))  # frame reply sizes, header, first pixels
         self._closed = False
         self.reconnects = 0
         self._connect()
@@ -343,18 +344,25 @@ class RemoteInstrument:
                 sock = self._channel
                 request = msgpack.packb([method, list(args)], use_bin_type=True)
                 sock.sendall(struct.pack("!I", len(request)) + request)
-                meta_size, payload_size = struct.unpack("!II", _recv_exact(sock, 8))
-                if meta_size > 1 << 20:
+                # one read usually brings the sizes, the header and the first pixels
+                head = self._scratch
+                got = _recv_at_least(sock, head, 8)
+                meta_size, payload_size = struct.unpack_from("!II", head)
+                if meta_size > len(head) - 8:
                     raise DataError(f"frame reply header of {meta_size} bytes")
-                meta = msgpack.unpackb(_recv_exact(sock, meta_size), raw=False)
+                got = max(got, _recv_at_least(sock, head, 8 + meta_size, got))
+                meta = msgpack.unpackb(head[8 : 8 + meta_size], raw=False)
+                early = got - 8 - meta_size  # pixel bytes already read
                 if not isinstance(meta, Mapping) or not ({"ok", "error"} & set(meta)):
                     raise DataError(f"malformed frame reply: {meta!r:.200}")
                 if "error" in meta:
-                    if payload_size:
+                    if payload_size or early:
                         raise DataError("an error reply carries pixels")
                     raise_remote_error(meta["error"])
                 ok = meta["ok"]
                 if ok is None:
+                    if payload_size or early:
+                        raise DataError("an empty reply carries pixels")
                     return None
                 header = ok.get("header") if isinstance(ok, Mapping) else None
                 if not isinstance(header, Mapping):
@@ -365,10 +373,16 @@ class RemoteInstrument:
                         f"frame reply carries {payload_size} bytes; its header needs "
                         f"{layout.payload_bytes}"
                     )
+                if early > payload_size:
+                    raise DataError(
+                        f"frame reply is longer than the {payload_size} bytes announced"
+                    )
                 buffer = layout.empty() if into is None else into
                 target = layout.target(buffer)
                 if target.size:
-                    _recv_into(sock, target.data.cast("B"))
+                    view = target.data.cast("B")
+                    view[:early] = head[8 + meta_size : got]
+                    _recv_into(sock, view[early:])
                     if target.dtype != layout.dtype:  # a big-endian host
                         target.byteswap(inplace=True)
                 streaming = method == "stream_next"  # later lines go into the same buffer
@@ -472,10 +486,15 @@ def _kernel_timeouts(sock: socket.socket, timeout_s: float) -> None:
     sock.settimeout(None)
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = bytearray(size)
-    _recv_into(sock, memoryview(data))
-    return bytes(data)
+def _recv_at_least(sock: socket.socket, buffer: memoryview, needed: int, have: int = 0) -> int:
+    """Read into ``buffer`` from ``have`` until it holds at least ``needed`` bytes; return how
+    many it holds (it may hold more: whatever arrived in the same reads)."""
+    while have < needed:
+        n = sock.recv_into(buffer[have:])
+        if n == 0:
+            raise ConnectionError("the server closed the connection in the middle of a reply")
+        have += n
+    return have
 
 
 def _recv_into(sock: socket.socket, view: memoryview) -> None:
