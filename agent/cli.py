@@ -97,6 +97,11 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
         help="rule policy: keep the image SNR near this by changing the dwell (default 5 for "
         "STEM/SEM, off for STM/AFM; 0 switches it off)",
     )
+    run.add_argument(
+        "--assessor",
+        help="tip assessor: classical, tipnet (the tip network, classical fallback) or none "
+        "(default: classical on STM/AFM, none on STEM/SEM)",
+    )
     run.add_argument("--png", help="also write the overview figure here")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -173,7 +178,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "instrument": args.instrument,
             "policy": args.policy,
             "policy_options": default_policy_options(args.policy, kind, args.target_snr),
-            "assessor": default_assessor(kind),
+            "assessor": args.assessor or default_assessor(kind),
             "assessor_options": {},
             "quality": "snr",
             "frames": args.frames,

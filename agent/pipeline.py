@@ -6,10 +6,12 @@ and ``--resume`` rebuild exactly the same perception and policy from that mappin
 
 ``policy``            policy name for :func:`policies.base.make_policy` (``rule``, ``none``, ...)
 ``policy_options``    keyword options of that policy (JSON-able; e.g. ``{"target_snr": 5.0}``)
-``assessor``          tip assessor name (``classical``, ``none``); absent or None: the default
-                      for the instrument kind (``classical`` on SPM, ``none`` on STEM/SEM)
+``assessor``          tip assessor name (``classical``, ``tipnet``, ``none``); absent or None:
+                      the default for the instrument kind (``classical`` on SPM, ``none`` on
+                      STEM/SEM)
 ``assessor_options``  keyword options of the tip assessor (for ``classical``: fields of
-                      :class:`~agent.perception.classical.ClassicalConfig`)
+                      :class:`~agent.perception.classical.ClassicalConfig`; for ``tipnet``:
+                      see :func:`_tipnet`)
 ``quality``           image-quality assessor name (``snr``, ``none``); absent: ``snr``
 
 Other keys (instrument URI, seed, frames, ...) belong to the run and are ignored here.
@@ -43,6 +45,39 @@ def _classical(**options: Any) -> Assessor:
         raise ConfigError(f"classical tip assessor: {exc}; see ClassicalConfig") from None
 
 
+def _tipnet(**options: Any) -> Assessor:
+    """The tip-state network with the classical assessor as fallback and recorded baseline.
+
+    Options: ``reject_uncertainty`` (0–1; above it the network defers to the classical
+    assessor; default from the model card), ``weights_dir`` (default: the shipped weights),
+    ``baseline`` (false: skip the classical verdict on frames the network is sure of) and any
+    :class:`~agent.perception.classical.ClassicalConfig` field for the fallback.
+    """
+    import math
+
+    from agent.perception.classical import ClassicalConfig, ClassicalTipAssessor
+    from agent.perception.registry import WEIGHTS_DIR
+    from agent.perception.tip_net import TipModel, TipNetAssessor
+
+    own = {"reject_uncertainty", "weights_dir", "baseline"}
+    classical = {k: v for k, v in options.items() if k not in own}
+    try:
+        fallback = ClassicalTipAssessor(ClassicalConfig(**classical))
+    except TypeError as exc:  # an unknown keyword
+        raise ConfigError(
+            f"tipnet tip assessor: {exc}; it takes {sorted(own)} and ClassicalConfig fields"
+        ) from None
+    model = TipModel.load(options.get("weights_dir") or WEIGHTS_DIR)
+    if "reject_uncertainty" in options:
+        value = options["reject_uncertainty"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and 0 <= value <= 1
+        ):
+            raise ConfigError(f"tipnet reject_uncertainty must be in [0, 1], got {value!r}")
+        model.reject_uncertainty = float(value)
+    return TipNetAssessor(model, fallback=fallback, baseline=bool(options.get("baseline", True)))
+
+
 def _snr(**options: Any) -> QualityAssessor:
     from agent.perception.quality import ImageQualityAssessor
 
@@ -51,7 +86,7 @@ def _snr(**options: Any) -> QualityAssessor:
     return ImageQualityAssessor()
 
 
-TIP_ASSESSORS: dict[str, Callable[..., Assessor]] = {"classical": _classical}
+TIP_ASSESSORS: dict[str, Callable[..., Assessor]] = {"classical": _classical, "tipnet": _tipnet}
 """Tip assessor factories by name; each takes the ``assessor_options`` as keywords."""
 
 QUALITY_ASSESSORS: dict[str, Callable[..., QualityAssessor]] = {"snr": _snr}

@@ -14,7 +14,9 @@
    parameters) on its 64² input; ratios against the tip network.
 3. The VGG trained briefly (``--vgg-steps`` Adam steps on random 64² crops of the tip model's
    training frames, the first ``--vgg-frames`` of them, same labels) and scored on the centre
-   64² crop of each held-out frame, next to the tip network on the same frames.
+   64² crop of each held-out frame, next to the tip network on the same frames. The trained VGG
+   is kept in ``--out-dir`` (``vgg.pt``) and reused by a later run with the same settings;
+   ``--only-train-vgg`` trains it and stops.
 
 Writes ``results.json`` and the evaluation plot under ``--out-dir`` (default bench/out/tip_bench).
 """
@@ -22,6 +24,7 @@ Writes ``results.json`` and the evaluation plot under ``--out-dir`` (default ben
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -100,7 +103,7 @@ def latency(model: TipModel, frame_data: np.ndarray, repeats: int) -> dict[str, 
     vgg = DeepSPMVGG().eval()
     vgg.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     xv = torch.randn(1, 1, VGG_INPUT, VGG_INPUT).contiguous(memory_format=torch.channels_last)
-    assessor = TipNetAssessor(model)
+    assessor = TipNetAssessor(model, baseline=False)
     classical = ClassicalTipAssessor()
     frame = as_frame(frame_data, 0.0625)
     with torch.inference_mode():
@@ -144,17 +147,19 @@ def crops64(image: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
     return normalise(image[top : top + VGG_INPUT, left : left + VGG_INPUT])
 
 
-def vgg_comparison(
-    model: TipModel, steps: int, frames: int, test: list[Any], seed: int, progress: bool
-) -> dict[str, Any]:
+def train_vgg(
+    steps: int, frames: int, seed: int, progress: bool
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The DeepSPM-sized VGG trained on random 64² crops of the first ``frames`` training frames
+    (the tip model's seeds and simulator parameters), batch 16, Adam 1e-4."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    train = tip_task._simulate_cached(
-        tip_task.train_recipe(frames), None, "simulating VGG training frames", progress
-    )
-    card = model.card
+    first = tip_task.TRAIN_SEED0
+    recipe = dataclasses.replace(tip_task.train_recipe(frames, first), pairs=False)
+    train = simulate(recipe, progress=progress, desc="simulating VGG training frames")
+    card = tip_card()
     images = [resample_to_pixel_size(s.data, s.pixel_size_nm, card) for s in train]
     labels = np.array([s.label for s in train])
     vgg = DeepSPMVGG()
@@ -171,12 +176,30 @@ def vgg_comparison(
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    train_s = time.perf_counter() - t0
     vgg.eval()
+    info = {
+        "vgg_train_frames": frames,
+        "vgg_steps": steps,
+        "vgg_batch": 16,
+        "vgg_train_s": time.perf_counter() - t0,
+        "vgg_threads": torch.get_num_threads(),
+        "vgg_final_loss": float(np.mean(losses[-20:])) if losses else None,
+    }
+    return vgg, info
+
+
+def tip_card() -> Any:
+    from agent.perception.tip_train import _card_for
+
+    return _card_for([])
+
+
+def score_vgg(vgg: nn.Module, model: TipModel, test: list[Any]) -> dict[str, Any]:
+    """VGG on the centre 64² crop of each held-out frame, the tip net on the whole frame."""
     truth, vgg_pred, net_pred = [], [], []
     with torch.inference_mode():
         for s in test:
-            img = resample_to_pixel_size(s.data, s.pixel_size_nm, card)
+            img = resample_to_pixel_size(s.data, s.pixel_size_nm, model.card)
             x = torch.from_numpy(crops64(img, None))[None, None]
             vgg_pred.append(int(vgg(x).argmax()))
             probs, _ = model.probabilities(model.prepare(s.data, s.pixel_size_nm))
@@ -185,17 +208,30 @@ def vgg_comparison(
     y, pv, pn = np.array(truth), np.array(vgg_pred), np.array(net_pred)
     good = STATES.index(TipState.GOOD)
     return {
-        "vgg_train_frames": frames,
-        "vgg_steps": steps,
-        "vgg_batch": 16,
-        "vgg_train_s": train_s,
-        "vgg_final_loss": float(np.mean(losses[-20:])) if losses else None,
         "test_frames": len(test),
         "vgg_accuracy": float(np.mean(pv == y)),
         "vgg_good_vs_bad_accuracy": float(np.mean((pv == good) == (y == good))),
         "tipnet_accuracy": float(np.mean(pn == y)),
         "tipnet_good_vs_bad_accuracy": float(np.mean((pn == good) == (y == good))),
     }
+
+
+def load_or_train_vgg(
+    args: argparse.Namespace, out: Path, progress: bool
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The VGG of an earlier ``--only-train-vgg`` run with the same settings, or a new one."""
+    state_path, info_path = out / "vgg.pt", out / "vgg.json"
+    if state_path.is_file() and info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if (info["vgg_steps"], info["vgg_train_frames"]) == (args.vgg_steps, args.vgg_frames):
+            loaded = DeepSPMVGG()
+            loaded.load_state_dict(torch.load(state_path, weights_only=True))
+            print(f"using the VGG trained earlier ({state_path})")
+            return loaded.eval(), info
+    vgg, info = train_vgg(args.vgg_steps, args.vgg_frames, 0, progress)
+    torch.save(vgg.state_dict(), state_path)
+    info_path.write_text(json.dumps(info))
+    return vgg, info
 
 
 def main() -> int:
@@ -208,12 +244,18 @@ def main() -> int:
     parser.add_argument("--vgg-frames", type=int, default=300)
     parser.add_argument("--weights-dir", default=str(WEIGHTS_DIR))
     parser.add_argument("--out-dir", default="bench/out/tip_bench")
+    parser.add_argument(
+        "--only-train-vgg", action="store_true", help="train the VGG baseline, save it, stop"
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     progress = not args.quiet
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.only_train_vgg:
+        load_or_train_vgg(args, out, progress)
+        return 0
     model = TipModel.load(args.weights_dir)
     print(f"machine: {machine()}; torch threads {torch.get_num_threads()}")
     print(f"model: tip {model.card.version} sha256 {model.card.sha256[:12]}")
@@ -271,8 +313,9 @@ def main() -> int:
         if key in lat:
             print(f"  {key} {lat[key]:.3f} ms")
     if args.vgg_steps > 0:
+        vgg, info = load_or_train_vgg(args, out, progress)
         test = simulate(tip_task.heldout_recipe(args.frames), progress=False)
-        comp = vgg_comparison(model, args.vgg_steps, args.vgg_frames, test, 0, progress)
+        comp = {**info, **score_vgg(vgg, model, test)}
         results["vgg"] = comp
         print(
             f"\n== DeepSPM-sized VGG trained {comp['vgg_steps']} steps "

@@ -209,6 +209,9 @@ class TipNetAssessor:
     the model's ``reject_uncertainty`` (or the frame is too short or not assessable) the classical
     assessor's estimate is returned instead, with ``source`` naming both and
     ``features["tipnet_rejected"] = 1`` plus the network's uncertainty, so the record says why.
+    With ``baseline`` (the default) the classical assessor also judges every frame the network
+    accepts and its verdict is recorded beside it (``baseline_p_good``, ``baseline_uncertainty``,
+    ``baseline_agrees``), so a session shows where the two disagree.
     :meth:`watch` judges the last 16 lines of a partial frame (to abort a scan early).
     """
 
@@ -220,6 +223,7 @@ class TipNetAssessor:
         *,
         fallback: Any | None = None,
         directory: str | Path | None = None,
+        baseline: bool = True,
     ) -> None:
         if model is None:
             model = TipModel.load(directory if directory is not None else WEIGHTS_DIR)
@@ -229,6 +233,7 @@ class TipNetAssessor:
 
             fallback = ClassicalTipAssessor()
         self.fallback = fallback
+        self.baseline = baseline
         self.version = f"{model.card.version}+{model.card.sha256[:8]}"
 
     def _pixel_nm(self, frame: Frame) -> tuple[float, float]:
@@ -253,6 +258,11 @@ class TipNetAssessor:
                 f"{self.model.reject_uncertainty:.2f}, most likely {STATES[top]})",
                 features,
             )
+        if self.baseline:  # the classical verdict on the same frame, for the record
+            base = self.fallback.assess(frame)
+            features["baseline_p_good"] = float(base.p_good)
+            features["baseline_uncertainty"] = float(base.uncertainty)
+            features["baseline_agrees"] = float(base.state is STATES[top])
         return TipEstimate(
             state=STATES[top],
             probabilities={s: float(p) for s, p in zip(STATES, probs, strict=True)},
@@ -311,20 +321,25 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature minimising the negative log-likelihood of ``softmax(logits / T)``."""
-    z = torch.as_tensor(logits, dtype=torch.float64)
-    y = torch.as_tensor(labels, dtype=torch.long)
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+    """The temperature minimising the negative log-likelihood of ``softmax(logits / T)``
+    (bounded scalar search over log T in [-4, 4]; the NLL is convex in 1/T)."""
+    from scipy.optimize import minimize_scalar
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(z / log_t.exp(), y)
-        loss.backward()
-        return loss
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if z.ndim != 2 or len(z) != len(y) or len(y) == 0:
+        raise ModelError(
+            f"temperature fit needs (N, K) logits and N labels, got {z.shape}, {y.shape}"
+        )
 
-    opt.step(closure)
-    t = float(log_t.exp().item())
+    def nll(log_t: float) -> float:
+        scaled = z / math.exp(log_t)
+        scaled = scaled - scaled.max(axis=1, keepdims=True)
+        log_norm = np.log(np.exp(scaled).sum(axis=1))
+        return float(np.mean(log_norm - scaled[np.arange(len(y)), y]))
+
+    result = minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded", options={"xatol": 1e-6})
+    t = math.exp(float(result.x))
     if not math.isfinite(t) or t <= 0:
         raise ModelError(f"temperature fit failed (got {t})")
     return t

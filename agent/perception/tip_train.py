@@ -186,10 +186,10 @@ def train_model(
         sched.step()
         history["step"].append(step)
         history["loss"].append(float(loss.detach()))
-        history["frame_loss"].append(float(lf))
-        history["recent_loss"].append(float(lr_))
+        history["frame_loss"].append(float(lf.detach()))
+        history["recent_loss"].append(float(lr_.detach()))
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
     history["train_s"] = time.perf_counter() - t0
     net.eval()
     history["validation"] = calibrate(net, prepare(val, base), rng)

@@ -1,0 +1,219 @@
+"""The tip-state network: the committed weights, bad input, calibration helpers, the agent's
+assessor with its classical fallback, the CLI, and reproducible training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agent.cli import main
+from agent.perception.registry import WEIGHTS_DIR, file_sha256, read_card
+from agent.perception.tasks import tip as tip_task
+from agent.perception.tip_data import STATES, TipRecipe, TipSample, simulate, stitch
+from agent.perception.tip_eval import as_frame
+from agent.perception.tip_net import (
+    TipModel,
+    TipNetAssessor,
+    expected_calibration_error,
+    fit_temperature,
+    softmax,
+)
+from agent.perception.tip_train import TrainConfig, train_model
+from drivers.errors import DataError, ModelError
+from drivers.frame import TipState
+
+# held-out seeds (training uses 10,000,000 + i), one frame per tip state, Au(111) at 16 nm
+HELDOUT = TipRecipe(seeds=(20_500_000, 20_500_010), size_nm=(16.0, 16.0), pairs=False)
+
+
+@pytest.fixture(scope="module")
+def model() -> TipModel:
+    return TipModel.load()
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[TipSample]:
+    return simulate(HELDOUT, progress=False)
+
+
+def test_committed_weights_are_small_and_match_their_card() -> None:
+    card = read_card("tip")
+    weights = WEIGHTS_DIR / "tip.pt"
+    assert weights.stat().st_size <= 5 * 1024 * 1024
+    assert file_sha256(weights) == card.sha256
+    assert card.metrics and card.training["command"].startswith("scopepilot train tip")
+
+
+def test_committed_weights_classify_held_out_frames(
+    model: TipModel, frames: list[TipSample]
+) -> None:
+    predicted = []
+    for s in frames:
+        probs, _ = model.probabilities(model.prepare(s.data, s.pixel_size_nm))
+        assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+        predicted.append(int(np.argmax(probs)))
+    truth = [s.label for s in frames]
+    assert sorted(set(truth)) == list(range(len(STATES)))  # every state is in the test
+    correct = sum(p == t for p, t in zip(predicted, truth, strict=True))
+    assert correct >= len(frames) - 1, (truth, predicted)
+
+
+def test_partial_frame_and_mid_scan_change(model: TipModel, frames: list[TipSample]) -> None:
+    good = next(s for s in frames if s.label == STATES.index(TipState.GOOD))
+    assessor = TipNetAssessor(model)
+    assert assessor.watch(as_frame(good.data, good.pixel_size_nm, 10)) is None  # < 16 lines
+    est = assessor.assess(as_frame(good.data, good.pixel_size_nm, 96))
+    assert est.state is TipState.GOOD
+    crashed = next(s for s in frames if s.label == STATES.index(TipState.CRASHED))
+    changed = stitch(good.data, crashed.data, 100)  # different places: a crash looks the same
+    seen = assessor.watch(as_frame(changed, good.pixel_size_nm, 100 + 16))
+    assert seen is not None and seen.state is TipState.CRASHED
+
+
+@pytest.mark.parametrize(
+    ("image", "pixel_nm", "words"),
+    [
+        (np.zeros((2, 64, 64)), 0.0625, "2-D"),
+        (np.zeros((0, 64)), 0.0625, "empty"),
+        (np.full((64, 64), np.nan), 0.0625, "NaN"),
+        (np.full((64, 64), np.inf), 0.0625, "infinite"),
+        (np.zeros((64, 64)), 0.5, "outside the tip model's range"),
+        (np.zeros((64, 64)), float("nan"), "positive and finite"),
+        (np.zeros((8, 64)), 0.0625, "at least 16 lines"),
+    ],
+)
+def test_bad_input_is_a_data_error(
+    model: TipModel, image: np.ndarray, pixel_nm: float, words: str
+) -> None:
+    with pytest.raises(DataError, match=words):
+        model.predict(image, pixel_nm)
+
+
+def test_corrupt_or_missing_weights_are_model_errors(tmp_path: Path) -> None:
+    shutil.copy(WEIGHTS_DIR / "tip.json", tmp_path / "tip.json")
+    raw = bytearray((WEIGHTS_DIR / "tip.pt").read_bytes())
+    raw[100] ^= 0x01
+    (tmp_path / "tip.pt").write_bytes(bytes(raw))
+    with pytest.raises(ModelError, match="corrupt"):
+        TipModel.load(tmp_path)
+    (tmp_path / "tip.pt").unlink()
+    with pytest.raises(ModelError, match="missing"):
+        TipModel.load(tmp_path)
+    with pytest.raises(ModelError, match="no model card"):
+        TipModel.load(tmp_path / "empty")
+
+
+def test_unsure_network_falls_back_to_classical_and_says_why(
+    model: TipModel, frames: list[TipSample]
+) -> None:
+    strict = TipModel(model.net, model.card)
+    strict.reject_uncertainty = 0.0  # every output counts as unsure
+    est = TipNetAssessor(strict).assess(as_frame(frames[0].data, frames[0].pixel_size_nm))
+    assert est.source.startswith("classical (fallback: tip model unsure")
+    assert est.features["tipnet_rejected"] == 1.0 and "tipnet_uncertainty" in est.features
+    nan_frame = as_frame(frames[0].data, frames[0].pixel_size_nm)
+    nan_frame.data[3, 3] = np.nan
+    est = TipNetAssessor(model).assess(nan_frame)
+    assert "cannot judge this frame" in est.source and est.features["tipnet_rejected"] == 1.0
+
+
+def test_temperature_fit_and_ece_known_answers() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=2.0, size=(2000, 5))
+    cumulative = np.cumsum(softmax(logits), axis=1)
+    labels = np.minimum((rng.random((2000, 1)) > cumulative).sum(axis=1), 4)  # sampled
+    assert fit_temperature(3.0 * logits, labels) == pytest.approx(3.0, rel=0.1)
+    assert expected_calibration_error(softmax(logits), labels) < 0.03
+    assert expected_calibration_error(softmax(5.0 * logits), labels) > 0.1
+    sure = np.eye(5)[labels]
+    assert expected_calibration_error(sure, labels) == 0.0
+
+
+def test_infer_cli_on_npy_and_bad_file(
+    frames: list[TipSample], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    np.save(tmp_path / "f.npy", frames[0].data)
+    assert main(["infer", "tip", str(tmp_path / "f.npy"), "--pixel-size-nm", "0.0625"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["frame"]["state"] in [str(s) for s in STATES]
+    assert set(out["recent_lines"]["probabilities"]) == {str(s) for s in STATES}
+    (tmp_path / "g.npy").write_bytes(b"\x93NUMPY broken")
+    assert main(["infer", "tip", str(tmp_path / "g.npy"), "--pixel-size-nm", "0.0625"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert main(["infer", "tip", str(tmp_path / "f.npy")]) == 2
+    assert "--pixel-size-nm" in capsys.readouterr().err
+
+
+def _fake_samples(n: int, seed: int) -> list[TipSample]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        data = (rng.normal(size=(200, 200)) * 1e-11 * (1 + i % 5)).astype(np.float32)
+        twin = data * 0.5 if i % 5 else None
+        out.append(TipSample(data, 0.0625, i % 5, i, "au111", twin))
+    return out
+
+
+def test_training_is_reproducible_by_seed() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = TrainConfig(steps=3, batch=4, width=4, seed=3)
+        train, val = _fake_samples(10, 0), _fake_samples(5, 1)
+        net_a, card_a, hist_a = train_model(train, val, config, progress=False)
+        net_b, _, hist_b = train_model(train, val, config, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert hist_a["loss"] == hist_b["loss"]
+    for a, b in zip(net_a.state_dict().values(), net_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert card_a.architecture["width"] == 4 and card_a.name == "tip"
+
+
+def test_task_parsers_know_their_options() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    tip_task.add_train_arguments(parser)
+    args = parser.parse_args(["--steps", "5", "--seed", "2"])
+    assert (args.steps, args.seed, args.threads) == (5, 2, 2)
+
+
+def test_pipeline_builds_the_tipnet_assessor_with_its_options() -> None:
+    from agent.pipeline import build_pipeline
+    from drivers.errors import ConfigError
+
+    pipe = build_pipeline(
+        {"assessor": "tipnet", "assessor_options": {"reject_uncertainty": 0.2, "ghost_at": 0.3}},
+        kind="stm",
+    )
+    assert isinstance(pipe.assessor, TipNetAssessor)
+    assert pipe.assessor.model.reject_uncertainty == 0.2
+    assert pipe.assessor.fallback.config.ghost_at == 0.3
+    assert pipe.versions()["assessor"].startswith("tipnet 1.0+")
+    with pytest.raises(ConfigError, match="reject_uncertainty"):
+        build_pipeline(
+            {"assessor": "tipnet", "assessor_options": {"reject_uncertainty": 2}}, kind="stm"
+        )
+    with pytest.raises(ConfigError, match="tipnet tip assessor"):
+        build_pipeline({"assessor": "tipnet", "assessor_options": {"no_such": 1}}, kind="stm")
+
+
+def test_run_with_the_tip_network_records_its_estimates(tmp_path: Path) -> None:
+    from agent.session import Session
+
+    out = tmp_path / "s.zarr"
+    args = ["run", "--assessor", "tipnet", "--frames", "3", "--shape", "128", "--size-nm", "8"]
+    assert main([*args, "--seed", "2", "--out", str(out), "--quiet"]) == 0
+    session = Session(str(out))
+    assert session.versions["assessor"].startswith("tipnet")
+    tips = [e["payload"]["tip"] for e in session.events("perception")]
+    assert len(tips) == 3 and all(t is not None for t in tips)
+    for tip in tips:  # the network's verdict, or the classical one with the reason
+        assert tip["source"] == "tipnet" or tip["source"].startswith("classical (fallback:")
+        assert "tipnet_rejected" in tip["features"]
