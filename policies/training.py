@@ -76,8 +76,8 @@ def train_masked_ppo(
     """Train a ``kind`` policy and write it to ``out`` (and the learning curve to ``curve_png``).
 
     ``make_env()`` builds one environment with an ``action_masks()`` method. With
-    ``checkpoint_every`` > 0 the network so far is also exported to ``out`` every that many
-    steps (a long run that is stopped leaves a usable policy).
+    ``checkpoint_every`` > 0 the network so far (and the learning curve so far) is also written
+    every that many steps, so a long run that is stopped leaves a usable policy and its curve.
     """
     import torch
     from sb3_contrib import MaskablePPO
@@ -123,6 +123,13 @@ def train_masked_ppo(
                     partial,
                     {**recipe, "steps": int(self.num_timesteps), "checkpoint": 1},
                 )
+                if curve_png is not None and episodes:
+                    plot_learning_curve(
+                        episodes,
+                        Path(curve_png),
+                        title=f"{kind} policy, MaskablePPO, seed {seed} "
+                        f"(checkpoint at {self.num_timesteps} steps)",
+                    )
             for info in self.locals.get("infos", ()):
                 ep = info.get("episode")
                 if ep is not None:
