@@ -1,0 +1,408 @@
+"""The ``sr`` model: clean HAADF-STEM images from low-dose frames and partial scans, with a
+per-pixel uncertainty.
+
+The network (:class:`~agent.perception.pixel_unet.PixelUNet`) sees two channels: the frame
+divided by its mean (0 at unvisited pixels) and the sampling mask (1 where the beam dwelt); it
+returns the mean and the log-variance of a Gaussian for every pixel of the noise-free image,
+trained with the β-NLL loss (Seitzer et al. 2022, β = 0.5) so the variance is learnt without
+starving the mean (β = 1, squared-error gradients for the mean, with 1/20 scans weighted up,
+scored 1 dB worse at a quarter dose in the same held-out evaluation). After training one
+temperature ``T`` rescales σ so that the normalised errors of validation frames have unit
+variance (calibration); a frame whose median σ exceeds
+``reject_relative_sigma`` of its intensity range is marked ``reject`` (the agent does not act on
+it blindly).
+
+Training data are ``sim:stem`` frames (MoS2 and WS2, 0.23–0.27 Å pixels, 0.25–8 µs dwell, full
+rasters and random / line / spiral partial scans at 1/30 to 1/10 coverage); evaluation uses other
+seeds and shifted beam current, drift and source size (:mod:`agent.perception.tasks.sr_eval`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from agent.perception.pixel_unet import PixelUNet
+from agent.perception.registry import (
+    WEIGHTS_DIR,
+    ModelCard,
+    check_image,
+    load_model,
+    resample_to_pixel_size,
+    save_model,
+    tiled_inference,
+)
+from agent.perception.tasks.stem_data import (
+    PIXEL_SIZE_M,
+    StemRecipe,
+    StemSample,
+    image_scale,
+    shuffled_crops,
+    simulate,
+)
+from agent.perception.tasks.stem_train import fit, save_loss_curve, seed_everything
+from drivers.errors import DataError, ModelError
+
+log = logging.getLogger(__name__)
+
+NAME = "sr"
+VERSION = "1"
+CHANNELS = ("haadf_over_mean", "sampled")
+WIDTHS = (32, 48, 64, 96)
+PIXEL_SIZE_RANGE_NM = (0.0125, 0.05)
+TILE_PX = 512
+LOGVAR_RANGE = (-12.0, 6.0)
+BETA = 0.5
+TRAIN_PATTERNS: tuple[tuple[str, float], ...] = (
+    ("raster", 1.0),
+    ("raster", 1.0),
+    ("raster", 1.0),
+    ("random", 0.05),
+    ("random", 1 / 30),
+    ("random", 0.1),
+    ("lines", 0.05),
+    ("lines", 0.1),
+    ("spiral", 0.05),
+    ("spiral", 0.1),
+)
+"""(pattern, fraction) of training frames, drawn uniformly (full rasters three times as often)."""
+TRAIN_DWELL_S = (0.25e-6, 8e-6)
+
+
+# ---------------------------------------------------------------------- model and inputs
+
+
+def build(card: ModelCard) -> PixelUNet:
+    """The untrained network described by ``card.architecture``."""
+    arch = card.architecture
+    return PixelUNet(
+        int(arch.get("in_channels", 2)),
+        int(arch.get("out_channels", 2)),
+        factor=int(arch.get("factor", 4)),
+        widths=tuple(int(w) for w in arch.get("widths", WIDTHS)),
+    )
+
+
+def model_inputs(image: np.ndarray) -> tuple[np.ndarray, float]:
+    """``(2, H, W) float32`` network input of an ``(H, W)`` frame (NaN = not visited) and the
+    scale it was divided by."""
+    scale = image_scale(image)
+    sampled = np.isfinite(image)
+    x = np.where(sampled, image / scale, 0.0).astype(np.float32)
+    return np.stack([x, sampled.astype(np.float32)]), scale
+
+
+def split_output(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Network output ``(N, 2, H, W)`` -> (mean, log-variance), the latter clamped."""
+    return out[:, 0], out[:, 1].clamp(*LOGVAR_RANGE)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What :func:`recover` returns: ``image`` and ``sigma`` ``(H, W) float32`` in the input's
+    units, ``relative_uncertainty`` (median σ over the recovered intensity range), ``reject``
+    and its ``reason`` (empty when the result can be used)."""
+
+    image: np.ndarray
+    sigma: np.ndarray
+    relative_uncertainty: float
+    reject: bool
+    reason: str
+    coverage: float
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(directory: str) -> tuple[nn.Module, ModelCard]:
+    return load_model(NAME, build, directory, version=VERSION)
+
+
+def load(directory: str | Path = WEIGHTS_DIR) -> tuple[nn.Module, ModelCard]:
+    """The trained model and its card (cached per directory)."""
+    return _cached_model(str(Path(directory).resolve()))
+
+
+def run_network(model: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` ``(2, H, W)`` -> (mean, log-variance) ``(H, W)`` in normalised units."""
+    h, w = x.shape[1:]
+    multiple = model.multiple() if isinstance(model, PixelUNet) else 32
+    tile = min(TILE_PX, -(-max(h, w) // multiple) * multiple)
+    out = tiled_inference(model, x, tile=tile, overlap=64, batch_size=4)
+    return out[0], np.clip(out[1], *LOGVAR_RANGE)
+
+
+def recover(
+    image: Any,
+    pixel_size_nm: float,
+    *,
+    model: nn.Module | None = None,
+    card: ModelCard | None = None,
+) -> Recovery:
+    """Recover the noise-free image of a HAADF-STEM frame (full, low-dose or partial scan).
+
+    ``image`` is ``(H, W)`` detector counts (NaN marks pixels a partial scan skipped),
+    ``pixel_size_nm`` its pixel size. Raises :class:`DataError` for bad input (wrong shape,
+    infinities, no finite pixel, pixel size out of range, a non-positive mean) and
+    :class:`ModelError` when the weights cannot be loaded.
+    """
+    if model is None or card is None:
+        model, card = load()
+    arr = check_image(image, allow_nan=True, min_size=8)
+    coverage = float(np.isfinite(arr).mean())
+    work = resample_to_pixel_size(arr, pixel_size_nm, card)
+    x, scale = model_inputs(work)
+    mean_n, logvar = run_network(model, x)
+    temperature = float(card.training.get("temperature", 1.0))
+    mean = mean_n * scale
+    sigma = np.exp(0.5 * logvar) * temperature * scale
+    if work.shape != arr.shape:
+        from skimage.transform import resize
+
+        mean = resize(mean, arr.shape, order=1, preserve_range=True)
+        sigma = resize(sigma, arr.shape, order=1, preserve_range=True)
+    span = float(np.percentile(mean, 99.9) - np.percentile(mean, 0.1))
+    relative = float(np.median(sigma) / span) if span > 0 else math.inf
+    limit = float(card.training.get("reject_relative_sigma", 0.05))
+    reject = not relative <= limit
+    reason = (
+        f"median uncertainty {relative:.3f} of the intensity range exceeds {limit:.3f}"
+        if reject
+        else ""
+    )
+    return Recovery(
+        np.asarray(mean, np.float32),
+        np.asarray(sigma, np.float32),
+        relative,
+        reject,
+        reason,
+        coverage,
+    )
+
+
+def infer(image: np.ndarray, pixel_size_nm: float) -> dict[str, Any]:
+    """JSON-able result of :func:`recover` (``image`` and ``sigma`` as nested lists)."""
+    _, card = load()
+    result = recover(image, pixel_size_nm)
+    return {
+        "model": NAME,
+        "version": card.version,
+        "weights_sha256": card.sha256,
+        "shape": list(result.image.shape),
+        "coverage": result.coverage,
+        "relative_uncertainty": result.relative_uncertainty,
+        "reject": result.reject,
+        "reason": result.reason,
+        "image": np.round(result.image, 4).tolist(),
+        "sigma": np.round(result.sigma, 4).tolist(),
+    }
+
+
+# ---------------------------------------------------------------------- training
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="seeds data, crops and weights")
+    parser.add_argument("--frames", type=int, default=240, help="simulated 256² training frames")
+    parser.add_argument("--val-frames", type=int, default=24, help="validation frames")
+    parser.add_argument("--steps", type=int, default=2500, help="optimiser steps")
+    parser.add_argument("--batch", type=int, default=8, help="crops per step")
+    parser.add_argument("--crop", type=int, default=128, help="crop size in pixels")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--max-minutes", type=float, default=28.0, help="safety stop")
+    parser.add_argument("--out", default=str(WEIGHTS_DIR), help="weights directory")
+    parser.add_argument(
+        "--plots", default="bench/out/perception", help="directory of the loss-curve PNG"
+    )
+
+
+def train_recipe(seed: int, frames: int) -> StemRecipe:
+    return StemRecipe(seed=seed, frames=frames, patterns=TRAIN_PATTERNS, dwell_s=TRAIN_DWELL_S)
+
+
+def stack_samples(samples: list[StemSample]) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs ``(N, 2, H, W)`` and normalised clean targets ``(N, H, W)``."""
+    xs, ys = [], []
+    for s in samples:
+        x, scale = model_inputs(s.image)
+        xs.append(x)
+        ys.append(s.clean / scale)
+    return np.stack(xs), np.stack(ys).astype(np.float32)
+
+
+def _crop_batch(
+    x: np.ndarray,
+    y: np.ndarray,
+    crops: list[tuple[int, int, int]],
+    rng: np.random.Generator,
+    crop: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    bx = np.empty((len(crops), 2, crop, crop), np.float32)
+    by = np.empty((len(crops), crop, crop), np.float32)
+    for i, (k, r, c) in enumerate(crops):
+        cx, cy = x[k, :, r : r + crop, c : c + crop], y[k, r : r + crop, c : c + crop]
+        if rng.random() < 0.5:  # mirror across the slow-scan axis (keeps the scan direction)
+            cx, cy = cx[:, ::-1], cy[::-1]
+        bx[i], by[i] = cx, cy
+    return torch.from_numpy(bx), torch.from_numpy(by)
+
+
+def beta_nll(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """β-NLL of the clean target under the predicted Gaussians (β = :data:`BETA`)."""
+    x, y = batch
+    mean, logvar = split_output(model(x))
+    var = logvar.exp()
+    nll = 0.5 * (logvar + (y - mean) ** 2 / var)
+    return (nll * var.detach() ** BETA).mean()
+
+
+def fit_temperature(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    """The factor ``T`` that makes ``(y - mean) / (T σ)`` have unit variance on ``x``."""
+    z2 = []
+    for i in range(x.shape[0]):
+        mean, logvar = run_network(model, x[i])
+        z2.append(float(np.mean((y[i] - mean) ** 2 / np.exp(logvar))))
+    return float(math.sqrt(np.mean(z2)))
+
+
+def train(args: argparse.Namespace) -> int:
+    """``scopepilot train sr``: simulate, train, calibrate, evaluate briefly, save."""
+    seed_everything(args.seed, args.threads)
+    rng = np.random.default_rng(args.seed)
+    t0 = time.monotonic()
+    samples = simulate(train_recipe(args.seed, args.frames), desc="simulating training frames")
+    val = simulate(
+        train_recipe(args.seed + 1_000_003, args.val_frames), desc="simulating validation frames"
+    )
+    x, y = stack_samples(samples)
+    vx, vy = stack_samples(val)
+    del samples
+    crop = int(args.crop)
+    model = PixelUNet(2, 2, widths=WIDTHS)
+    if crop % model.multiple():
+        raise DataError(f"--crop must be a multiple of {model.multiple()}, got {crop}")
+    val_rng = np.random.default_rng(args.seed + 7)
+    val_batches = [
+        _crop_batch(vx, vy, shuffled_crops(val, crop, args.batch, val_rng), val_rng, crop)
+        for _ in range(4)
+    ]
+
+    def next_batch(step: int) -> tuple[torch.Tensor, ...]:
+        crops = [
+            (
+                int(rng.integers(x.shape[0])),
+                int(rng.integers(x.shape[2] - crop + 1)),
+                int(rng.integers(x.shape[3] - crop + 1)),
+            )
+            for _ in range(args.batch)
+        ]
+        return _crop_batch(x, y, crops, rng, crop)
+
+    result = fit(
+        model,
+        steps=args.steps,
+        lr=args.lr,
+        next_batch=next_batch,
+        loss_fn=beta_nll,
+        val_batches=val_batches,
+        max_minutes=args.max_minutes,
+        desc="training sr",
+    )
+    temperature = fit_temperature(model, vx, vy)
+    card = ModelCard(
+        name=NAME,
+        version=VERSION,
+        task="recover the noise-free HAADF-STEM image from low-dose frames and partial scans",
+        pixel_size_range_nm=PIXEL_SIZE_RANGE_NM,
+        trained_pixel_size_nm=PIXEL_SIZE_M * 1e9,
+        channels=CHANNELS,
+        input_size=(crop, crop),
+        architecture={
+            "kind": "PixelUNet",
+            "in_channels": 2,
+            "out_channels": 2,
+            "factor": 4,
+            "widths": list(WIDTHS),
+            "parameters": _n_params(model),
+        },
+        training={
+            "command": f"scopepilot train sr --seed {args.seed} --frames {args.frames} "
+            f"--steps {args.steps} --batch {args.batch} --crop {crop} --lr {args.lr} "
+            f"--threads {args.threads}",
+            "seed": args.seed,
+            "recipe": _recipe_json(train_recipe(args.seed, args.frames)),
+            "loss": f"beta-NLL (beta={BETA}) of the clean image, Adam, warm-up + cosine lr",
+            "steps_done": result.steps_done,
+            "stopped_early": result.stopped_early,
+            "train_seconds": round(time.monotonic() - t0, 1),
+            "final_val_loss": result.val_loss[-1] if result.val_loss else None,
+            "temperature": temperature,
+            "reject_relative_sigma": 0.05,
+        },
+    )
+    out = Path(args.out)
+    saved = save_model(model, card, out)
+    plot = save_loss_curve(result, Path(args.plots) / "sr_loss.png", "sr: beta-NLL")
+    _cached_model.cache_clear()
+    print(
+        json.dumps(
+            {
+                "weights": str(out / f"{NAME}.pt"),
+                "loss_curve": str(plot),
+                "temperature": temperature,
+                "steps": result.steps_done,
+                "seconds": saved.training["train_seconds"],
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _n_params(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def _recipe_json(recipe: StemRecipe) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(recipe)))
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=500_000, help="held-out seed")
+    parser.add_argument("--areas", type=int, default=16, help="held-out areas per condition")
+    parser.add_argument("--weights", default=str(WEIGHTS_DIR), help="weights directory")
+    parser.add_argument("--out", default="bench/out/perception", help="metrics JSON and plots")
+    parser.add_argument(
+        "--update-card", action="store_true", help="write the held-out metrics into the model card"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """``scopepilot evaluate sr``: held-out metrics as JSON plus an example figure."""
+    from agent.perception.tasks.sr_eval import evaluate_sr, write_report
+
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        model, card = load(args.weights)
+    except ModelError:
+        raise
+    metrics = evaluate_sr(model, card, seed=args.seed, areas=args.areas)
+    write_report(
+        metrics, Path(args.out), card, weights_dir=Path(args.weights) if args.update_card else None
+    )
+    print(json.dumps(metrics["summary"], indent=2))
+    return 0

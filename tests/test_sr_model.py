@@ -1,0 +1,120 @@
+"""The sr network: committed weights, bad input, and recovery on held-out simulated frames
+against trivial baselines (the raw frame, linear interpolation)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.perception.registry import WEIGHTS_DIR, file_sha256, read_card
+from agent.perception.tasks import sr
+from agent.perception.tasks.stem_baselines import interpolate_sparse
+from agent.perception.tasks.stem_metrics import relative_rms
+from drivers.commands import Scan, SetScanPattern
+from drivers.errors import DataError, ModelError
+from drivers.frame import Frame, ScanRegion
+from drivers.registry import open_instrument
+
+PIXEL_NM = 0.025
+HELD_OUT_SEEDS = (7_100_001, 7_100_002)  # training uses seeds drawn from generator seed 0
+
+
+def _frame(seed: int, dwell_s: float, pattern: str = "raster", fraction: float = 1.0) -> Frame:
+    inst = open_instrument(
+        "sim:stem",
+        seed=seed,
+        region=ScanRegion(0.0, 0.0, 128 * PIXEL_NM * 1e-9, 128 * PIXEL_NM * 1e-9),
+        shape_px=(128, 128),
+        dwell_s=dwell_s,
+    )
+    try:
+        inst.execute(Scan(dwell_s=dwell_s))
+        inst.execute(SetScanPattern(pattern, fraction))
+        return inst.acquire()
+    finally:
+        inst.close()
+
+
+def test_committed_weights_match_their_card_and_are_small() -> None:
+    card = read_card("sr")
+    weights = WEIGHTS_DIR / "sr.pt"
+    assert file_sha256(weights) == card.sha256
+    assert weights.stat().st_size <= 5 * 1024 * 1024
+    assert card.version == sr.VERSION
+    assert card.training["temperature"] > 0
+    assert "held_out" in card.metrics
+
+
+@pytest.mark.parametrize("seed", HELD_OUT_SEEDS)
+def test_quarter_dose_recovery_beats_the_raw_frame(seed: int) -> None:
+    frame = _frame(seed, 0.5e-6)
+    assert frame.truth is not None and frame.truth.clean is not None
+    clean = frame.truth.clean
+    result = sr.recover(frame.data, PIXEL_NM)
+    assert result.image.shape == frame.data.shape
+    assert relative_rms(result.image, clean) < 0.5 * relative_rms(frame.data, clean)
+    # the uncertainty is on the scale of the actual error (calibrated within a factor of 2)
+    error = float(np.sqrt(np.mean((result.image - clean) ** 2)))
+    assert 0.5 * error < float(np.sqrt(np.mean(result.sigma**2))) < 2.0 * error
+
+
+@pytest.mark.parametrize("pattern", ["random", "spiral"])
+def test_partial_scan_recovery_beats_linear_interpolation(pattern: str) -> None:
+    frame = _frame(HELD_OUT_SEEDS[0], 2e-6, pattern, 0.05)
+    assert frame.truth is not None and frame.truth.clean is not None
+    result = sr.recover(frame.data, PIXEL_NM)
+    assert np.isfinite(result.image).all()
+    assert relative_rms(result.image, frame.truth.clean) < relative_rms(
+        interpolate_sparse(frame.data), frame.truth.clean
+    )
+
+
+def test_infer_is_json_and_flags_noise_as_uncertain() -> None:
+    frame = _frame(HELD_OUT_SEEDS[1], 2e-6)
+    out = sr.infer(frame.data, PIXEL_NM)
+    text = json.dumps(out)
+    assert json.loads(text)["model"] == "sr"
+    assert np.asarray(out["image"]).shape == (128, 128)
+    assert out["reject"] is False
+    # pure noise of the same mean holds no lattice: the model must not be confident about it
+    noise = np.random.default_rng(0).poisson(0.3, (128, 128)).astype(np.float32) + 0.01
+    assert sr.recover(noise, PIXEL_NM).reject
+
+
+@pytest.mark.parametrize(
+    ("image", "pixel_nm", "message"),
+    [
+        (np.ones((4, 64, 64)), PIXEL_NM, "2-D"),
+        (np.ones(64), PIXEL_NM, "2-D"),
+        (np.full((64, 64), np.nan), PIXEL_NM, "no finite"),
+        (np.where(np.eye(64) > 0, np.inf, 1.0), PIXEL_NM, "infinite"),
+        (np.ones((64, 64)), 0.5, "outside"),
+        (np.zeros((64, 64)), PIXEL_NM, "mean"),
+        (np.ones((0, 64)), PIXEL_NM, "empty"),
+    ],
+)
+def test_bad_input_raises_data_error(image: np.ndarray, pixel_nm: float, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        sr.recover(image, pixel_nm)
+
+
+def test_corrupt_weights_raise_model_error(tmp_path: Path) -> None:
+    shutil.copy(WEIGHTS_DIR / "sr.json", tmp_path / "sr.json")
+    blob = bytearray((WEIGHTS_DIR / "sr.pt").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (tmp_path / "sr.pt").write_bytes(bytes(blob))
+    with pytest.raises(ModelError, match="corrupt"):
+        sr.load(tmp_path)
+
+
+def test_a_card_for_another_architecture_raises_model_error(tmp_path: Path) -> None:
+    card = json.loads((WEIGHTS_DIR / "sr.json").read_text())
+    card["architecture"]["widths"] = [8, 8, 8, 8]
+    (tmp_path / "sr.json").write_text(json.dumps(card))
+    shutil.copy(WEIGHTS_DIR / "sr.pt", tmp_path / "sr.pt")
+    with pytest.raises(ModelError, match=r"wrong shape|does not match"):
+        sr.load(tmp_path)
