@@ -70,8 +70,10 @@ def _tipnet(**options: Any) -> Assessor:
     model = TipModel.load(options.get("weights_dir") or WEIGHTS_DIR)
     if "reject_uncertainty" in options:
         value = options["reject_uncertainty"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and 0 <= value <= 1
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not (math.isfinite(value) and 0 <= value <= 1)
         ):
             raise ConfigError(f"tipnet reject_uncertainty must be in [0, 1], got {value!r}")
         model.reject_uncertainty = float(value)

@@ -48,7 +48,7 @@ MAX_CHANGE_AGE = 48
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1200
+    steps: int = 900
     batch: int = 24
     lr: float = 2e-3
     weight_decay: float = 1e-4

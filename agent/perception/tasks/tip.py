@@ -1,6 +1,7 @@
 """``scopepilot train|evaluate|infer tip``: the tip-state model's commands.
 
-    scopepilot train tip                       # ~15 min on 2 cores: simulate, train, calibrate
+    scopepilot train tip                       # simulate, train, calibrate (40 min on a busy
+                                               # 2-core machine; the shipped weights)
     scopepilot evaluate tip                    # held-out seeds + shifted simulator parameters
     scopepilot infer tip frame.npy --pixel-size-nm 0.0625
 
@@ -40,11 +41,11 @@ def _weights_default() -> str:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--frames", type=int, default=700, help="training frames (default 700)")
+    parser.add_argument("--frames", type=int, default=600, help="training frames (default 600)")
     parser.add_argument(
-        "--val-frames", type=int, default=150, help="calibration frames (default 150)"
+        "--val-frames", type=int, default=120, help="calibration frames (default 120)"
     )
-    parser.add_argument("--steps", type=int, default=1200, help="optimiser steps (default 1200)")
+    parser.add_argument("--steps", type=int, default=900, help="optimiser steps (default 900)")
     parser.add_argument("--batch", type=int, default=24, help="batch size (default 24)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
