@@ -32,7 +32,7 @@ from agent.recorder import SessionRecorder
 from agent.replay import replay_config
 from agent.resume import plan_resume
 from agent.session import Session
-from drivers.commands import Command, command_from_json, command_types
+from drivers.commands import Capability, Command, command_from_json, command_types
 from drivers.errors import ScopePilotError
 from drivers.limits import Limits
 from drivers.registry import open_instrument
@@ -138,7 +138,8 @@ def out_of_range(command: Command) -> list[str]:
 def test_fuzzed_command_json_never_reaches_the_instrument_out_of_range(
     obj: dict[str, Any],
 ) -> None:
-    instrument = FakeInstrument(limits=Limits())  # the instrument itself takes anything
+    # every capability, and instrument limits that take anything: only the envelope decides
+    instrument = FakeInstrument(limits=Limits(), capabilities=frozenset(Capability))
     fates: list[Fate] = []
     gate = CommandGate(instrument, instrument.info(), SafetyEnvelope(LIMITS), on_fate=fates.append)
     for text in (json.dumps(obj), obj):  # the wire form and the parsed form
