@@ -1,6 +1,7 @@
 """Tip conditioning: the RL policy against a random policy and the rule ladder (issue 4).
 
     python bench/policy_tip.py --episodes 200          # held-out seeds 1000000..1000199
+    python bench/policy_tip.py --latency-only          # only the decision latency
 
 Runs :func:`agent.cli_policies.evaluate_tip` (random, rule ladder and the shipped RL network
 on the same held-out episodes of ``sim:stm`` with the classical tip assessor), then times the
@@ -72,8 +73,19 @@ def main() -> int:
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1_000_000)
     parser.add_argument("--out-dir", default=str(ROOT / "bench" / "out" / "policy_tip"))
+    parser.add_argument(
+        "--latency-only", action="store_true", help="only time the decisions (no episodes)"
+    )
     args = parser.parse_args()
     out = Path(args.out_dir)
+    if args.latency_only:
+        lat = decision_latency()
+        print(
+            f"decision latency: rl median {lat['rl_median_s'] * 1e3:.3f} ms, p99 "
+            f"{lat['rl_p99_s'] * 1e3:.3f} ms (target <= 2 ms); rule median "
+            f"{lat['rule_median_s'] * 1e3:.3f} ms; machine: {machine()}"
+        )
+        return 0
     report = evaluate_tip(args.episodes, seed=args.seed)
     latency = decision_latency()
     report["latency"] = latency

@@ -64,6 +64,10 @@ def footprint_m(step: LadderStep) -> float:
     return min(25 * NM * math.sqrt(strength), 30 * NM)
 
 
+_STRONGEST_M = max(footprint_m(s) for s in CONDITIONING_ACTIONS)
+_WEAKEST_M = min(footprint_m(s) for s in CONDITIONING_ACTIONS)
+
+
 def action_index(step: LadderStep) -> int | None:
     """The index of ``step`` in :data:`CONDITIONING_ACTIONS` (None when it is not one of them)."""
     for i, candidate in enumerate(CONDITIONING_ACTIONS):
@@ -101,6 +105,7 @@ class SiteMap:
         self._areas: Iterator[tuple[int, int]] = spiral_sites()
         self._area = next(self._areas)
         self._visited: set[tuple[float, float]] = set()
+        self._site_cache: dict[tuple[int, int], tuple[tuple[float, float], ...]] = {}
 
     # -- queries --------------------------------------------------------------------------------
 
@@ -116,6 +121,9 @@ class SiteMap:
 
     def sites(self) -> list[tuple[float, float]]:
         """The grid sites of the current approach area that keep a frame inside the stage."""
+        cached = self._site_cache.get(self._area)
+        if cached is not None:
+            return list(cached)
         i, j = self._area
         cx = self.origin_m[0] + i * self.area_m
         cy = self.origin_m[1] + j * self.area_m
@@ -132,6 +140,7 @@ class SiteMap:
                     and lim.stage_y_m[0] + half <= y <= lim.stage_y_m[1] - half
                 ):
                     out.append((x, y))
+        self._site_cache = {self._area: tuple(out)}
         return out
 
     # -- changes --------------------------------------------------------------------------------
@@ -149,18 +158,18 @@ class SiteMap:
         one full ring of areas around the stage; None when the whole stage is used up.
         """
         self._visited.add((round(position_m[0], 12), round(position_m[1], 12)))
-        strongest = max(footprint_m(s) for s in CONDITIONING_ACTIONS)
-        weakest = min(footprint_m(s) for s in CONDITIONING_ACTIONS)
         lim = self.limits
         span = max(lim.stage_x_m[1] - lim.stage_x_m[0], lim.stage_y_m[1] - lim.stage_y_m[0])
         max_ring = math.ceil(span / self.area_m) + 1
         while True:
-            for need in (strongest, weakest):
+            sites = self.sites()
+            free = self._free_radii(sites)
+            for need in (_STRONGEST_M, _WEAKEST_M):
                 best: tuple[float, tuple[float, float]] | None = None
-                for site in self.sites():
-                    if (round(site[0], 12), round(site[1], 12)) in self._visited:
+                for site, room in zip(sites, free, strict=True):
+                    if room < need:
                         continue
-                    if self.free_radius_m(*site) < need:
+                    if (round(site[0], 12), round(site[1], 12)) in self._visited:
                         continue
                     dist = math.hypot(site[0] - position_m[0], site[1] - position_m[1])
                     if best is None or dist < best[0]:
@@ -172,6 +181,15 @@ class SiteMap:
             self.area_moves += 1
             if max(abs(self._area[0]), abs(self._area[1])) > max_ring:
                 return None
+
+    def _free_radii(self, sites: Sequence[tuple[float, float]]) -> list[float]:
+        """:meth:`free_radius_m` of every site (one pass over the discs per site)."""
+        discs = [(d.x_m, d.y_m, d.radius_m) for d in self.discs]
+        if not discs:
+            return [math.inf] * len(sites)
+        return [
+            max(0.0, min(math.hypot(x - dx, y - dy) - r for dx, dy, r in discs)) for x, y in sites
+        ]
 
 
 def action_mask(
