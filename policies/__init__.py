@@ -1,1 +1,1 @@
-"""Decision makers: the Policy protocol, rule policies (and later RL policies, scan planners)."""
+"""Decision makers: the Policy protocol, rule policies, RL environments and RL policies."""
