@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.cli import main
 from agent.perception.registry import WEIGHTS_DIR, file_sha256, read_card
 from agent.perception.tasks import defects
 from agent.perception.tasks.stem_baselines import PeakDefectFinder
@@ -120,3 +121,17 @@ def test_truncated_weights_raise_model_error(tmp_path: Path) -> None:
     (tmp_path / "defects.pt").unlink()
     with pytest.raises(ModelError, match="missing"):
         defects.load(tmp_path)
+
+
+def test_training_command_is_reproducible_by_seed_and_infer_reads_files(tmp_path: Path) -> None:
+    args = ["--frames", "3", "--val-frames", "2", "--steps", "3", "--batch", "2", "--threads", "1"]
+    for run in ("a", "b"):
+        out = tmp_path / run
+        assert main(["train", "defects", *args, "--out", str(out), "--plots", str(out)]) == 0
+        assert (out / "defects_loss.png").stat().st_size > 0
+    assert file_sha256(tmp_path / "a" / "defects.pt") == file_sha256(tmp_path / "b" / "defects.pt")
+    frame = _frame(HELD_OUT_SEEDS[0], 64)
+    np.save(tmp_path / "f.npy", frame.data)
+    assert main(["infer", "defects", str(tmp_path / "f.npy"), "--pixel-size-nm", "0.025"]) == 0
+    np.save(tmp_path / "bad.npy", np.full((64, 64), np.nan))
+    assert main(["infer", "defects", str(tmp_path / "bad.npy"), "--pixel-size-nm", "0.025"]) == 2

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.cli import main
 from agent.perception.registry import WEIGHTS_DIR, file_sha256, read_card
 from agent.perception.tasks import sr
 from agent.perception.tasks.stem_baselines import interpolate_sparse
@@ -118,3 +119,17 @@ def test_a_card_for_another_architecture_raises_model_error(tmp_path: Path) -> N
     shutil.copy(WEIGHTS_DIR / "sr.pt", tmp_path / "sr.pt")
     with pytest.raises(ModelError, match=r"wrong shape|does not match"):
         sr.load(tmp_path)
+
+
+def test_training_command_is_reproducible_by_seed(tmp_path: Path) -> None:
+    args = ["--frames", "3", "--val-frames", "2", "--steps", "3", "--batch", "2", "--threads", "1"]
+    for run in ("a", "b"):
+        out = tmp_path / run
+        assert main(["train", "sr", *args, "--out", str(out), "--plots", str(out)]) == 0
+        assert (out / "sr_loss.png").stat().st_size > 0
+    assert file_sha256(tmp_path / "a" / "sr.pt") == file_sha256(tmp_path / "b" / "sr.pt")
+    other = tmp_path / "c"
+    assert (
+        main(["train", "sr", *args, "--seed", "1", "--out", str(other), "--plots", str(other)]) == 0
+    )
+    assert file_sha256(other / "sr.pt") != file_sha256(tmp_path / "a" / "sr.pt")
