@@ -383,6 +383,7 @@ class SessionRecorder:
             self._frames_group = frames
             self._records = self._reopen_log(RECORDS_ARRAY, len(records))
             self._events = self._reopen_log(EVENTS_ARRAY, len(session.events()))
+            self._check_orphan_pixels(records)
             for record in records:
                 name = record["group"]
                 group = self._reopened_group(name)
@@ -427,12 +428,39 @@ class SessionRecorder:
             struct.pack("<I", len(t.encode("utf-8"))) + t.encode("utf-8") for t in texts
         ]
         log_.count = count
-        # Chunks after the current one hold nothing committed (a reader stopped before them).
+        # The recorder writes chunks in order, so none lies past the current one unless records
+        # the reader could not use are there: damage, never overwritten or deleted.
         chunk_dir = self.path / key / "c"
-        for name in os.listdir(chunk_dir) if chunk_dir.is_dir() else ():
-            if name.isdecimal() and int(name) > count // RECORDS_PER_CHUNK:
-                self._store.delete_sync(f"{key}/c/{name}")
+        later = [
+            name
+            for name in (os.listdir(chunk_dir) if chunk_dir.is_dir() else ())
+            if name.isdecimal() and int(name) > count // RECORDS_PER_CHUNK
+        ]
+        if later:
+            raise DataError(
+                f"{key} holds chunks {sorted(later, key=int)} past its {count} readable records "
+                f"(damaged); refusing to write over them"
+            )
         return log_
+
+    def _check_orphan_pixels(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Refuse when a frame group holds pixels of more than one frame without a record: a kill
+        leaves at most one such slot (the append in flight); more means lost records."""
+        committed: dict[str, int] = {}
+        for record in records:
+            committed[record["group"]] = committed.get(record["group"], 0) + 1
+        frames_dir = self.path / FRAMES_GROUP
+        for entry in os.listdir(frames_dir) if frames_dir.is_dir() else ():
+            slots = frames_dir / entry / "data" / "c"
+            if not slots.is_dir():
+                continue
+            stored = sum(1 for slot in os.listdir(slots) if (slots / slot / "0" / "0").is_file())
+            orphans = stored - committed.get(entry, 0)
+            if orphans > 1:
+                raise DataError(
+                    f"{FRAMES_GROUP}/{entry} holds pixels of {orphans} frames that have no record "
+                    f"(the record log is damaged); refusing to write over them"
+                )
 
     def _reopened_group(self, name: str) -> _FrameGroup:
         for group in self._groups.values():
@@ -569,10 +597,11 @@ class SessionRecorder:
         group = self._groups.get(key)
         if group is None:
             name = frame_group_name(shape, dtype)
-            if name in self._frames_group:  # resumed: created before the kill, nothing committed
+            if (self.path / FRAMES_GROUP / name).exists():  # resumed: no committed frame in it
                 try:
                     return self._reopened_group(name)
-                except DataError:  # half-created when the writer died; it holds no frame
+                except Exception:  # half-created when the writer died (reopen checked that it
+                    # holds at most the pixels of the append in flight): start it again
                     shutil.rmtree(self.path / FRAMES_GROUP / name)
             zgroup = self._frames_group.create_group(
                 name, attributes={"shape": list(shape), "dtype": dtype.name}

@@ -96,9 +96,15 @@ class Session:
             raise DataError(f"{self.path}: {name} is not a 1-D array")
         chunk_dir = self.path / name / "c"
         # Chunk keys are decimal names; leftovers of a killed write end in ".partial".
-        written = [int(n) for n in _list_dir(chunk_dir) if n.isdecimal()]
+        written = sorted(int(n) for n in _list_dir(chunk_dir) if n.isdecimal())
         if not written:
             return []
+        if written != list(range(len(written))):  # chunks are written in order: a gap is damage
+            missing = sorted(set(range(written[-1] + 1)) - set(written))
+            raise DataError(
+                f"{self.path}: {name} is damaged: chunk {missing[0]} is missing while later "
+                f"chunks exist (records {missing[0] * int(array.chunks[0])}.. lost)"
+            )
         stop = min((max(written) + 1) * int(array.chunks[0]), int(array.shape[0]))
         try:
             texts = array[:stop]
