@@ -75,7 +75,7 @@ class STMConfig:
     initial_tip: TipState = TipState.GOOD
 
     def __post_init__(self) -> None:
-        if self.surface not in SURFACES:
+        if not isinstance(self.surface, str) or self.surface not in SURFACES:
             raise ConfigError(
                 f"STMConfig.surface={self.surface!r} is unknown; choose one of {sorted(SURFACES)}"
             )
