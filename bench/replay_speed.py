@@ -168,9 +168,11 @@ def main() -> None:
             f"recording)  -> {r['scan_s'] / r['seconds']:.0f}x faster than the scan "
             f"(target >= 10x)"
         )
+    what = "the recorded config" if args.assessor is None else f"assessor {args.assessor}"
     print(
-        f"  replay with the recorded config reproduced {identical} of {len(replayed)} "
-        f"decisions; the changed threshold changed the action on {len(diff.differences)} frames"
+        f"  replay with {what}: {identical} of {len(replayed)} decisions identical to the "
+        f"recorded ones; the changed threshold changed the action on {len(diff.differences)} "
+        f"frames"
     )
     print(f"  details: {OUT / 'replay_speed.json'}")
 
