@@ -303,7 +303,12 @@ def apply_damage(path: Path, ops: list[tuple[str, str, Any]]) -> None:
         elif what == "garble_json":
             target.write_text(json.dumps(arg))
         else:
-            meta = json.loads(target.read_text())
+            try:
+                meta = json.loads(target.read_text())
+            except ValueError:
+                continue  # already garbled or truncated by an earlier injury
+            if not isinstance(meta, dict):
+                continue
             if arg in ("attributes", "node_type"):
                 meta.pop(arg, None)
             else:
