@@ -28,14 +28,12 @@ rising exponentially, which keeps ``I(z)`` monotonic and the solver safe.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.special import ndtr
 
-from simulators.parallel import run_in_background
 from simulators.stm_grid import Grid
 from simulators.stm_solver import solve_decreasing
 from simulators.stm_surface import Features, SurfaceModel
@@ -54,8 +52,7 @@ _VACANCY_WINDOW_M = 0.5e-9  # pixels this close to a vacancy get the exact atom-
 _NEIGHBOUR_RADIUS_M = 0.9e-9  # atoms summed around each of those pixels
 _EXACT_MAX_BLUR_M = 2e-10  # blunter apexes subtract a blurred missing atom from the series
 _F32 = np.float32
-_TERMS_CACHE_SIZE = 12  # two halves (see render) x apexes x the good-tip truth
-_SPLIT_MIN_ROWS = 32  # render grids of at least twice this many rows as two halves
+_TERMS_CACHE_SIZE = 6
 _SMALL_ACTIVE_RATIO = 16  # fewer active pixels than entries / this: search sorted entries
 
 
@@ -217,7 +214,6 @@ class LDOSModel:
         self.rho_set = self.rho_flat(gap_m) * conductance_ratio
         self.h_set_m = self._solve_flat()
         self._terms_cache: dict[tuple[object, ...], _ApexTerms] = {}
-        self._terms_lock = threading.Lock()
         # Per-shell prefactors of F(q, h) / (A rho_set), mean term first.
         q = np.concatenate([[self.alpha], self.shell_q])
         scale = np.ones_like(q)
@@ -310,14 +306,12 @@ class LDOSModel:
             blur_m,
             len(self.surface.damage.events),
         )
-        with self._terms_lock:  # the halves of a render compute their terms in two threads
-            hit = self._terms_cache.get(key)
+        hit = self._terms_cache.get(key)
         if hit is None:
             hit = self._apex_terms(grid, Apex(apex.dx_m, apex.dy_m), blur_m)
-            with self._terms_lock:
-                if len(self._terms_cache) >= _TERMS_CACHE_SIZE:
-                    self._terms_cache.pop(next(iter(self._terms_cache)))
-                self._terms_cache[key] = hit
+            if len(self._terms_cache) >= _TERMS_CACHE_SIZE:
+                self._terms_cache.pop(next(iter(self._terms_cache)))
+            self._terms_cache[key] = hit
         return _ApexTerms(apex, hit.layers, hit.damage, hit.features, hit.guess_m)
 
     def _apex_terms(self, grid: Grid, apex: Apex, blur_m: float) -> _ApexTerms:
@@ -462,15 +456,9 @@ class LDOSModel:
     # -- evaluation ------------------------------------------------------------------------------
 
     def _rho(
-        self,
-        z: np.ndarray,
-        act: np.ndarray | None,
-        terms: list[_ApexTerms],
-        blur_m: float,
-        n_pixels: int,
+        self, z: np.ndarray, act: np.ndarray | None, terms: list[_ApexTerms], blur_m: float
     ) -> tuple[np.ndarray, np.ndarray]:
-        """LDOS / rho_set and its z-derivative at heights ``z`` of the pixels ``act`` (None:
-        all ``n_pixels`` of the grid)."""
+        """LDOS / rho_set and its z-derivative at heights ``z`` of the pixels ``act``."""
         n_out = z.size
         rho = np.zeros(n_out, dtype=_F32)
         drho = np.zeros(n_out, dtype=_F32)
@@ -484,7 +472,7 @@ class LDOSModel:
         def act_pos() -> np.ndarray:
             if not act_pos_cache:
                 assert act is not None
-                pos = np.full(n_pixels, -1, dtype=np.int64)
+                pos = np.full(self._n_pixels, -1, dtype=np.int64)
                 pos[act] = np.arange(act.size)
                 act_pos_cache.append(pos)
             return act_pos_cache[0]
@@ -552,31 +540,10 @@ class LDOSModel:
         """Constant-current topography ``(nr, W)`` float64 metres for tip ``config``.
 
         Heights are relative to the tip height above a flat terrace 0 (terrace 0 reads about 0,
-        the terrace below ``-step``). Every pixel is solved on its own, so a grid of at least
-        ``2 * _SPLIT_MIN_ROWS`` rows is solved as two halves, the second on the simulators'
-        background worker (:mod:`simulators.parallel`) while this thread solves the first:
-        bit for bit the same image, about twice as fast on two cores.
+        the terrace below ``-step``).
         """
-        n_rows = grid.shape[0]
-        if n_rows < 2 * _SPLIT_MIN_ROWS:
-            return self._render_part(grid, config)
-        half = n_rows // 2
-        top = Grid(grid.rows_m[:half], grid.step_m, grid.width)
-        bottom = Grid(grid.rows_m[half:], grid.step_m, grid.width)
-        job = run_in_background(self._render_part, bottom, config)
-        upper = self._render_part(top, config)
-        return np.concatenate([upper, job.result()])
-
-    def _render_part(self, grid: Grid, config: TipConfig) -> np.ndarray:
-        return self._solve(grid, config, self._terms(grid, config))
-
-    def _terms(self, grid: Grid, config: TipConfig) -> list[_ApexTerms]:
-        return [self._cached_apex_terms(grid, ap, config.blur_m) for ap in config.apexes]
-
-    def _solve(self, grid: Grid, config: TipConfig, terms: list[_ApexTerms]) -> np.ndarray:
-        """Solve ``ln(I / I_set) = 0`` on ``grid`` given its lateral ``terms`` (thread-safe:
-        touches nothing shared but the read-only model)."""
-        n_pixels = grid.size
+        self._n_pixels = grid.size
+        terms = [self._cached_apex_terms(grid, ap, config.blur_m) for ap in config.apexes]
         main = max(
             range(len(terms)),
             key=lambda j: terms[j].apex.weight * math.exp(-self.alpha * terms[j].apex.dz_m),
@@ -587,7 +554,7 @@ class LDOSModel:
 
         def newton_step(zs: np.ndarray, act: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
             """f = ln(I / I_set) (falls monotonically with z) and its Newton step."""
-            rho, drho = self._rho(zs, act, terms, config.blur_m, n_pixels)
+            rho, drho = self._rho(zs, act, terms, config.blur_m)
             rho = np.maximum(rho, tiny)
             f = np.log(rho)
             slope = np.maximum(-drho / rho, min_slope)  # -df/dz > 0
@@ -598,9 +565,10 @@ class LDOSModel:
 
     def residual(self, z_image_m: np.ndarray, grid: Grid, config: TipConfig) -> np.ndarray:
         """``ln(I / I_set)`` at the given image heights (for tests of the solver)."""
+        self._n_pixels = grid.size
         terms = [self._apex_terms(grid, ap, config.blur_m) for ap in config.apexes]
         z = (z_image_m.ravel() + self.h_set_m).astype(_F32)
-        rho, _ = self._rho(z, None, terms, config.blur_m, grid.size)
+        rho, _ = self._rho(z, None, terms, config.blur_m)
         return np.asarray(np.log(np.maximum(rho.astype(np.float64), 1e-30)).reshape(grid.shape))
 
 

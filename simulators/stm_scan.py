@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -11,30 +10,11 @@ import numpy as np
 from drivers.errors import CommandRejected
 from drivers.frame import Defect, GroundTruth, ScanRegion, TipState
 from simulators.noise import flicker_series, white_sigma_m
-from simulators.parallel import run_in_background
 from simulators.stm_grid import Grid
 from simulators.stm_tip import CANONICAL_GOOD, TipConfig
 
 if TYPE_CHECKING:
     from simulators.stm import STMSimulator
-
-
-def _frame_noise(
-    rng: np.random.Generator,
-    shape_px: tuple[int, int],
-    dwell_s: float,
-    sigma_white: float,
-    line_noise_m: float,
-    flicker_m_per_decade: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """A frame's summed noise ``(H, W)`` and its 1/f part (the trace halves of each line)."""
-    h_px, w_px = shape_px
-    white = rng.standard_normal(shape_px, dtype=np.float32)
-    line_offset = rng.standard_normal(h_px) * line_noise_m
-    flicker = flicker_series(rng, h_px * 2 * w_px, dwell_s, flicker_m_per_decade)
-    flicker = flicker.reshape(h_px, 2 * w_px)[:, :w_px]
-    # Every line's noise at once (the same element-wise arithmetic as line by line).
-    return sigma_white * white + line_offset[:, None] + flicker, flicker
 
 
 class FrameScan:
@@ -65,19 +45,14 @@ class FrameScan:
         self.line_time_s = 2.0 * w_px * dwell_s
         self.t_start_s = sim.time_s
         cfg = sim.config
+        rng = sim._noise_rng
         self._sigma_white = white_sigma_m(cfg.white_noise_m_per_sqrt_hz, dwell_s)
-        # The noise (about a fifth of a 256² frame's cost) is drawn on the background worker
-        # while the first lines render here; one worker keeps the draws in frame order.
-        self._noise_job: Future[tuple[np.ndarray, np.ndarray]] | None = run_in_background(
-            _frame_noise,
-            sim._noise_rng,
-            shape_px,
-            dwell_s,
-            self._sigma_white,
-            cfg.line_noise_m,
-            cfg.flicker_noise_m_per_decade,
-        )
-        self._noise_parts: tuple[np.ndarray, np.ndarray] | None = None
+        self._white = rng.standard_normal(shape_px, dtype=np.float32)
+        self._line_offset = rng.standard_normal(h_px) * cfg.line_noise_m
+        flicker = flicker_series(rng, h_px * 2 * w_px, dwell_s, cfg.flicker_noise_m_per_decade)
+        self._flicker = flicker.reshape(h_px, 2 * w_px)[:, :w_px]
+        # Every line's noise at once (the same element-wise arithmetic as line by line).
+        self._noise = self._sigma_white * self._white + self._line_offset[:, None] + self._flicker
         self._row_t = np.zeros(h_px)
         self._rows_m = np.zeros((h_px, 2))
         self._step_m = np.zeros(2)
@@ -89,22 +64,6 @@ class FrameScan:
         self._apex_switches = 0
         self._retracted_lines = 0
         self._plan(0, sim.time_s)
-
-    @property
-    def _noise(self) -> np.ndarray:
-        """Per-pixel noise of every line ``(H, W)`` (waits for the worker the first time)."""
-        return self._noise_arrays()[0]
-
-    @property
-    def _flicker(self) -> np.ndarray:
-        return self._noise_arrays()[1]
-
-    def _noise_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._noise_parts is None:
-            assert self._noise_job is not None
-            self._noise_parts = self._noise_job.result()
-            self._noise_job = None
-        return self._noise_parts
 
     @property
     def done(self) -> bool:
