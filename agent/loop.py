@@ -574,6 +574,7 @@ class Agent:
             frames_seen=seq + 1,
             commands_so_far=self._commands_so_far,
             quality=quality,
+            pending_commands=len(self.gate.pending()),
         )
         try:
             if problems:  # never act on a corrupted, partial or unassessable frame
@@ -622,6 +623,7 @@ class Agent:
                 **decision.to_json(),
                 "policy_version": self.policy.version,
                 "latency_s": latency,
+                "pending_commands": observation.pending_commands,
             },
             frame,
         )

@@ -248,12 +248,15 @@ def replay_session(
                 if not str(p).startswith("ground-truth clean image")
             )
             recorder.append_frame(frame, problems=problems, extra={"seq": row})
-            recorded_state = (decisions.get(row) or {}).get("state")
+            recorded = decisions.get(row) or {}
+            recorded_state = recorded.get("state")
+            pending = recorded.get("pending_commands", 0)
             perception, decision_payload, stop = replayer.step(
                 row,
                 frame,
                 problems,
                 recorded_state if isinstance(recorded_state, Mapping) else None,
+                pending_commands=pending if isinstance(pending, int) else 0,
             )
             recorder.append_event("perception", perception, t_instrument=frame.timestamp_s)
             recorder.append_event("decision", decision_payload, t_instrument=frame.timestamp_s)
@@ -365,7 +368,11 @@ class _Replayer:
         frame: Frame,
         problems: tuple[str, ...],
         recorded_state: Mapping[str, Any] | None,
+        *,
+        pending_commands: int = 0,
     ) -> tuple[dict[str, Any], dict[str, Any], bool]:
+        """Perception and decision on one recorded frame; ``pending_commands`` is how many
+        commands were waiting for the operator when the agent decided (supervised mode)."""
         assessor, quality_assessor, policy = (
             self.pipeline.assessor,
             self.pipeline.quality,
@@ -401,6 +408,7 @@ class _Replayer:
             frames_seen=row - self.first_seq + 1,
             commands_so_far=self.commands_so_far,
             quality=quality,
+            pending_commands=pending_commands,
         )
         try:
             if problems:
@@ -432,6 +440,7 @@ class _Replayer:
             **decision.to_json(),
             "commands": [c.to_json() for c in commands],
             "policy_version": policy.version,
+            "pending_commands": pending_commands,
         }
         return perception, payload, decision.stop
 

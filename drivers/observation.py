@@ -70,7 +70,8 @@ class Observation:
 
     ``problems`` lists why the frame must not be acted on (empty when it is fine);
     ``history`` holds the tip estimates of earlier frames, oldest first; ``quality`` is the
-    image-quality estimate (None when no quality assessor runs).
+    image-quality estimate (None when no quality assessor runs); ``pending_commands`` counts the
+    commands still waiting for the operator's approval (supervised mode).
     """
 
     frame: Frame
@@ -82,6 +83,7 @@ class Observation:
     frames_seen: int = 0
     commands_so_far: int = 0
     quality: QualityEstimate | None = None
+    pending_commands: int = 0
 
 
 @dataclass(frozen=True)

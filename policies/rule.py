@@ -371,6 +371,15 @@ class RulePolicy:
                 "frames needed before conditioning: rescan to confirm",
                 confidence=1.0 - tip.uncertainty,
             )
+        if observation.pending_commands:
+            # Supervised mode: the last proposal is still with the operator. Proposing (and
+            # counting) another would escalate the ladder on actions that never happened.
+            n = observation.pending_commands
+            return self._decision(
+                reason=f"{seen}; {n} command{'s' if n != 1 else ''} still waiting for the "
+                "operator's approval: not proposing another",
+                confidence=confidence,
+            )
         notes: list[str] = []
         if self._in_episode and self._episode_actions >= cfg.max_actions_per_episode:
             self._failed_episodes += 1

@@ -68,6 +68,7 @@ class FakeSession:
         tip: TipEstimate | None,
         *,
         problems: tuple[str, ...] = (),
+        pending: int = 0,
     ) -> Decision:
         data = np.zeros((32, 32), np.float32)
         frame = Frame(
@@ -90,7 +91,14 @@ class FakeSession:
             time_s=float(self.frames),
             frames_done=self.frames,
         )
-        obs = Observation(frame=frame, tip=tip, state=state, info=self.info, problems=problems)
+        obs = Observation(
+            frame=frame,
+            tip=tip,
+            state=state,
+            info=self.info,
+            problems=problems,
+            pending_commands=pending,
+        )
         decision = self.policy.decide(obs)
         self.decisions.append(decision)
         self.positions.append(self.position)
@@ -224,6 +232,19 @@ def test_each_state_keeps_its_place_on_its_ladder_within_an_episode() -> None:
     steps = [as_step(c) for c in tip_commands(decisions)]
     blunt, multiple = default_ladders()[B], default_ladders()[M]
     assert steps == [blunt[0], blunt[1], multiple[0], multiple[1], blunt[2]]
+
+
+def test_waits_while_its_proposal_is_with_the_operator_and_does_not_escalate() -> None:
+    """Supervised mode: unapproved proposals are not actions; the ladder resumes where it was."""
+    session = FakeSession(RulePolicy())
+    first = session.run([B, B])
+    waiting = [session.observe(estimate(B), pending=1) for _ in range(30)]
+    assert all(not d.commands and not d.stop for d in waiting)
+    assert "waiting for the operator's approval" in waiting[-1].reason
+    after = session.observe(estimate(B))  # the operator vetoed it: nothing pending any more
+    steps = [as_step(c) for c in tip_commands([*first, after])]
+    assert steps == list(default_ladders()[B][:2])
+    assert "action 2 of episode 1" in after.reason
 
 
 def test_a_good_frame_ends_the_episode_and_the_next_one_starts_at_the_bottom() -> None:
