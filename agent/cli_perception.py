@@ -95,9 +95,19 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     if not (math.isfinite(pixel_nm) and pixel_nm > 0):
         raise DataError(f"--pixel-size-nm must be a positive number, got {pixel_nm!r}")
     result = task_module(args.task).infer(image, pixel_nm)
-    text = json.dumps(result, indent=2)
     if args.out:
         with open(args.out, "w") as fh:
-            fh.write(text + "\n")
-    sys.stdout.write(text + "\n")
+            fh.write(json.dumps(result, indent=2) + "\n")
+    shown = {key: _brief(value, args.out) for key, value in result.items()}
+    sys.stdout.write(json.dumps(shown, indent=2) + "\n")
     return 0
+
+
+def _brief(value: object, out: str | None) -> object:
+    """Whole images (nested lists, e.g. sr's ``image`` and ``sigma``) are too long for a
+    terminal: the terminal gets their shape, the ``--out`` file gets them whole."""
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        shape = f"{len(value)}x{len(value[0])}"
+        where = f"in {out}" if out else "pass --out FILE.json to save it"
+        return f"<{shape} array: {where}>"
+    return value

@@ -133,3 +133,20 @@ def test_training_command_is_reproducible_by_seed(tmp_path: Path) -> None:
         main(["train", "sr", *args, "--seed", "1", "--out", str(other), "--plots", str(other)]) == 0
     )
     assert file_sha256(other / "sr.pt") != file_sha256(tmp_path / "a" / "sr.pt")
+
+
+def test_infer_cli_shows_array_shapes_and_saves_whole_arrays(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frame = _frame(HELD_OUT_SEEDS[0], 2e-6)
+    np.save(tmp_path / "f.npy", frame.data)
+    out = tmp_path / "r.json"
+    args = ["infer", "sr", str(tmp_path / "f.npy"), "--pixel-size-nm", str(PIXEL_NM)]
+    assert main([*args, "--out", str(out)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["image"] == f"<128x128 array: in {out}>"
+    saved = json.loads(out.read_text())
+    assert np.asarray(saved["image"]).shape == (128, 128)
+    assert np.asarray(saved["sigma"]).shape == (128, 128)
+    assert main(args) == 0
+    assert "pass --out" in json.loads(capsys.readouterr().out)["sigma"]
