@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,16 @@ from agent.perception.tasks.stem_data import (
     simulate,
 )
 from agent.perception.tasks.stem_metrics import DetectionScore, PredictedDefect, match
-from agent.perception.tasks.stem_train import fit, save_loss_curve, seed_everything
+from agent.perception.tasks.stem_train import (
+    add_train_arguments as add_train_arguments,  # this task's `train` options
+)
+from agent.perception.tasks.stem_train import (
+    fit,
+    parameter_count,
+    recipe_json,
+    save_loss_curve,
+    seed_everything,
+)
 from drivers.errors import DataError
 from drivers.frame import Frame, ScanRegion
 
@@ -340,22 +349,6 @@ def infer(image: np.ndarray, pixel_size_nm: float) -> dict[str, Any]:
 # ---------------------------------------------------------------------- training
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="seeds data, crops and weights")
-    parser.add_argument("--frames", type=int, default=240, help="simulated 256² training frames")
-    parser.add_argument("--val-frames", type=int, default=24, help="validation frames")
-    parser.add_argument("--steps", type=int, default=2500, help="optimiser steps")
-    parser.add_argument("--batch", type=int, default=8, help="crops per step")
-    parser.add_argument("--crop", type=int, default=128, help="crop size in pixels")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--max-minutes", type=float, default=28.0, help="safety stop")
-    parser.add_argument("--out", default=str(WEIGHTS_DIR), help="weights directory")
-    parser.add_argument(
-        "--plots", default="bench/out/perception", help="directory of the loss-curve PNG"
-    )
-
-
 def train_recipe(seed: int, frames: int) -> StemRecipe:
     return StemRecipe(
         seed=seed,
@@ -517,14 +510,14 @@ def train(args: argparse.Namespace) -> int:
             "factor": 4,
             "widths": list(WIDTHS),
             "classes": list(DEFECT_CLASSES),
-            "parameters": int(sum(p.numel() for p in model.parameters())),
+            "parameters": parameter_count(model),
         },
         training={
             "command": f"scopepilot train defects --seed {args.seed} --frames {args.frames} "
             f"--steps {args.steps} --batch {args.batch} --crop {crop} --lr {args.lr} "
             f"--threads {args.threads}",
             "seed": args.seed,
-            "recipe": json.loads(json.dumps(asdict(train_recipe(args.seed, args.frames)))),
+            "recipe": recipe_json(train_recipe(args.seed, args.frames)),
             "loss": f"cross-entropy with class weights {list(CLASS_WEIGHTS)}, Adam, "
             "warm-up + cosine lr",
             "steps_done": result.steps_done,

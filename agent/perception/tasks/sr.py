@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,17 @@ from agent.perception.tasks.stem_data import (
     shuffled_crops,
     simulate,
 )
-from agent.perception.tasks.stem_train import fit, save_loss_curve, seed_everything
-from drivers.errors import DataError, ModelError
+from agent.perception.tasks.stem_train import (
+    add_train_arguments as add_train_arguments,  # this task's `train` options
+)
+from agent.perception.tasks.stem_train import (
+    fit,
+    parameter_count,
+    recipe_json,
+    save_loss_curve,
+    seed_everything,
+)
+from drivers.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -210,22 +219,6 @@ def infer(image: np.ndarray, pixel_size_nm: float) -> dict[str, Any]:
 # ---------------------------------------------------------------------- training
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="seeds data, crops and weights")
-    parser.add_argument("--frames", type=int, default=240, help="simulated 256² training frames")
-    parser.add_argument("--val-frames", type=int, default=24, help="validation frames")
-    parser.add_argument("--steps", type=int, default=2500, help="optimiser steps")
-    parser.add_argument("--batch", type=int, default=8, help="crops per step")
-    parser.add_argument("--crop", type=int, default=128, help="crop size in pixels")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--max-minutes", type=float, default=28.0, help="safety stop")
-    parser.add_argument("--out", default=str(WEIGHTS_DIR), help="weights directory")
-    parser.add_argument(
-        "--plots", default="bench/out/perception", help="directory of the loss-curve PNG"
-    )
-
-
 def train_recipe(seed: int, frames: int) -> StemRecipe:
     return StemRecipe(seed=seed, frames=frames, patterns=TRAIN_PATTERNS, dwell_s=TRAIN_DWELL_S)
 
@@ -333,14 +326,14 @@ def train(args: argparse.Namespace) -> int:
             "out_channels": 2,
             "factor": 4,
             "widths": list(WIDTHS),
-            "parameters": _n_params(model),
+            "parameters": parameter_count(model),
         },
         training={
             "command": f"scopepilot train sr --seed {args.seed} --frames {args.frames} "
             f"--steps {args.steps} --batch {args.batch} --crop {crop} --lr {args.lr} "
             f"--threads {args.threads}",
             "seed": args.seed,
-            "recipe": _recipe_json(train_recipe(args.seed, args.frames)),
+            "recipe": recipe_json(train_recipe(args.seed, args.frames)),
             "loss": f"beta-NLL (beta={BETA}) of the clean image, Adam, warm-up + cosine lr",
             "steps_done": result.steps_done,
             "stopped_early": result.stopped_early,
@@ -369,14 +362,6 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _n_params(model: nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
-
-
-def _recipe_json(recipe: StemRecipe) -> dict[str, Any]:
-    return json.loads(json.dumps(asdict(recipe)))
-
-
 # ---------------------------------------------------------------------- evaluation
 
 
@@ -396,10 +381,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from agent.perception.tasks.sr_eval import evaluate_sr, write_report
 
     torch.set_num_threads(max(1, args.threads))
-    try:
-        model, card = load(args.weights)
-    except ModelError:
-        raise
+    model, card = load(args.weights)
     metrics = evaluate_sr(model, card, seed=args.seed, areas=args.areas)
     write_report(
         metrics, Path(args.out), card, weights_dir=Path(args.weights) if args.update_card else None

@@ -9,17 +9,22 @@ result says so and the model card records it.
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from agent.perception.registry import WEIGHTS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,32 @@ class FitResult:
     val_loss: list[float] = field(default_factory=list)
     seconds: float = 0.0
     stopped_early: bool = False
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``scopepilot train sr`` and ``scopepilot train defects``."""
+    parser.add_argument("--seed", type=int, default=0, help="seeds data, crops and weights")
+    parser.add_argument("--frames", type=int, default=240, help="simulated 256² training frames")
+    parser.add_argument("--val-frames", type=int, default=24, help="validation frames")
+    parser.add_argument("--steps", type=int, default=2500, help="optimiser steps")
+    parser.add_argument("--batch", type=int, default=8, help="crops per step")
+    parser.add_argument("--crop", type=int, default=128, help="crop size in pixels")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--max-minutes", type=float, default=28.0, help="safety stop")
+    parser.add_argument("--out", default=str(WEIGHTS_DIR), help="weights directory")
+    parser.add_argument(
+        "--plots", default="bench/out/perception", help="directory of the loss-curve PNG"
+    )
+
+
+def parameter_count(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def recipe_json(recipe: Any) -> dict[str, Any]:
+    """A data-recipe dataclass as plain JSON (tuples become lists), for the model card."""
+    return dict(json.loads(json.dumps(asdict(recipe))))
 
 
 def seed_everything(seed: int, threads: int) -> None:
