@@ -11,11 +11,23 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from drivers.errors import ConfigError
 from drivers.observation import Decision, Observation
+
+
+def require_positive(owner: object, names: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` unless each attribute in ``names`` of the dataclass ``owner``
+    is a finite number > 0 (for the ``__post_init__`` checks of policy configurations)."""
+    for name in names:
+        value = getattr(owner, name)
+        if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+            raise ConfigError(
+                f"{type(owner).__name__}.{name} must be a positive number, got {value!r}"
+            )
 
 
 @runtime_checkable

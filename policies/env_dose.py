@@ -39,6 +39,7 @@ from drivers.errors import CommandRejected, ConfigError
 from drivers.frame import Frame, ScanRegion
 from drivers.observation import QualityEstimate
 from drivers.registry import open_instrument
+from policies.base import require_positive
 from policies.dose_features import (
     DOSE_OBS_DIM,
     DWELL_LEVELS_S,
@@ -82,10 +83,7 @@ class DoseEnvConfig:
             raise ConfigError(
                 f"DoseEnvConfig.beam_current_A must be 0 < low <= high, got {self.beam_current_A!r}"
             )
-        for name in ("fov_m", "target_snr", "miss_penalty"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
-                raise ConfigError(f"DoseEnvConfig.{name} must be a positive number, got {value!r}")
+        require_positive(self, ("fov_m", "target_snr", "miss_penalty"))
         if not self.specimens:
             raise ConfigError("DoseEnvConfig.specimens must name at least one specimen")
 

@@ -33,6 +33,7 @@ from drivers.errors import CommandRejected, ConfigError, DataError
 from drivers.frame import Frame, ScanRegion, TipState
 from drivers.observation import TipEstimate
 from drivers.registry import open_instrument
+from policies.base import require_positive
 from policies.tip_actions import (
     CONDITIONING_ACTIONS,
     N_ACTIONS,
@@ -83,10 +84,9 @@ class TipEnvConfig:
             raise ConfigError(
                 f"TipEnvConfig.good_threshold must be in (0, 1), got {self.good_threshold!r}"
             )
-        for name in ("frame_m", "dwell_s", "pitch_m", "area_m", "defect_density_per_nm2"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
-                raise ConfigError(f"TipEnvConfig.{name} must be a positive number, got {value!r}")
+        require_positive(
+            self, ("frame_m", "dwell_s", "pitch_m", "area_m", "defect_density_per_nm2")
+        )
 
 
 class TipConditioningEnv(gym.Env[np.ndarray, np.int64]):

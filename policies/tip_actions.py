@@ -25,6 +25,7 @@ from drivers.frame import TipState
 from drivers.limits import Limits
 from drivers.observation import TipEstimate
 from drivers.safety import ForbiddenArea, SafetyEnvelope
+from policies.base import require_positive
 from policies.rule import LadderStep, spiral_sites
 
 NM = 1e-9
@@ -96,10 +97,7 @@ class SiteMap:
     area_moves: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("frame_m", "pitch_m", "area_m"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
-                raise ConfigError(f"SiteMap.{name} must be a positive number, got {value!r}")
+        require_positive(self, ("frame_m", "pitch_m", "area_m"))
         if self.pitch_m > self.area_m:
             raise ConfigError(f"SiteMap.pitch_m={self.pitch_m!r} exceeds area_m={self.area_m!r}")
         self._areas: Iterator[tuple[int, int]] = spiral_sites()
