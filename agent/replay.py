@@ -42,10 +42,8 @@ from typing import Any, NoReturn
 from agent.pipeline import Pipeline, build_pipeline
 from agent.recorder import SessionRecorder
 from agent.session import Session
-from drivers.commands import Capability
 from drivers.errors import ConfigError, DataError, ScopePilotError
 from drivers.frame import Frame, ScanRegion
-from drivers.limits import Limits
 from drivers.observation import Decision, Observation, QualityEstimate, TipEstimate
 from drivers.protocol import InstrumentInfo, InstrumentState
 
@@ -53,21 +51,6 @@ log = logging.getLogger(__name__)
 
 PIPELINE_KEYS = ("policy", "policy_options", "assessor", "assessor_options", "quality")
 """Configuration keys a replay may override (everything else is the recorded run's)."""
-
-
-def info_from_json(obj: Mapping[str, Any]) -> InstrumentInfo:
-    """:class:`InstrumentInfo` from its :meth:`~InstrumentInfo.to_json` form."""
-    try:
-        return InstrumentInfo(
-            kind=str(obj["kind"]),
-            id=str(obj["id"]),
-            channels=tuple(str(c) for c in obj["channels"]),
-            capabilities=frozenset(Capability(c) for c in obj["capabilities"]),
-            limits=Limits.from_json(obj["limits"]),
-            details=dict(obj.get("details") or {}),
-        )
-    except (KeyError, TypeError, ValueError, ConfigError) as exc:
-        raise DataError(f"recorded instrument info is malformed ({exc!r}): {obj!r:.200}") from None
 
 
 def state_for_frame(frame: Frame, recorded: Mapping[str, Any] | None = None) -> InstrumentState:
@@ -125,7 +108,7 @@ def session_instrument(session: Session) -> InstrumentInfo:
     for event in session.events("status"):
         payload = event["payload"]
         if payload.get("state") == "started" and isinstance(payload.get("instrument"), Mapping):
-            return info_from_json(payload["instrument"])
+            return InstrumentInfo.from_json(payload["instrument"], "recorded instrument info")
     raise DataError(
         f"{session.path}: no 'started' status event with the instrument info; cannot tell "
         f"which instrument the frames came from"

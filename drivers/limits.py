@@ -124,3 +124,18 @@ class Limits:
             return cls(**kwargs)
         except TypeError as exc:
             raise ConfigError(str(exc)) from None
+
+
+#: A low-temperature STM's envelope: the simulated STM's and the Nanonis driver's default.
+STM_LIMITS = Limits(
+    bias_V=(-10.0, 10.0),
+    pulse_bias_V=(-10.0, 10.0),
+    pulse_duration_s=(0.001, 1.0),
+    dip_depth_m=(0.0, 5e-9),
+    dip_bias_V=(-1.0, 1.0),
+    dwell_s=(1e-5, 1e-2),
+    scan_size_m=(1e-9, 500e-9),
+    shape_px=(16, 1024),
+    stage_x_m=(-1e-6, 1e-6),
+    stage_y_m=(-1e-6, 1e-6),
+)

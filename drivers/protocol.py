@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from drivers.commands import Capability, Command
+from drivers.errors import ConfigError, DataError
 from drivers.frame import Frame, ScanRegion
 from drivers.limits import Limits
 
@@ -39,6 +40,22 @@ class InstrumentInfo:
             "limits": self.limits.to_json(),
             "details": dict(self.details),
         }
+
+    @classmethod
+    def from_json(cls, obj: Any, what: str = "instrument info") -> InstrumentInfo:
+        """The inverse of :meth:`to_json`; :class:`DataError` names ``what`` when ``obj`` is
+        malformed (from a session store or over the wire: never trusted)."""
+        try:
+            return cls(
+                kind=str(obj["kind"]),
+                id=str(obj["id"]),
+                channels=tuple(str(c) for c in obj["channels"]),
+                capabilities=frozenset(Capability(c) for c in obj["capabilities"]),
+                limits=Limits.from_json(obj["limits"]),
+                details=dict(obj.get("details") or {}),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
+            raise DataError(f"{what} is malformed ({exc!r}): {obj!r:.200}") from None
 
 
 @dataclass(frozen=True)

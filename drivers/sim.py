@@ -13,25 +13,12 @@ from typing import Any
 from drivers.commands import Approach, Capability, Command, Retract, TipDip, TipPulse
 from drivers.errors import ConfigError
 from drivers.frame import ScanRegion, TipState
-from drivers.limits import Limits
+from drivers.limits import STM_LIMITS, Limits
 from drivers.sim_base import Handler, SimulatedScanInstrument, build_config
 from simulators.stm import STMConfig, STMSimulator
 
 _DRIVER_KEYWORDS = (
     "seed, config, limits, region, shape_px, dwell_s, lines_per_chunk, instrument_id, cube"
-)
-
-STM_LIMITS = Limits(
-    bias_V=(-10.0, 10.0),
-    pulse_bias_V=(-10.0, 10.0),
-    pulse_duration_s=(0.001, 1.0),
-    dip_depth_m=(0.0, 5e-9),
-    dip_bias_V=(-1.0, 1.0),
-    dwell_s=(1e-5, 1e-2),
-    scan_size_m=(1e-9, 500e-9),
-    shape_px=(16, 1024),
-    stage_x_m=(-1e-6, 1e-6),
-    stage_y_m=(-1e-6, 1e-6),
 )
 
 

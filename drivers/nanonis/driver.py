@@ -62,7 +62,7 @@ from drivers.errors import (
     ScopePilotError,
 )
 from drivers.frame import Frame, ScanRegion
-from drivers.limits import Limits
+from drivers.limits import STM_LIMITS, Limits
 from drivers.nanonis.wire import decode_frame_grab
 from drivers.protocol import CommandResult, InstrumentInfo, InstrumentState
 from drivers.remote.client import parse_address
@@ -71,18 +71,7 @@ from drivers.safety import SafetyEnvelope
 log = logging.getLogger(__name__)
 
 #: A low-temperature STM's envelope; pass ``limits=`` for your instrument.
-NANONIS_LIMITS = Limits(
-    bias_V=(-10.0, 10.0),
-    pulse_bias_V=(-10.0, 10.0),
-    pulse_duration_s=(0.001, 1.0),
-    dip_depth_m=(0.0, 5e-9),
-    dip_bias_V=(-1.0, 1.0),
-    dwell_s=(1e-5, 1e-2),
-    scan_size_m=(1e-9, 500e-9),
-    shape_px=(16, 1024),
-    stage_x_m=(-1e-6, 1e-6),
-    stage_y_m=(-1e-6, 1e-6),
-)
+NANONIS_LIMITS = STM_LIMITS
 
 
 class _GuardedSocket:

@@ -33,7 +33,7 @@ import numpy as np
 import Pyro5.client
 import Pyro5.errors
 
-from drivers.commands import Capability, Command
+from drivers.commands import Command
 from drivers.errors import (
     CommandRejected,
     CommunicationError,
@@ -46,7 +46,6 @@ from drivers.errors import (
     ScopePilotError,
 )
 from drivers.frame import Frame, ScanRegion
-from drivers.limits import Limits
 from drivers.protocol import CommandResult, InstrumentInfo, InstrumentState
 from drivers.remote.daemon import FRAME_CHANNEL_MAGIC, TICKET_BYTES, enable_tls
 from drivers.remote.server import SERVICE_NAME
@@ -173,7 +172,7 @@ class RemoteInstrument:
         self._closed = False
         self.reconnects = 0
         self._connect()
-        self._info = self._parse_info(self._call("info"))
+        self._info = InstrumentInfo.from_json(self._call("info"), "instrument info from the server")
 
     @property
     def uri(self) -> str:
@@ -274,20 +273,6 @@ class RemoteInstrument:
         return reply["ok"]
 
     # -- protocol ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _parse_info(obj: Any) -> InstrumentInfo:
-        try:
-            return InstrumentInfo(
-                kind=str(obj["kind"]),
-                id=str(obj["id"]),
-                channels=tuple(str(c) for c in obj["channels"]),
-                capabilities=frozenset(Capability(c) for c in obj["capabilities"]),
-                limits=Limits.from_json(obj["limits"]),
-                details=dict(obj.get("details", {})),
-            )
-        except (KeyError, TypeError, ValueError, ConfigError) as exc:
-            raise DataError(f"malformed instrument info from the server: {exc!r}") from None
 
     def info(self) -> InstrumentInfo:
         if self._closed:
