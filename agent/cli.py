@@ -139,7 +139,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from agent.gate import Mode
-    from agent.loop import Agent, AgentConfig, Step
+    from agent.loop import AgentConfig, Step
     from agent.pipeline import build_pipeline, default_assessor, default_policy_options
     from agent.recorder import SessionRecorder
     from agent.session import Session
@@ -193,7 +193,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if plan is not None:  # the stored session config, exactly as the first part ran
             config = plan.config
         pipeline = build_pipeline(config, kind=kind)
-        assessor, quality, policy = pipeline.assessor, pipeline.quality, pipeline.policy
         versions = {"scopepilot": _package_version(), **pipeline.versions()}
         if plan is not None:  # before anything reaches the instrument
             plan.check_compatible(kind, versions)
@@ -225,11 +224,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )
             bar.update(1)
 
-        agent = Agent(
+        agent = pipeline.agent(
             instrument,
-            policy,
-            assessor=assessor,
-            quality=quality,
             recorder=recorder if plan is None else ContinuedRecorder(recorder, plan.frames_before),
             config=AgentConfig(
                 frames=args.frames, mode=Mode(args.mode), lockstep=not args.free_running

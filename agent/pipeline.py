@@ -28,8 +28,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.loop import Assessor, QualityAssessor
+from agent.loop import Agent, Assessor, QualityAssessor
 from drivers.errors import ConfigError
+from drivers.protocol import Instrument
 from policies.base import Policy, make_policy
 
 SPM_KINDS = ("stm", "afm")
@@ -101,6 +102,13 @@ class Pipeline:
     assessor: Assessor | None
     quality: QualityAssessor | None
     policy: Policy
+
+    def agent(self, instrument: Instrument, **options: Any) -> Agent:
+        """An :class:`~agent.loop.Agent` on ``instrument`` with these parts; ``options`` are the
+        agent's other keywords (``recorder``, ``config``, ``on_step``, ...)."""
+        return Agent(
+            instrument, self.policy, assessor=self.assessor, quality=self.quality, **options
+        )
 
     def versions(self) -> dict[str, str]:
         """Names and versions of each part, as recorded in the session's ``versions``."""

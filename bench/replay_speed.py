@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tqdm import tqdm
 
 from agent.gate import Mode
-from agent.loop import Agent, AgentConfig, Step
+from agent.loop import AgentConfig, Step
 from agent.pipeline import build_pipeline
 from agent.recorder import SessionRecorder
 from agent.replay import canonical_decision, diff_sessions, replay_session, session_instrument
@@ -73,11 +73,8 @@ def record(store: Path, frames: int, shape: int, size_nm: float, seed: int) -> d
         def on_step(_step: Step) -> None:
             bar.update(1)
 
-        agent = Agent(
+        agent = pipeline.agent(
             instrument,
-            pipeline.policy,
-            assessor=pipeline.assessor,
-            quality=pipeline.quality,
             recorder=recorder,
             config=AgentConfig(frames=frames, mode=Mode.AUTONOMOUS, lockstep=True),
             on_step=on_step,

@@ -46,7 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from agent.gate import Mode
-from agent.loop import Agent, AgentConfig, Step
+from agent.loop import AgentConfig, Step
 from agent.pipeline import build_pipeline
 from agent.recorder import SessionRecorder
 from agent.session import Session
@@ -153,11 +153,8 @@ def run_session(
         if step.seq % 100 == 99:
             rss.append((step.seq + 1, rss_mib()))
 
-    agent = Agent(
+    agent = pipeline.agent(
         instrument,
-        pipeline.policy,
-        assessor=pipeline.assessor,
-        quality=pipeline.quality,
         recorder=recorder,
         config=AgentConfig(frames=frames, mode=Mode.AUTONOMOUS, lockstep=True),
         on_step=on_step,

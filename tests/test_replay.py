@@ -122,11 +122,8 @@ def test_operator_threshold_changes_are_replayed_where_they_happened(tmp_path: P
             if step.seq == 4:  # between two decisions, as from the console
                 agent.adjust_policy({"bad_frames_to_act": 4, "max_uncertainty": 0.3})
 
-        agent = Agent(
+        agent = pipeline.agent(
             instrument,
-            pipeline.policy,
-            assessor=pipeline.assessor,
-            quality=pipeline.quality,
             recorder=recorder,
             config=AgentConfig(frames=14),
             on_step=on_step,
@@ -147,7 +144,7 @@ def test_operator_threshold_changes_are_replayed_where_they_happened(tmp_path: P
 
 
 def test_a_session_with_injected_faults_replays_exactly(tmp_path: Path) -> None:
-    from agent.loop import Agent, AgentConfig
+    from agent.loop import AgentConfig
     from agent.pipeline import build_pipeline
     from agent.recorder import SessionRecorder
     from drivers.commands import Scan
@@ -163,11 +160,8 @@ def test_a_session_with_injected_faults_replays_exactly(tmp_path: Path) -> None:
     kinds = [k for k in FaultKind if k is not FaultKind.DELAY]
     instrument = FaultInjector(inner, seed=2, probabilities={k: 0.5 / len(kinds) for k in kinds})
     with SessionRecorder(store, config=config) as recorder:
-        Agent(
+        pipeline.agent(
             instrument,
-            pipeline.policy,
-            assessor=pipeline.assessor,
-            quality=pipeline.quality,
             recorder=recorder,
             config=AgentConfig(frames=16, fault_backoff_s=0.0),
         ).run()
