@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -82,3 +83,16 @@ def finish(holder: Holder, thread: threading.Thread, steps_left: int) -> None:
 
 def operator_events(recorder: MemoryRecorder) -> list[dict[str, Any]]:
     return recorder.kinds("operator")
+
+
+def refused_events(
+    recorder: MemoryRecorder, count: int, timeout_s: float = 5.0
+) -> list[dict[str, Any]]:
+    """The refused operator events, once ``count`` of them have reached the recorder (events
+    travel through the agent's record queue; a running session records them a moment later)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        refused = [o for o in operator_events(recorder) if o.get("refused")]
+        if len(refused) >= count or time.monotonic() > deadline:
+            return refused
+        time.sleep(0.01)

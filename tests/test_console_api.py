@@ -20,7 +20,7 @@ from agent.console.app import decode_frame, encode_frame
 from agent.console.server import ConsoleServer, is_loopback, read_or_create_token
 from drivers.errors import ConfigError
 from drivers.frame import Frame, ScanRegion
-from tests.console_support import finish, operator_events, start
+from tests.console_support import finish, operator_events, refused_events, start
 
 TOKEN = "t0ken-for-tests"
 
@@ -74,7 +74,7 @@ def test_wrong_or_missing_token_is_refused_recorded_and_changes_nothing(
     assert "no access token" in missing.json()["error"]
     assert "wrong access token" in wrong.json()["error"]
     assert not held["agent"].gate.paused
-    refused = [o for o in operator_events(held["rec"]) if o.get("refused")]
+    refused = refused_events(held["rec"], 3)
     assert [(o["action"], o["origin"]) for o in refused] == [
         ("pause", "http:127.0.0.1"),
         ("pause", "http:127.0.0.1"),
@@ -126,7 +126,7 @@ def test_ctl_reports_bad_requests_clearly_and_they_are_recorded(
     code = main(["ctl", "pause", "--connect", held["server"].base_url])
     assert code == 2 and "no access token" in capsys.readouterr().err
     assert held["inst"].executed == []
-    refused = [(o["action"], o["origin"]) for o in operator_events(held["rec"]) if o.get("refused")]
+    refused = [(o["action"], o["origin"]) for o in refused_events(held["rec"], 6)]
     user = [r for r in refused if r[1].startswith("ctl:")]
     assert [a for a, _ in user] == ["approve", "submit", "submit", "mode", "resume"]
     assert refused[-1] == ("pause", "http:127.0.0.1")
@@ -145,7 +145,7 @@ def test_malformed_request_bodies_are_refused_and_recorded(held: dict[str, Any])
     unknown = http.post("/api/teleport", json={}, headers=auth())
     assert unknown.status_code == 400 and "unknown action 'teleport'" in unknown.json()["error"]
     assert held["inst"].executed == [] and not held["agent"].gate.paused
-    refused = [o["action"] for o in operator_events(held["rec"]) if o.get("refused")]
+    refused = [o["action"] for o in refused_events(held["rec"], 4)]
     assert refused == ["approve", "approve", "pause", "teleport"]
 
 
@@ -178,7 +178,7 @@ def test_websocket_with_a_wrong_token_gets_an_error_and_is_recorded(held: dict[s
     with connect(url, open_timeout=10) as ws:
         message = json.loads(ws.recv(timeout=10))
     assert message["type"] == "error" and "wrong access token" in message["error"]
-    refused = [o for o in operator_events(held["rec"]) if o.get("refused")]
+    refused = refused_events(held["rec"], 1)
     assert [(o["action"], o["origin"]) for o in refused] == [("connect", "ws:127.0.0.1")]
 
 
@@ -262,7 +262,7 @@ def test_requests_from_another_site_are_refused(held: dict[str, Any]) -> None:
     plain = http.post("/api/abort", content=b"{}", headers={**auth(), "Content-Type": "text/plain"})
     assert plain.status_code == 400 and "application/json" in plain.json()["error"]
     assert not held["agent"].gate.aborted
-    refused = [o["action"] for o in operator_events(held["rec"]) if o.get("refused")]
+    refused = [o["action"] for o in refused_events(held["rec"], 2)]
     assert refused == ["abort", "abort"]
 
 
