@@ -245,7 +245,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         finally:
             signal.signal(signal.SIGINT, previous)
             bar.close()
-        recorder.set_summary({"latency_s": {k: v for k, v in result.latencies_s.items()}})
+        recorder.set_summary({"latency_s": {k: v.to_json() for k, v in result.latencies_s.items()}})
     finally:
         recorder.close()
         instrument.close()

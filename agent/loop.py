@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.gate import CommandGate, Fate, Mode
+from agent.summary import LatencyStats
 from drivers.commands import AbortScan, Capability, Command, Retract
 from drivers.errors import ConfigError, ScopePilotError
 from drivers.frame import Frame, frame_problems
@@ -149,7 +150,8 @@ class AgentResult:
     stale_skipped: int = 0
     faults: int = 0
     stop_reason: str = ""
-    latencies_s: dict[str, list[float]] = field(default_factory=dict)
+    latencies_s: dict[str, LatencyStats] = field(default_factory=dict)
+    """Per stage, in bounded memory: exact count/mean/max, sampled percentiles."""
 
 
 class _LatestBox:
@@ -369,9 +371,10 @@ class Agent:
         self._listeners.append(listener)
 
     def latencies(self, last: int = 50) -> dict[str, list[float]]:
-        """The last ``last`` latencies of each stage, in seconds."""
+        """The last ``last`` (at most :data:`agent.summary.RECENT_SIZE`) latencies of each
+        stage, in seconds."""
         with self._lat_lock:
-            return {k: v[-last:] for k, v in self.result.latencies_s.items()}
+            return {k: v.recent(last) for k, v in self.result.latencies_s.items()}
 
     @property
     def running(self) -> bool:
@@ -683,7 +686,10 @@ class Agent:
 
     def _add_latency(self, stage: str, seconds: float) -> None:
         with self._lat_lock:
-            self.result.latencies_s.setdefault(stage, []).append(seconds)
+            stats = self.result.latencies_s.get(stage)
+            if stats is None:
+                stats = self.result.latencies_s[stage] = LatencyStats()
+            stats.add(seconds)
 
     @property
     def can_condition(self) -> bool:

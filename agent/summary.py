@@ -7,26 +7,130 @@ print the same thing.
 
 from __future__ import annotations
 
-from collections import Counter
+import math
+import random
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from drivers.errors import DataError
+
 CONDITIONING = ("TipPulse", "TipDip")
 
+RESERVOIR_SIZE = 2048
+"""Latency samples kept per stage for percentiles (all of them up to this many frames)."""
+RECENT_SIZE = 256
+"""Latest latencies kept per stage, in order, for the console."""
 
-def _latency_stats(values: Sequence[float]) -> dict[str, float]:
-    arr = np.asarray(values, dtype=float)
-    if arr.size == 0:
-        return {}
-    return {
-        "n": int(arr.size),
-        "mean_ms": float(arr.mean() * 1e3),
-        "p50_ms": float(np.percentile(arr, 50) * 1e3),
-        "p95_ms": float(np.percentile(arr, 95) * 1e3),
-        "max_ms": float(arr.max() * 1e3),
-    }
+
+class LatencyStats:
+    """One stage's latencies in bounded memory, however long the session runs.
+
+    Count, mean and maximum are exact (streaming). Percentiles come from a uniform reservoir
+    of :data:`RESERVOIR_SIZE` samples (Vitter's algorithm R, seeded, so a run's summary is
+    reproducible): exact while the stage has seen no more samples than that, an unbiased
+    sample of all of them after. :meth:`recent` gives the latest :data:`RECENT_SIZE` in order.
+    Seconds throughout.
+    """
+
+    def __init__(
+        self, *, reservoir_size: int = RESERVOIR_SIZE, recent_size: int = RECENT_SIZE
+    ) -> None:
+        if reservoir_size < 1 or recent_size < 1:
+            raise ValueError(
+                f"LatencyStats sizes must be >= 1, got {reservoir_size=}, {recent_size=}"
+            )
+        self.n = 0
+        self.total_s = 0.0
+        self.max_s = -math.inf
+        self.sample_s: list[float] = []
+        self._reservoir_size = reservoir_size
+        self._recent: deque[float] = deque(maxlen=recent_size)
+        self._rng = random.Random(0)
+
+    def add(self, seconds: float) -> None:
+        value = float(seconds)
+        self.n += 1
+        self.total_s += value
+        self.max_s = max(self.max_s, value)
+        self._recent.append(value)
+        if len(self.sample_s) < self._reservoir_size:
+            self.sample_s.append(value)
+        else:
+            slot = self._rng.randrange(self.n)
+            if slot < self._reservoir_size:
+                self.sample_s[slot] = value
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def mean_s(self) -> float:
+        return self.total_s / self.n if self.n else math.nan
+
+    def recent(self, last: int) -> list[float]:
+        """The latest ``min(last, RECENT_SIZE)`` latencies, oldest first."""
+        if last <= 0:
+            return []
+        return list(self._recent)[-last:]
+
+    def stats_ms(self) -> dict[str, float]:
+        """``n``, ``mean_ms``, ``p50_ms``, ``p95_ms``, ``max_ms`` (``{}`` when empty); when the
+        percentiles come from a sample of the latencies, ``percentile_samples`` says how many."""
+        if self.n == 0:
+            return {}
+        arr = np.asarray(self.sample_s, dtype=float)
+        out = {
+            "n": self.n,
+            "mean_ms": self.mean_s * 1e3,
+            "p50_ms": float(np.percentile(arr, 50) * 1e3),
+            "p95_ms": float(np.percentile(arr, 95) * 1e3),
+            "max_ms": self.max_s * 1e3,
+        }
+        if arr.size < self.n:
+            out["percentile_samples"] = int(arr.size)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form written into a session's summary (bounded: at most the reservoir)."""
+        return {"n": self.n, "mean_s": self.mean_s, "max_s": self.max_s, "sample_s": self.sample_s}
+
+    @classmethod
+    def coerce(cls, value: LatencyStats | Sequence[float] | Mapping[str, Any]) -> LatencyStats:
+        """A :class:`LatencyStats` from itself, a list of seconds (stores written before the
+        statistics were bounded) or :meth:`to_json`'s form; :class:`DataError` otherwise."""
+        if isinstance(value, LatencyStats):
+            return value
+        if isinstance(value, Mapping):
+            try:
+                n, mean_s, max_s = int(value["n"]), float(value["mean_s"]), float(value["max_s"])
+                sample = [float(v) for v in value["sample_s"]]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise DataError(
+                    f"latency statistics need n, mean_s, max_s and sample_s, got {value!r}"
+                ) from exc
+            if n < len(sample) or (n and not sample):
+                raise DataError(f"latency statistics count {n} does not fit {len(sample)} samples")
+            stats = cls(reservoir_size=max(len(sample), 1))
+            stats.n, stats.total_s, stats.max_s = n, mean_s * n, max_s
+            stats.sample_s = sample
+            stats._recent.extend(sample[-RECENT_SIZE:])
+            return stats
+        if isinstance(value, (str, bytes)):
+            raise DataError(f"latencies must be numbers, got {value!r}")
+        stats = cls(reservoir_size=max(len(value), 1))
+        try:
+            for v in value:
+                stats.add(v)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"latencies must be numbers, got {value!r}") from exc
+        return stats
+
+
+def _latency_stats(values: LatencyStats | Sequence[float] | Mapping[str, Any]) -> dict[str, float]:
+    return LatencyStats.coerce(values).stats_ms()
 
 
 def conditioning_episodes(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -61,9 +165,14 @@ def summarize(
     frame_records: Sequence[Mapping[str, Any]],
     events: Sequence[Mapping[str, Any]],
     *,
-    latencies_s: Mapping[str, Sequence[float]] | None = None,
+    latencies_s: Mapping[str, LatencyStats | Sequence[float] | Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Everything ``scopepilot summary`` prints, as a JSON-able dict."""
+    """Everything ``scopepilot summary`` prints, as a JSON-able dict.
+
+    ``latencies_s`` maps each stage to its :class:`LatencyStats` (a running agent), their
+    :meth:`LatencyStats.to_json` form (a store's summary) or a list of seconds; without it the
+    latencies are read from the decision events and frame records.
+    """
     n = len(frame_records)
     truths = [r.get("truth") for r in frame_records]
     known = [t for t in truths if t]

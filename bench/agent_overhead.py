@@ -83,7 +83,8 @@ def main() -> None:
     )
     print(f"  agent overhead per frame       {overhead_s * 1e3:8.2f} ms")
     for stage in ("perceive", "decide", "gate", "record"):
-        values = np.asarray(result.latencies_s.get(stage, [0.0]))
+        stats = result.latencies_s.get(stage)
+        values = np.asarray(stats.sample_s if stats is not None else [0.0])
         print(
             f"    {stage:<10} mean {values.mean() * 1e3:7.2f} ms   p95 "
             f"{np.percentile(values, 95) * 1e3:7.2f} ms"

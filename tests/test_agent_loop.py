@@ -51,7 +51,7 @@ def test_every_frame_is_recorded_and_decided_in_lockstep() -> None:
     assert [d["frame"] for d in rec.kinds("decision")] == list(range(8))
     assert rec.kinds("status")[-1]["reason"] == "completed 8 frames"
     for stage in ("acquire", "perceive", "decide", "gate", "record"):
-        assert len(result.latencies_s[stage]) == 8
+        assert result.latencies_s[stage].n == 8
 
 
 def test_autonomous_commands_are_executed_and_recorded_with_source() -> None:

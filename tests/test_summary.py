@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from agent.summary import conditioning_episodes, format_summary, summarize
+import numpy as np
+import pytest
+
+from agent.summary import LatencyStats, conditioning_episodes, format_summary, summarize
+from drivers.errors import DataError
 
 
 def ev(kind: str, **payload: Any) -> dict[str, Any]:
@@ -71,3 +76,48 @@ def test_summary_counts_usable_frames_commands_and_fates() -> None:
     text = format_summary(summary)
     assert "usable frames     2/7 = 28.6%" in text
     assert "2 episodes, 1 recovered; lengths [2, 1]" in text
+
+
+def test_latency_stats_are_exact_while_the_reservoir_holds_every_sample() -> None:
+    values = list(np.random.default_rng(1).exponential(0.01, 500))
+    stats = LatencyStats(reservoir_size=500)
+    for v in values:
+        stats.add(v)
+    got = stats.stats_ms()
+    assert got["n"] == 500 and "percentile_samples" not in got
+    assert got["mean_ms"] == pytest.approx(np.mean(values) * 1e3, rel=1e-12)
+    assert got["p95_ms"] == pytest.approx(np.percentile(values, 95) * 1e3, rel=1e-12)
+    assert got["max_ms"] == max(values) * 1e3
+    # a store written before the statistics were bounded held the plain list: same summary
+    assert LatencyStats.coerce(values).stats_ms() == got
+    assert stats.recent(3) == values[-3:]
+
+
+def test_latency_stats_memory_is_bounded_and_summary_fields_stay_meaningful() -> None:
+    rng = np.random.default_rng(2)
+    values = rng.uniform(0.0, 0.1, 50_000)
+    values[12_345] = 0.5  # one slow outlier: the maximum must not be sampled away
+    stats = LatencyStats(reservoir_size=1000, recent_size=64)
+    for v in values:
+        stats.add(float(v))
+    assert len(stats.sample_s) == 1000 and len(stats.recent(10_000)) == 64
+    got = stats.stats_ms()
+    assert got["n"] == 50_000 and got["percentile_samples"] == 1000
+    assert got["mean_ms"] == pytest.approx(values.mean() * 1e3, rel=1e-9)
+    assert got["max_ms"] == 500.0
+    # a uniform sample of all 50,000, not the latest 1,000: p50 near 50 ms, p95 near 95 ms
+    assert got["p50_ms"] == pytest.approx(50.0, abs=5.0)
+    assert got["p95_ms"] == pytest.approx(95.0, abs=2.0)
+    # the JSON form in a store's summary is bounded too and reads back to the same summary
+    stored = json.loads(json.dumps(stats.to_json()))
+    assert len(stored["sample_s"]) == 1000
+    assert LatencyStats.coerce(stored).stats_ms() == pytest.approx(got)
+    assert summarize([], [], latencies_s={"gate": stored})["latency"]["gate"] == pytest.approx(got)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"n": 3}, {"n": 2, "mean_s": 0.1, "max_s": 0.2, "sample_s": [0.1, 0.2, 0.3]}, "abc"]
+)
+def test_malformed_stored_latencies_are_a_data_error(bad: Any) -> None:
+    with pytest.raises(DataError, match="latenc"):
+        LatencyStats.coerce(bad)
