@@ -14,7 +14,9 @@ How it decides, one assessed frame at a time:
 3. Each action damages the surface around the tip (:attr:`RuleConfig.damage_radius_m`), so the
    same decision moves the tip to a fresh site: the next site of a square spiral of pitch
    :attr:`RuleConfig.move_step_m` around the first position seen, skipping sites whose scan
-   region would leave the stage limits or touch a damaged disc. Sites are never revisited.
+   region would leave the stage limits or touch a damaged disc. Sites are never revisited (the
+   spiral only moves outwards). The damaged spots are kept as a compact array (16 bytes each), so
+   a night of conditioning costs little memory and the overlap check is one vectorized pass.
 4. An episode ends at the next ``good`` assessment. An episode that needs more than
    :attr:`RuleConfig.max_actions_per_episode` actions has failed; when more than
    :attr:`RuleConfig.max_failed_episodes` episodes failed the policy stops the session
@@ -34,12 +36,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+
 from drivers.commands import Capability, Command, MoveTo, TipDip, TipPulse
 from drivers.errors import ConfigError
 from drivers.frame import ScanRegion, TipState
 from drivers.limits import Limits
 from drivers.observation import Decision, Observation, TipEstimate
-from drivers.safety import ForbiddenArea
 from policies.dose import dose_command
 
 logger = logging.getLogger(__name__)
@@ -267,15 +270,15 @@ class RulePolicy:
         self._failed_episodes = 0
         self._total_actions = 0
         self._stopped: str | None = None
-        self._damaged: list[tuple[float, float]] = []
+        self._damaged = np.zeros((0, 2))  # (x_m, y_m) rows; the first _n_damaged are used
+        self._n_damaged = 0
         self._origin: tuple[float, float] | None = None
-        self._sites = spiral_sites()
-        self._visited: set[tuple[int, int]] = set()
+        self._sites = spiral_sites()  # each site comes once: sites are never revisited
 
     @property
     def damaged_spots(self) -> tuple[tuple[float, float], ...]:
         """Where conditioning happened, (x_m, y_m) in order."""
-        return tuple(self._damaged)
+        return tuple((float(x), float(y)) for x, y in self._damaged[: self._n_damaged])
 
     @property
     def total_actions(self) -> int:
@@ -308,7 +311,7 @@ class RulePolicy:
         if self._origin is None:
             x0, y0 = observation.state.position_m
             self._origin = (float(x0), float(y0))
-            self._visited.add(next(self._sites))  # the starting site counts as visited
+            next(self._sites)  # the starting site counts as visited
         frame_label = f"frame {observation.frame.frame_index}"
         if observation.problems:
             return self._decision(
@@ -440,7 +443,10 @@ class RulePolicy:
             notes.append(
                 "instrument cannot move the stage: the next frame may show the conditioned area"
             )
-        self._damaged.append(position)
+        if self._n_damaged == len(self._damaged):  # grow by doubling: amortized O(1)
+            self._damaged = np.resize(self._damaged, (max(16, 2 * self._n_damaged), 2))
+        self._damaged[self._n_damaged] = position
+        self._n_damaged += 1
         self._ladder_steps[tip.state] = index + 1
         self._episode_actions += 1
         self._total_actions += 1
@@ -458,8 +464,7 @@ class RulePolicy:
         """The next spiral site whose scan region is inside the stage and clear of damage."""
         origin = self._origin if self._origin is not None else position
         step = self.config.move_step_m
-        damaged = [ForbiddenArea(x, y, self.config.damage_radius_m) for x, y in self._damaged]
-        damaged.append(ForbiddenArea(*position, self.config.damage_radius_m))
+        spots = np.concatenate([self._damaged[: self._n_damaged], [position]])
         half_w, half_h = region.width_m / 2, region.height_m / 2
         x_lo, x_hi = _inner(limits.stage_x_m, half_w)
         y_lo, y_hi = _inner(limits.stage_y_m, half_h)
@@ -472,16 +477,12 @@ class RulePolicy:
         for i, j in self._sites:
             if max(abs(i), abs(j)) > max_ring:
                 return None
-            if (i, j) in self._visited:
-                continue
             x = origin[0] + i * step
             y = origin[1] + j * step
             if not (x_lo <= x <= x_hi and y_lo <= y <= y_hi):
                 continue
-            candidate = region.moved_to(x, y)
-            if any(area.overlaps(candidate) for area in damaged):
+            if _touches_any(spots, self.config.damage_radius_m, region.moved_to(x, y)):
                 continue
-            self._visited.add((i, j))
             return (x, y)
         return None  # pragma: no cover - the spiral is endless
 
@@ -502,6 +503,17 @@ class RulePolicy:
         return Decision(
             commands=commands, reason=reason, confidence=confidence, stop=stop, policy=self.name
         )
+
+
+def _touches_any(spots: np.ndarray, radius_m: float, region: ScanRegion) -> bool:
+    """Whether a disc of ``radius_m`` around any of the ``(N, 2)`` spots touches the region
+    (:meth:`drivers.safety.ForbiddenArea.overlaps` for all of them at once)."""
+    half_w, half_h = region.width_m / 2, region.height_m / 2
+    if region.rotation_deg % 180:
+        half_w = half_h = math.hypot(half_w, half_h)
+    dx = np.maximum(np.abs(spots[:, 0] - region.center_x_m) - half_w, 0.0)
+    dy = np.maximum(np.abs(spots[:, 1] - region.center_y_m) - half_h, 0.0)
+    return bool(np.any(np.hypot(dx, dy) <= radius_m))
 
 
 def _inner(allowed: tuple[float, float], half: float) -> tuple[float, float]:

@@ -156,7 +156,7 @@ class STMSimulator:
     @property
     def damage_sites_m(self) -> tuple[tuple[float, float, float], ...]:
         """``(x_m, y_m, radius_m)`` of every conditioning damage disc so far (ground truth)."""
-        return tuple((e.x_m, e.y_m, e.radius_m) for e in self._surface.damage.events)
+        return self._surface.damage.sites()
 
     def offset_m(self, t_s: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Drift plus creep displacement of the tip from its commanded position at ``t_s``."""

@@ -3,13 +3,15 @@
 Each pulse or dip spoils a disc of radius ~10–25 nm around the tip (PHYSICS.md): atoms are
 removed from the lattice and replaced by disordered material — a mound (pulse: material from
 the tip) or a crater with a rim (dip) — with a rough, corrugation-free surface and a ragged
-edge. :class:`DamageMap` holds the events (there are few) and evaluates them anywhere.
+edge. :class:`DamageMap` holds the events compactly (a long session has thousands) and evaluates
+them anywhere.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import ndtr
@@ -58,14 +60,84 @@ class DamageEvent:
         return np.asarray(crater + rim)
 
 
-@dataclass
-class DamageMap:
-    """Every damage event so far; evaluates the damage indicator and the debris height."""
+_EVENT_CACHE_SIZE = 128
+"""Damage events kept whole (with their roughness modes); the rest are redrawn on demand."""
+_MODES = 32
+_U64 = (1 << 64) - 1
 
-    events: list[DamageEvent] = field(default_factory=list)
+
+def _draw_event(
+    rng: np.random.Generator,
+    x_m: float,
+    y_m: float,
+    radius_m: float,
+    kind: str,
+    strength: float,
+    base_z_m: float,
+) -> DamageEvent:
+    """The event's random roughness and edge, drawn from ``rng`` (102 doubles, in this order)."""
+    wavelength = np.exp(rng.uniform(math.log(0.6e-9), math.log(4e-9), _MODES))
+    angle = rng.uniform(0.0, 2.0 * math.pi, _MODES)
+    k = (2.0 * math.pi / wavelength)[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1)
+    rms = 1.5e-10 + 1.5e-10 * strength
+    amp = wavelength / wavelength.sum() * rms * math.sqrt(_MODES)
+    return DamageEvent(
+        x_m,
+        y_m,
+        radius_m,
+        kind,
+        strength,
+        base_z_m,
+        k,
+        amp,
+        rng.uniform(0.0, 2.0 * math.pi, _MODES),
+        rng.uniform(0.0, _EDGE_WOBBLE_MAX, len(_EDGE_HARMONICS)),
+        rng.uniform(0.0, 2.0 * math.pi, len(_EDGE_HARMONICS)),
+    )
+
+
+def _pcg64_state(rng: np.random.Generator) -> np.ndarray | None:
+    """``rng``'s PCG64 state as 6 uint64 (``None`` for another bit generator)."""
+    state = rng.bit_generator.state
+    if state.get("bit_generator") != "PCG64":
+        return None
+    s, inc = int(state["state"]["state"]), int(state["state"]["inc"])
+    return np.array(
+        [s >> 64, s & _U64, inc >> 64, inc & _U64, state["has_uint32"], state["uinteger"]],
+        dtype=np.uint64,
+    )
+
+
+class DamageMap:
+    """Every damage event so far; evaluates the damage indicator and the debris height.
+
+    A long session conditions the tip thousands of times, so events are held compactly: the
+    disc (centre, radius, kind, strength, base height) in columns plus the 6-word state the
+    random generator had before the event's roughness was drawn, about 90 bytes per event
+    instead of ~1.3 KiB with the mode arrays. The :data:`_EVENT_CACHE_SIZE` most recently used
+    events are kept whole; any other is redrawn from its saved state when imaging comes near
+    it, bit-identical to the first draw. Events drawn from a generator other than PCG64 are
+    kept whole.
+    """
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._disc = np.zeros((0, 5))  # x_m, y_m, radius_m, strength, base_z_m
+        self._pulse = np.zeros(0, dtype=bool)
+        self._state = np.zeros((0, 6), dtype=np.uint64)
+        self._cache: OrderedDict[int, DamageEvent] = OrderedDict()
+        self._kept: dict[int, DamageEvent] = {}  # not redrawable (another bit generator)
+        self._scratch = np.random.Generator(np.random.PCG64(0))
 
     def __bool__(self) -> bool:
-        return bool(self.events)
+        return self._n > 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def sites(self) -> tuple[tuple[float, float, float], ...]:
+        """``(x_m, y_m, radius_m)`` of every event, in order."""
+        return tuple((float(x), float(y), float(r)) for x, y, r in self._disc[: self._n, :3])
 
     def add(
         self,
@@ -78,45 +150,71 @@ class DamageMap:
         base_z_m: float,
     ) -> DamageEvent:
         """Record a disc of disordered material around ``(x_m, y_m)`` (draws from ``rng``)."""
-        n_modes = 32
-        wavelength = np.exp(rng.uniform(math.log(0.6e-9), math.log(4e-9), n_modes))
-        angle = rng.uniform(0.0, 2.0 * math.pi, n_modes)
-        k = (2.0 * math.pi / wavelength)[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1)
-        rms = 1.5e-10 + 1.5e-10 * strength
-        amp = wavelength / wavelength.sum() * rms * math.sqrt(n_modes)
-        event = DamageEvent(
-            x_m,
-            y_m,
-            radius_m,
-            kind,
-            strength,
-            base_z_m,
-            k,
-            amp,
-            rng.uniform(0.0, 2.0 * math.pi, n_modes),
-            rng.uniform(0.0, _EDGE_WOBBLE_MAX, len(_EDGE_HARMONICS)),
-            rng.uniform(0.0, 2.0 * math.pi, len(_EDGE_HARMONICS)),
-        )
-        self.events.append(event)
+        if kind not in ("pulse", "dip"):
+            raise ValueError(f"damage kind must be 'pulse' or 'dip', got {kind!r}")
+        state = _pcg64_state(rng)
+        event = _draw_event(rng, x_m, y_m, radius_m, kind, strength, base_z_m)
+        i = self._n
+        if i == len(self._disc):  # grow by doubling: amortized O(1) appends
+            size = max(16, 2 * i)
+            self._disc = np.resize(self._disc, (size, 5))
+            self._pulse = np.resize(self._pulse, size)
+            self._state = np.resize(self._state, (size, 6))
+        self._disc[i] = (x_m, y_m, radius_m, strength, base_z_m)
+        self._pulse[i] = kind == "pulse"
+        if state is None:
+            self._kept[i] = event
+        else:
+            self._state[i] = state
+        self._n = i + 1
+        self._remember(i, event)
         return event
 
+    def event(self, i: int) -> DamageEvent:
+        """Event ``i`` (in the order added), whole."""
+        if not 0 <= i < self._n:
+            raise IndexError(f"damage event {i} of {self._n}")
+        kept = self._kept.get(i)
+        if kept is not None:
+            return kept
+        cached = self._cache.get(i)
+        if cached is not None:
+            self._cache.move_to_end(i)
+            return cached
+        w = [int(v) for v in self._state[i]]
+        self._scratch.bit_generator.state = {
+            "bit_generator": "PCG64",
+            "state": {"state": (w[0] << 64) | w[1], "inc": (w[2] << 64) | w[3]},
+            "has_uint32": w[4],
+            "uinteger": w[5],
+        }
+        x, y, r, strength, base = (float(v) for v in self._disc[i])
+        kind = "pulse" if self._pulse[i] else "dip"
+        event = _draw_event(self._scratch, x, y, r, kind, strength, base)
+        self._remember(i, event)
+        return event
+
+    def _remember(self, i: int, event: DamageEvent) -> None:
+        if i in self._kept:
+            return
+        self._cache[i] = event
+        self._cache.move_to_end(i, last=True)
+        while len(self._cache) > _EVENT_CACHE_SIZE:
+            self._cache.popitem(last=False)
+
     def near(self, bounds: tuple[float, float, float, float], margin_m: float) -> list[DamageEvent]:
-        """Events whose (ragged) disc may come within ``margin_m`` of the box."""
+        """Events whose (ragged) disc may come within ``margin_m`` of the box, in order."""
         x0, x1, y0, y1 = bounds
-        out = []
-        for ev in self.events:
-            reach = ev.radius_m * (1.0 + len(_EDGE_HARMONICS) * _EDGE_WOBBLE_MAX) + margin_m
-            if ev.x_m + reach < x0 or ev.x_m - reach > x1:
-                continue
-            if ev.y_m + reach < y0 or ev.y_m - reach > y1:
-                continue
-            out.append(ev)
-        return out
+        disc = self._disc[: self._n]
+        reach = disc[:, 2] * (1.0 + len(_EDGE_HARMONICS) * _EDGE_WOBBLE_MAX) + margin_m
+        x, y = disc[:, 0], disc[:, 1]
+        close = ~((x + reach < x0) | (x - reach > x1) | (y + reach < y0) | (y - reach > y1))
+        return [self.event(int(i)) for i in np.flatnonzero(close)]
 
     def at(self, x_m: np.ndarray, y_m: np.ndarray) -> np.ndarray:
         """Damage indicator in [0, 1] at arbitrary points (0 on pristine surface)."""
         free = np.ones(np.shape(x_m))
-        if not self.events or free.size == 0:
+        if not self._n or free.size == 0:
             return 1.0 - free
         bounds = (float(np.min(x_m)), float(np.max(x_m)), float(np.min(y_m)), float(np.max(y_m)))
         for ev in self.near(bounds, 4.0 * EDGE_WIDTH_M):

@@ -304,7 +304,7 @@ class LDOSModel:
             apex.dx_m,
             apex.dy_m,
             blur_m,
-            len(self.surface.damage.events),
+            len(self.surface.damage),
         )
         hit = self._terms_cache.get(key)
         if hit is None:

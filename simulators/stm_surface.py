@@ -7,7 +7,10 @@ of terrace 0. Nothing is generated globally:
 - point defects are drawn per square tile of :data:`TILE_M` from
   ``SeedSequence((seed, tag, tile_x, tile_y))``, so any region shows the same atoms whatever the
   order in which regions are visited;
-- conditioning damage is a short list of events (discs of disordered material).
+- conditioning damage is a list of events (discs of disordered material).
+
+A night-long session wanders over the stage, so the tiles are cached in a least-recently-used
+cache of :data:`TILE_CACHE_SIZE`; an evicted tile is drawn again, identically, from its seed.
 
 Lattices (PHYSICS.md): Au(111) hexagonal, nearest neighbour 2.88 Å, ABC stacking from terrace to
 terrace, herringbone ridges (period 6.3 nm); H:Si(100)-2x1 dimer rows 7.68 Å apart, dimers
@@ -17,6 +20,7 @@ terrace, herringbone ridges (period 6.3 nm); H:Si(100)-2x1 dimer rows 7.68 Å ap
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +30,8 @@ from simulators.stm_grid import Grid
 
 TILE_M = 32e-9
 """Edge of the square tiles in which point defects are drawn."""
+TILE_CACHE_SIZE = 256
+"""Defect tiles kept (256 tiles of 32 nm: a 0.5 um square); older ones are redrawn."""
 
 _TILE_TAG = 0x5EED_D3F
 _SURFACE_TAG = 0x5EED_5F
@@ -240,7 +246,9 @@ class SurfaceModel:
         self.meander_phase = rng.uniform(0.0, 2.0 * math.pi, n_modes)
         self.herringbone_phase = rng.uniform(0.0, 1.0, 2)
         self._layers: dict[int, Layer] = {}
-        self._tiles: dict[tuple[int, int], tuple[Features, list[SurfaceDefect]]] = {}
+        self._tiles: OrderedDict[tuple[int, int], tuple[Features, list[SurfaceDefect]]] = (
+            OrderedDict()
+        )
         a1, a2 = np.array(self.spec.a1_m), np.array(self.spec.a2_m)
         self.cell_area_m2 = abs(float(a1[0] * a2[1] - a1[1] * a2[0]))
 
@@ -362,6 +370,7 @@ class SurfaceModel:
     def _tile(self, i: int, j: int) -> tuple[Features, list[SurfaceDefect]]:
         cached = self._tiles.get((i, j))
         if cached is not None:
+            self._tiles.move_to_end((i, j))
             return cached
         ss = np.random.SeedSequence([self.entropy, _TILE_TAG, i + _INDEX_OFFSET, j + _INDEX_OFFSET])
         rng = np.random.default_rng(ss)
@@ -413,6 +422,8 @@ class SurfaceModel:
             for x, y, k, lv in zip(pos[:, 0], pos[:, 1], names, levels, strict=True)
         ]
         self._tiles[(i, j)] = (feats, truth)
+        while len(self._tiles) > TILE_CACHE_SIZE:
+            self._tiles.popitem(last=False)
         return feats, truth
 
     def _tiles_in_box(
