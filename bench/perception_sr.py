@@ -40,6 +40,7 @@ from bench._timing import network_timing, timing
 def speed(threads: int, repeats: int, weights: str) -> dict[str, Any]:
     torch.set_num_threads(threads)
     model, card = sr.load(weights)
+    model.to("cpu")  # the CPU figures first; the CUDA part below moves it when a GPU is present
     frame = simulate(
         StemRecipe(
             seed=77,
