@@ -115,6 +115,66 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+_CREATION_STEPS = (
+    ("zarr.json", "the root group (zarr.json)"),
+    (f"{FRAMES_GROUP}/zarr.json", f"the {FRAMES_GROUP} group"),
+    (f"{RECORDS_ARRAY}/zarr.json", f"the {RECORDS_ARRAY} array"),
+    (f"{EVENTS_ARRAY}/zarr.json", f"the {EVENTS_ARRAY} array"),
+)
+"""What :class:`SessionRecorder` writes when it creates a store, in order, before the root
+attributes (``format`` last)."""
+
+
+def interrupted_creation(path: Path) -> list[str] | None:
+    """What is missing from a store whose :class:`SessionRecorder` was killed while creating it,
+    or ``None`` when ``path`` is not such a store.
+
+    Such a directory holds only a prefix of the keys written at creation (in their order), maybe
+    ``*.partial`` temporary files, and no ``format`` attribute. It has no frames or events, so it
+    can be neither read nor resumed, and ``--overwrite`` may replace it. An empty directory, or
+    one holding anything else, is not one (it may be someone else's).
+    """
+    if path.is_symlink() or not path.is_dir():
+        return None
+    steps = [key for key, _ in _CREATION_STEPS]
+    folders = {str(Path(key).parent) for key in steps}  # "." for the root
+    present: set[str] = set()
+    try:
+        for entry in path.rglob("*"):
+            rel = entry.relative_to(path).as_posix()
+            if entry.is_symlink():
+                return None
+            if entry.is_dir():
+                if rel not in folders:
+                    return None
+            elif rel in steps:
+                present.add(rel)
+            elif not (entry.name.endswith(".partial") and str(Path(rel).parent) in folders):
+                return None
+    except OSError:
+        return None
+    done = 0
+    while done < len(steps) and steps[done] in present:
+        done += 1
+    if present != set(steps[:done]):
+        return None  # not a prefix of the creation order: not ours
+    if done == 0:
+        if not any(path.iterdir()):
+            return None  # empty: nothing tells it apart from a directory someone made
+    else:
+        try:
+            meta = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict) or meta.get("node_type") != "group":
+            return None
+        attrs = meta.get("attributes")
+        if isinstance(attrs, dict) and attrs.get("format") is not None:
+            return None  # complete, or someone else's format
+    missing = [what for _, what in _CREATION_STEPS[done:]]
+    return [*missing, "the 'format' attribute (written last)"]
+
+
 class _RecordLog:
     """An append-only (N,) vlen-utf8 zarr array of JSON texts, one atomic chunk write per append.
 
@@ -494,11 +554,18 @@ class SessionRecorder:
     def _prepare_directory(self, overwrite: bool) -> None:
         path = self.path
         if path.exists() or path.is_symlink():
+            unfinished = interrupted_creation(path)
+            if not overwrite and unfinished is not None:
+                raise ConfigError(
+                    f"{path} is a session store whose creation was interrupted (the writer was "
+                    f"killed before it wrote {', '.join(unfinished)}); it holds no frames or "
+                    f"events: pass --overwrite to replace it, or choose another path"
+                )
             if not overwrite:
                 raise ConfigError(f"{path} exists; pass --overwrite or choose another path")
             if not path.is_dir():
                 raise ConfigError(f"{path} exists and is not a directory; refusing to overwrite it")
-            if any(path.iterdir()) and not _is_session_root(path):
+            if any(path.iterdir()) and not _is_session_root(path) and unfinished is None:
                 raise ConfigError(
                     f"{path} exists and is not a scopepilot session store; refusing to delete "
                     f"it (choose another path)"

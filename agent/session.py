@@ -74,6 +74,16 @@ class Session:
         attrs = meta.get("attributes") if isinstance(meta, dict) else None
         fmt = attrs.get("format") if isinstance(attrs, dict) else None
         if not isinstance(attrs, dict) or fmt is None:
+            from agent.recorder import interrupted_creation
+
+            unfinished = interrupted_creation(self.path)
+            if unfinished is not None:
+                raise DataError(
+                    f"{self.path}: not a scopepilot session store yet: its creation was "
+                    f"interrupted (the writer was killed before it wrote {', '.join(unfinished)})"
+                    f"; it holds no frames or events, so there is nothing to read or resume. "
+                    f"Start again in its place with scopepilot run --out {self.path} --overwrite"
+                )
             raise DataError(
                 f"{self.path}: a zarr store but not a scopepilot session (no 'format' attribute; "
                 f"a store whose writer died while creating it looks like this too)"
