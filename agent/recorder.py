@@ -8,6 +8,8 @@ Layout of a session store ``S.zarr`` (a directory; see docs/decisions/0001-sessi
     frames/<H>x<W>_<dtype>/data    (n, H, W) <dtype>, chunks (1, H, W): the pixels
     frames/<H>x<W>_<dtype>/clean   (n, H, W) float32: ground-truth clean images (simulators only)
     events                         (M,) string: one JSON record per event
+    products/<name>/<H>x<W>_<dtype>/data   (k, H, W): images a perception stage made of a frame
+                                   (e.g. ``sr``), each pointed at by the event that carries it
 
 Crash safety (``kill -9`` at any instant): every key is written whole to a temporary file and
 renamed over its final name (zarr's ``LocalStore`` does this), and an append writes the pixel
@@ -61,6 +63,7 @@ FRAME_CAPACITY_STEP = 256
 """Pixel arrays grow by this many frames at a time; ``close()`` trims them to the frame count."""
 
 FRAMES_GROUP = "frames"
+PRODUCTS_GROUP = "products"
 RECORDS_ARRAY = "frames/records"
 EVENTS_ARRAY = "events"
 
@@ -95,6 +98,20 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"object of type {type(obj).__name__} ({obj!r:.60}) is not JSON serializable")
+
+
+def _product_counts(events: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Per product array, one past the highest slot an event refers to."""
+    counts: dict[str, int] = {}
+    for event in events:
+        refs = (event.get("payload") or {}).get("arrays")
+        if not isinstance(refs, Mapping):
+            continue
+        for ref in refs.values():
+            if isinstance(ref, Mapping) and isinstance(ref.get("slot"), int):
+                path = str(ref.get("array"))
+                counts[path] = max(counts.get(path, 0), ref["slot"] + 1)
+    return counts
 
 
 def _native_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
@@ -366,6 +383,8 @@ class SessionRecorder:
         self._lock = threading.Lock()
         self._closed = False
         self._groups: dict[tuple[tuple[int, int], str], _FrameGroup] = {}
+        self._products: dict[str, _FrameGroup] = {}
+        self._product_counts: dict[str, int] = {}
         config_json = json.loads(self._config_text(config, "config"))
         versions_json = json.loads(self._config_text(versions, "versions"))
         self._prepare_directory(overwrite)
@@ -432,6 +451,9 @@ class SessionRecorder:
         self._lock = threading.Lock()
         self._closed = False
         self._groups = {}
+        self._products = {}
+        # product slots committed by an event; a slot past them is an interrupted append's
+        self._product_counts = _product_counts(session.events())
         try:
             self._store = LocalStore(path)
             self._root = zarr.open_group(
@@ -715,6 +737,52 @@ class SessionRecorder:
             self._check_open()
             return self._events.append(f'{{"seq":{self._events.count},{body[1:]}')
 
+    def append_array(self, name: str, array: np.ndarray) -> dict[str, Any]:
+        """Store an ``(H, W)`` numeric image a perception stage made (e.g. the ``sr`` image) in
+        ``products/<name>/<H>x<W>_<dtype>`` and return its reference ``{"array", "slot"}``.
+
+        The image is committed by the event that carries the reference (pixels first, the
+        event last, as for frames): write the event after this returns. Raises
+        :class:`DataError`, writing nothing, for a bad name, a non-numeric or non-2-D array.
+        """
+        if not isinstance(name, str) or not name.isidentifier():
+            raise DataError(f"array name must be an identifier, got {name!r}")
+        data = np.asarray(array)
+        if data.ndim != 2 or data.dtype.kind not in _PIXEL_KINDS or not data.size:
+            raise DataError(
+                f"array {name!r} must be a non-empty 2-D numeric image, got {data.shape} "
+                f"{data.dtype}"
+            )
+        dtype = _native_dtype(data.dtype)
+        shape = (int(data.shape[0]), int(data.shape[1]))
+        path = f"{PRODUCTS_GROUP}/{name}/{frame_group_name(shape, dtype)}"
+        with self._lock:
+            self._check_open()
+            group = self._products.get(path)
+            if group is None:
+                group = self._product_group(path, shape, dtype)
+            slot = group.count
+            group.ensure_capacity(slot, with_clean=False)
+            self._store.set_sync(f"{path}/data/c/{slot}/0/0", _pixel_buffer(data, dtype))
+            group.count = slot + 1
+            return {"array": path, "slot": slot}
+
+    def _product_group(
+        self, path: str, shape: tuple[int, int], dtype: np.dtype[Any]
+    ) -> _FrameGroup:
+        attrs = {"shape": list(shape), "dtype": dtype.name}
+        node = self._root.get(path)
+        if isinstance(node, zarr.Group):  # a resumed session: continue after committed slots
+            group = _FrameGroup(node, shape, dtype, existing=True)
+            group.count = self._product_counts.get(path, 0)
+        else:
+            parent = self._root.require_group(path.rsplit("/", 1)[0])
+            group = _FrameGroup(
+                parent.create_group(path.rsplit("/", 1)[1], attributes=attrs), shape, dtype
+            )
+        self._products[path] = group
+        return group
+
     def set_summary(self, summary: Mapping[str, Any]) -> None:
         """Store the end-of-session ``summary`` (a JSON-able mapping) as a root attribute."""
         if not isinstance(summary, Mapping):
@@ -730,7 +798,7 @@ class SessionRecorder:
             if self._closed:
                 return
             self._closed = True
-            for group in self._groups.values():
+            for group in (*self._groups.values(), *self._products.values()):
                 group.trim(self._store)
             self._records.trim()
             self._events.trim()

@@ -179,6 +179,14 @@ class ContinuedRecorder:
             shifted["frame"] += self.offset
         return self._recorder.append_event(kind, shifted, t_wall=t_wall, t_instrument=t_instrument)
 
+    def append_array(self, name: str, array: Any) -> dict[str, Any]:
+        """A perception stage's image (see :meth:`SessionRecorder.append_array`)."""
+        store = getattr(self._recorder, "append_array", None)
+        if store is None:
+            raise DataError(f"{type(self._recorder).__name__} cannot store arrays")
+        ref: dict[str, Any] = store(name, array)
+        return ref
+
 
 def apply_plan(args: Any, plan: ResumePlan) -> Any:
     """``scopepilot run`` arguments (an argparse namespace) set from the stored configuration.

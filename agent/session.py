@@ -21,11 +21,12 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from agent.recorder import EVENTS_ARRAY, FORMAT, FRAMES_GROUP, RECORDS_ARRAY
+from agent.recorder import EVENTS_ARRAY, FORMAT, FRAMES_GROUP, PRODUCTS_GROUP, RECORDS_ARRAY
 from drivers.errors import DataError
 from drivers.frame import Defect, Frame, GroundTruth, ScanRegion, TipState
 
 _GROUP_NAME = re.compile(r"^[0-9]+x[0-9]+_[a-z0-9]+$")
+_PRODUCT_PATH = re.compile(rf"^{PRODUCTS_GROUP}/[A-Za-z_][A-Za-z0-9_]*/[0-9]+x[0-9]+_[a-z0-9]+$")
 
 
 class Session:
@@ -248,6 +249,32 @@ class Session:
                     if not ok:
                         damaged.append(f"frame {record['row']} {what}")
         return damaged
+
+    def array(self, ref: Mapping[str, Any]) -> np.ndarray:
+        """The ``(H, W)`` image an event refers to (``payload["arrays"][NAME]``, a reference
+        ``{"array", "slot"}`` written by :meth:`SessionRecorder.append_array`), e.g. the sr image
+        of a frame's ``perception`` event. :class:`DataError` for a malformed reference or
+        missing pixels."""
+        path = ref.get("array") if isinstance(ref, Mapping) else None
+        slot = ref.get("slot") if isinstance(ref, Mapping) else None
+        if (
+            not isinstance(path, str)
+            or not _PRODUCT_PATH.match(path)
+            or not isinstance(slot, int)
+            or slot < 0
+        ):
+            raise DataError(f"{self.path}: malformed array reference {ref!r:.200}")
+        try:
+            array = self._root[f"{path}/data"]
+        except KeyError:
+            raise DataError(f"{self.path}: {path} is missing") from None
+        except Exception as exc:  # damaged metadata: zarr raises several types
+            raise DataError(
+                f"{self.path}: {path} is damaged: {type(exc).__name__}: {exc}"
+            ) from None
+        if not isinstance(array, zarr.Array) or array.ndim != 3 or slot >= array.shape[0]:
+            raise DataError(f"{self.path}: {path} holds no slot {slot}")
+        return self._pixels(array, slot, slot, f"{path} image")
 
     def iter_frames(self) -> Iterator[Frame]:
         for i in range(len(self._records)):
