@@ -102,6 +102,25 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
         help="tip assessor: classical, tipnet (the tip network, classical fallback) or none "
         "(default: classical on STM/AFM, none on STEM/SEM)",
     )
+    run.add_argument(
+        "--perception",
+        help="frame stages run and recorded on every frame, comma-separated: sr (recovered "
+        "image + uncertainty), defects (defect list) or none (default: sr,defects on STEM, "
+        "none elsewhere; the models judge HAADF-STEM at 0.0125-0.05 nm pixels and record a "
+        "rejection for other frames)",
+    )
+    run.add_argument(
+        "--no-sr-image",
+        action="store_true",
+        help="record only the sr uncertainty summary, not the recovered image (smaller store)",
+    )
+    run.add_argument(
+        "--early-abort",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="abort an SPM scan when the tip changes mid-scan (needs --assessor tipnet; "
+        "default: on with tipnet)",
+    )
     run.add_argument("--png", help="also write the overview figure here")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -135,11 +154,20 @@ def _parse_sim_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
+def _stage_names(given: str | None, default: Sequence[str]) -> tuple[str, ...]:
+    """``--perception`` as stage names: the default when not given, none for ``none``."""
+    if given is None:
+        return tuple(default)
+    names = tuple(n.strip() for n in given.split(",") if n.strip())
+    return () if names == ("none",) else names
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from agent.gate import Mode
     from agent.loop import AgentConfig, Step
+    from agent.perception.stages import default_stages
     from agent.pipeline import build_pipeline, default_assessor, default_policy_options
     from agent.recorder import SessionRecorder
     from agent.session import Session
@@ -174,13 +202,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     instrument = open_instrument(args.instrument, **options)
     try:
         kind = instrument.info().kind
+        assessor = args.assessor or default_assessor(kind)
+        stages = _stage_names(args.perception, default_stages(kind))
+        early_abort = args.early_abort
+        if early_abort is None:
+            early_abort = assessor == "tipnet" and kind in SPM_KINDS
         config = {  # the session config; agent.pipeline rebuilds perception + policy from it
             "instrument": args.instrument,
             "policy": args.policy,
             "policy_options": default_policy_options(args.policy, kind, args.target_snr),
-            "assessor": args.assessor or default_assessor(kind),
+            "assessor": assessor,
             "assessor_options": {},
             "quality": "snr",
+            "perception": list(stages),
+            "perception_options": {"sr": {"record": "none"}}
+            if args.no_sr_image and "sr" in stages
+            else {},
+            "early_abort": early_abort,
             "frames": args.frames,
             "seed": args.seed,
             "mode": args.mode,

@@ -32,15 +32,16 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.gate import CommandGate, Fate, Mode
+from agent.perception.stages import FrameStage, run_stages
 from agent.summary import LatencyStats
 from drivers.commands import AbortScan, Capability, Command, Retract
 from drivers.errors import ConfigError, ScopePilotError
-from drivers.frame import Frame, frame_problems
+from drivers.frame import Frame, TipState, frame_problems
 from drivers.observation import Decision, Observation, QualityEstimate, TipEstimate
 from drivers.protocol import Instrument
 from drivers.safety import SafetyEnvelope
@@ -81,9 +82,11 @@ class Recorder(Protocol):
 
 
 Listener = Callable[[str, Mapping[str, Any], Frame | None], None]
-"""``listener(kind, payload, frame)``: ``kind`` is an event kind, or ``"frame"`` for a complete
-frame (payload ``{"seq", "problems"}``). Called from the agent's threads: it must be quick and
-must not call back into the agent."""
+"""``listener(kind, payload, frame)``: ``kind`` is an event kind, ``"frame"`` for a complete
+frame (payload ``{"seq", "problems"}``) or ``"product"`` for an image a perception stage made of
+frame ``seq`` (payload ``{"seq", "name"}``, the image as ``frame.data`` of a copy of the frame;
+not recorded as an event, the perception event carries it). Called from the agent's threads: it
+must be quick and must not call back into the agent."""
 
 
 class _NullRecorder:
@@ -154,6 +157,94 @@ class AgentResult:
     """Per stage, in bounded memory: exact count/mean/max, sampled percentiles."""
 
 
+WATCH_EVERY_LINES = 16
+"""With ``early_abort``, the tip assessor's ``watch`` judges a streaming scan once per this many
+new lines (the tip network's recent read-out covers the last 16 lines)."""
+
+
+@dataclass(frozen=True)
+class EarlyAbort:
+    """A scan the agent aborted because the tip changed while it streamed: the ``tip`` estimate
+    of the last lines when ``lines_done`` lines were scanned, the ``AbortScan`` command's id and
+    the reason. The partial frame is acted on with this estimate (not judged as incomplete)."""
+
+    lines_done: int
+    tip: TipEstimate
+    command_id: str
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lines_done": self.lines_done,
+            "tip": self.tip.to_json(),
+            "command_id": self.command_id,
+            "reason": self.reason,
+        }
+
+
+class _ScanWatcher:
+    """One scan's watch: every :data:`WATCH_EVERY_LINES` lines the assessor judges the latest
+    lines; a change from a good tip (the previous frame's estimate, or an earlier look at this
+    scan) to a confident bad state sends ``AbortScan`` through the gate, like a policy command
+    (paused: suppressed; manual: advised; supervised: not sent, the operator approves policy
+    commands and a pending abort would outlive its scan). Each look and its outcome is recorded
+    as an ``early_abort`` event when it triggers."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.seq = agent.result.frames
+        self.watched = 0
+        self.done = False
+        last = agent._history[-1] if agent._history else None
+        self.seen_good = last is not None and last.state is TipState.GOOD
+
+    def look(self, part: Frame) -> EarlyAbort | None:
+        agent = self.agent
+        if self.done or part.lines_done - self.watched < WATCH_EVERY_LINES:
+            return None
+        self.watched = part.lines_done
+        watch = agent._watch
+        if watch is None:
+            return None
+        t0 = agent._clock()
+        estimate = watch(part)
+        agent._add_latency("watch", agent._clock() - t0)
+        if estimate is None:  # too few lines or the network is unsure: no grounds to abort
+            return None
+        if estimate.state is TipState.GOOD:
+            self.seen_good = True
+            return None
+        if not self.seen_good:  # bad since before this scan: the policy is already on it
+            return None
+        self.done = True
+        first = max(0, part.lines_done - WATCH_EVERY_LINES)
+        reason = (
+            f"tip changed to {estimate.state} in lines {first}-{part.lines_done - 1} "
+            f"(uncertainty {estimate.uncertainty:.2f}); scan aborted early"
+        )
+        source = f"{getattr(agent.assessor, 'name', 'assessor')} watch"
+        command = AbortScan(source=source, reason=reason)
+        payload: dict[str, Any] = {
+            "frame": self.seq,
+            "lines_done": part.lines_done,
+            "tip": estimate.to_json(),
+            "command_id": command.id,
+            "reason": reason,
+        }
+        if agent.gate.mode is Mode.SUPERVISED:
+            agent._event(
+                "early_abort",
+                {**payload, "fate": "not sent", "why": "supervised mode: the scan runs to its end"},
+                part,
+            )
+            return None
+        fate = agent.gate.submit_policy(command)
+        agent._event("early_abort", {**payload, "fate": fate.fate, "why": fate.reason}, part)
+        if fate.fate != "executed":
+            return None
+        return EarlyAbort(part.lines_done, estimate, command.id, reason)
+
+
 class _LatestBox:
     """A one-slot mailbox: ``put`` replaces what is there and says whether it did."""
 
@@ -193,6 +284,8 @@ class Agent:
         *,
         assessor: Assessor | None,
         quality: QualityAssessor | None = None,
+        stages: Sequence[FrameStage] = (),
+        early_abort: bool = False,
         recorder: Recorder | None = None,
         envelope: SafetyEnvelope | None = None,
         config: AgentConfig | None = None,
@@ -205,6 +298,7 @@ class Agent:
         self.policy = policy
         self.assessor = assessor
         self.quality = quality
+        self.stages = tuple(stages)
         self.config = config or AgentConfig()
         self.info = instrument.info()
         self._recorder: Recorder = recorder if recorder is not None else _NullRecorder()
@@ -233,6 +327,15 @@ class Agent:
         self._operator_ids: set[str] = set()
         self._started = threading.Event()
         self._finished = threading.Event()
+        watch = getattr(assessor, "watch", None)
+        if early_abort and not callable(watch):
+            raise ConfigError(
+                f"early_abort needs a tip assessor with watch() (tipnet), got "
+                f"{getattr(assessor, 'name', None)!r}"
+            )
+        self._watch: Callable[[Frame], TipEstimate | None] | None = (
+            watch if early_abort and self.can_condition else None
+        )
 
     # -- operator control (thread-safe) -------------------------------------------------------
 
@@ -394,6 +497,7 @@ class Agent:
                 "policy": self.policy.name,
                 "assessor": self.assessor.name if self.assessor is not None else None,
                 "quality": self.quality.name if self.quality is not None else None,
+                "stages": [stage.name for stage in self.stages],
                 "instrument": self.info.to_json(),
             },
         )
@@ -460,7 +564,7 @@ class Agent:
                 t0 = self._clock()
                 try:
                     expected = self.instrument.state().shape_px
-                    frame = self._scan_one()
+                    frame, early = self._scan_one()
                 except ScopePilotError as exc:
                     consecutive_faults += 1
                     self.result.faults += 1
@@ -495,35 +599,44 @@ class Agent:
                 consecutive_faults = 0
                 acquire_s = self._clock() - t0
                 problems = tuple(frame_problems(frame, expected_shape=expected))
-                if not frame.complete:  # aborted or truncated: recorded as such, never acted on
+                seq = self.result.frames
+                extra: dict[str, Any] = {"acquire_s": acquire_s, "seq": seq}
+                if early is not None:  # aborted by the agent for a tip change: acted on
+                    extra["early_abort"] = early.to_json()
+                elif not frame.complete:  # aborted or truncated: recorded, never acted on
                     problems = (
                         *problems,
                         f"incomplete frame ({frame.lines_done} of {frame.shape[0]} lines)",
                     )
-                seq = self.result.frames
                 self.result.frames += 1
                 self._frame_slots.acquire()  # backpressure: the recorder never drops a frame
-                self._records.put(
-                    ("frame", frame, problems, {"acquire_s": acquire_s, "seq": seq}, self._clock())
-                )
+                self._records.put(("frame", frame, problems, extra, self._clock()))
                 self._notify("frame", {"seq": seq, "problems": list(problems)}, frame)
                 self._add_latency("acquire", acquire_s)
                 if cfg.lockstep:
                     self._decided.clear()
-                if self._latest.put((seq, frame, problems)):
+                if self._latest.put((seq, frame, problems, early)):
                     self.result.stale_skipped += 1
             if not self._stop.is_set():
                 self.result.stop_reason = f"completed {self.result.frames} frames"
         finally:
             self._acquisition_done.set()
 
-    def _scan_one(self) -> Frame:
+    def _scan_one(self) -> tuple[Frame, EarlyAbort | None]:
+        """Stream one scan; with ``early_abort``, watch its latest lines (:class:`_ScanWatcher`)."""
         last: Frame | None = None
+        early: EarlyAbort | None = None
+        watcher = _ScanWatcher(self) if self._watch is not None else None
+        # the watch costs one small network pass per 16 lines; without it nothing is added
         for part in self.instrument.stream():
             last = part
+            if watcher is not None and early is None and not part.complete:
+                early = watcher.look(part)
         if last is None:
             raise ScopePilotError("the instrument's scan produced no frame")
-        return last
+        if early is not None and last.complete:  # the scan ended before the abort took hold
+            early = None
+        return last, early
 
     def _decide_loop(self) -> None:
         while True:
@@ -535,17 +648,25 @@ class Agent:
                         return
                 else:
                     continue
-            seq, frame, problems = item
+            seq, frame, problems, early = item
             try:
-                self._decide_on(seq, frame, problems)
+                self._decide_on(seq, frame, problems, early)
             finally:
                 self._decided.set()
 
-    def _decide_on(self, seq: int, frame: Frame, problems: tuple[str, ...]) -> None:
+    def _decide_on(
+        self,
+        seq: int,
+        frame: Frame,
+        problems: tuple[str, ...],
+        early: EarlyAbort | None = None,
+    ) -> None:
         t0 = self._clock()
         tip: TipEstimate | None = None
         quality: QualityEstimate | None = None
-        if not problems and frame.complete:
+        if early is not None and not problems:  # the tip change that aborted the scan
+            tip = early.tip
+        elif not problems and frame.complete:
             try:
                 if self.assessor is not None:
                     tip = self.assessor.assess(frame)
@@ -554,6 +675,9 @@ class Agent:
             except ScopePilotError as exc:
                 problems = (*problems, f"assessor failed: {exc}")
         t1 = self._clock()
+        # sr, defects, ...: recorded beside the tip; a rejected output says so and why
+        products = run_stages(self.stages if not problems and frame.complete else (), frame)
+        stages_s = {f"{name}_s": value for name, value in products.latency_s.items()}
         self._event(
             "perception",
             {
@@ -562,10 +686,18 @@ class Agent:
                 "assessor": self.assessor.name if self.assessor is not None else None,
                 "tip": tip.to_json() if tip is not None else None,
                 "quality": quality.to_json() if quality is not None else None,
+                **products.fields,
+                **({"early_abort": early.to_json()} if early is not None else {}),
                 "problems": list(problems),
             },
             frame,
+            arrays=products.arrays,
         )
+        for name, image in products.arrays.items():  # the console's sr view
+            product = dataclasses.replace(frame, data=image, truth=None)
+            self._notify("product", {"seq": seq, "name": name}, product)
+        perceive_s = t1 - t0
+        t1 = self._clock()  # the decision's time starts after the stages
         state = self.instrument.state()
         observation = Observation(
             frame=frame,
@@ -616,7 +748,7 @@ class Agent:
         fates = tuple(self._step_fates)
         self._current_seq = None
         t3 = self._clock()
-        latency = {"perceive_s": t1 - t0, "decide_s": t2 - t1, "gate_s": t3 - t2}
+        latency = {"perceive_s": perceive_s, **stages_s, "decide_s": t2 - t1, "gate_s": t3 - t2}
         for name, value in latency.items():
             self._add_latency(name[:-2], value)
         self._event(
@@ -648,7 +780,11 @@ class Agent:
                     self._frame_slots.release()
                 self._add_latency("record", self._clock() - t_queued)
             else:
-                _, kind, payload, t_wall, t_instrument = item
+                _, kind, payload, t_wall, t_instrument, arrays = item
+                store = getattr(self._recorder, "append_array", None)
+                if arrays and store is not None:  # pixels first: the event commits them
+                    refs = {name: store(name, image) for name, image in arrays.items()}
+                    payload = {**payload, "arrays": refs}
                 self._recorder.append_event(kind, payload, t_wall=t_wall, t_instrument=t_instrument)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -671,10 +807,20 @@ class Agent:
         log.info("operator %s (%s): %s", action, origin, effect)
         self._event("operator", {"action": action, "origin": origin, "effect": effect, **more})
 
-    def _event(self, kind: str, payload: Mapping[str, Any], frame: Frame | None = None) -> None:
+    def _event(
+        self,
+        kind: str,
+        payload: Mapping[str, Any],
+        frame: Frame | None = None,
+        *,
+        arrays: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Queue an event for the recorder and tell the listeners. ``arrays`` (images) are
+        stored first by a recorder that has ``append_array``, and the event records their
+        references under ``payload["arrays"]``; other recorders (tests, benches) drop them."""
         t_instrument = frame.timestamp_s if frame is not None else None
         payload = dict(payload)
-        self._records.put(("event", kind, payload, self._wall(), t_instrument))
+        self._records.put(("event", kind, payload, self._wall(), t_instrument, arrays or None))
         self._notify(kind, payload, frame)
 
     def _notify(self, kind: str, payload: Mapping[str, Any], frame: Frame | None) -> None:

@@ -13,6 +13,14 @@ and ``--resume`` rebuild exactly the same perception and policy from that mappin
                       :class:`~agent.perception.classical.ClassicalConfig`; for ``tipnet``:
                       see :func:`_tipnet`)
 ``quality``           image-quality assessor name (``snr``, ``none``); absent: ``snr``
+``perception``        frame stages run and recorded on every complete frame, in order (names in
+                      :data:`agent.perception.stages.STAGES`: ``sr``, ``defects``); absent:
+                      none (``scopepilot run`` stores the default for the instrument kind,
+                      :func:`~agent.perception.stages.default_stages`)
+``perception_options`` keyword options per stage name (e.g. ``{"sr": {"record": "none"}}``)
+``early_abort``       true: while an SPM scan streams, the tip assessor's ``watch`` judges the
+                      latest lines and a tip change aborts the scan (the assessor must have
+                      ``watch``: ``tipnet``); absent: false
 
 Other keys (instrument URI, seed, frames, ...) belong to the run and are ignored here.
 New tip models register a factory in ``TIP_ASSESSORS``.
@@ -29,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.loop import Agent, Assessor, QualityAssessor
+from agent.perception.stages import FrameStage, build_stages
 from drivers.errors import ConfigError
 from drivers.protocol import Instrument
 from policies.base import Policy, make_policy
@@ -97,17 +106,27 @@ QUALITY_ASSESSORS: dict[str, Callable[..., QualityAssessor]] = {"snr": _snr}
 
 @dataclass(frozen=True)
 class Pipeline:
-    """What judges frames (``assessor``, ``quality``; either may be None) and what decides."""
+    """What judges frames (``assessor``, ``quality``; either may be None), the frame stages
+    whose outputs are recorded (``stages``), whether a tip change aborts a scan early
+    (``early_abort``) and what decides."""
 
     assessor: Assessor | None
     quality: QualityAssessor | None
     policy: Policy
+    stages: tuple[FrameStage, ...] = ()
+    early_abort: bool = False
 
     def agent(self, instrument: Instrument, **options: Any) -> Agent:
         """An :class:`~agent.loop.Agent` on ``instrument`` with these parts; ``options`` are the
         agent's other keywords (``recorder``, ``config``, ``on_step``, ...)."""
         return Agent(
-            instrument, self.policy, assessor=self.assessor, quality=self.quality, **options
+            instrument,
+            self.policy,
+            assessor=self.assessor,
+            quality=self.quality,
+            stages=self.stages,
+            early_abort=self.early_abort,
+            **options,
         )
 
     def versions(self) -> dict[str, str]:
@@ -118,11 +137,14 @@ class Pipeline:
                 return "none"
             return f"{part.name} {getattr(part, 'version', '?')}"
 
-        return {
+        out = {
             "policy": label(self.policy),
             "assessor": label(self.assessor),
             "quality": label(self.quality),
         }
+        for stage in self.stages:  # absent when none run: older sessions resume unchanged
+            out[stage.name] = label(stage)
+        return out
 
 
 def default_assessor(kind: str) -> str:
@@ -191,4 +213,21 @@ def build_pipeline(config: Mapping[str, Any], *, kind: str) -> Pipeline:
             known = ", ".join(sorted([*QUALITY_ASSESSORS, "none"]))
             raise ConfigError(f"unknown quality assessor {quality_name!r}; known: {known}")
         quality = quality_factory()
-    return Pipeline(assessor=assessor, quality=quality, policy=policy)
+    names = config.get("perception")
+    if names is None:
+        names = []
+    stage_options = _options(config, "perception_options")
+    stages = build_stages(names, stage_options)
+    early_abort = config.get("early_abort", False)
+    if not isinstance(early_abort, bool):
+        raise ConfigError(
+            f"session config 'early_abort' must be true or false, got {early_abort!r}"
+        )
+    if early_abort and not callable(getattr(assessor, "watch", None)):
+        raise ConfigError(
+            f"early_abort needs a tip assessor that watches partial frames (tipnet), got "
+            f"{tip_name!r}"
+        )
+    return Pipeline(
+        assessor=assessor, quality=quality, policy=policy, stages=stages, early_abort=early_abort
+    )

@@ -39,11 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from agent.perception.stages import run_stages
 from agent.pipeline import Pipeline, build_pipeline
 from agent.recorder import SessionRecorder
 from agent.session import Session
 from drivers.errors import ConfigError, DataError, ScopePilotError
-from drivers.frame import Frame, ScanRegion
+from drivers.frame import Frame, ScanRegion, TipState
 from drivers.observation import Decision, Observation, QualityEstimate, TipEstimate
 from drivers.protocol import InstrumentInfo, InstrumentState
 
@@ -234,13 +235,18 @@ def replay_session(
             recorded = decisions.get(row) or {}
             recorded_state = recorded.get("state")
             pending = recorded.get("pending_commands", 0)
+            early = (record.get("extra") or {}).get("early_abort")
             perception, decision_payload, stop = replayer.step(
                 row,
                 frame,
                 problems,
                 recorded_state if isinstance(recorded_state, Mapping) else None,
                 pending_commands=pending if isinstance(pending, int) else 0,
+                early_abort=early if isinstance(early, Mapping) else None,
             )
+            if replayer.arrays:  # sr images: pixels first, the perception event commits them
+                refs = {k: recorder.append_array(k, v) for k, v in replayer.arrays.items()}
+                perception = {**perception, "arrays": refs}
             recorder.append_event("perception", perception, t_instrument=frame.timestamp_s)
             recorder.append_event("decision", decision_payload, t_instrument=frame.timestamp_s)
             result.frames += 1
@@ -260,6 +266,21 @@ def replay_session(
         result.per_stage_s = dict(replayer.stage_s)
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _watched_tip(assessor: Any, frame: Frame, early_abort: Mapping[str, Any]) -> TipEstimate | None:
+    """The assessor's ``watch`` on the lines the agent had seen when it aborted the scan; None
+    when the assessor cannot watch or does not see a bad tip there."""
+    watch = getattr(assessor, "watch", None)
+    if not callable(watch):
+        return None
+    lines = early_abort.get("lines_done")
+    if isinstance(lines, int) and 0 < lines < frame.lines_done:
+        frame = dataclasses.replace(frame, lines_done=lines)
+    tip = watch(frame)
+    if tip is None or tip.state is TipState.GOOD:
+        return None
+    return tip if isinstance(tip, TipEstimate) else None
 
 
 def _name(part: Any) -> str | None:
@@ -344,6 +365,7 @@ class _Replayer:
         self.commands_so_far = 0
         self.first_seq = first_seq
         self.stage_s: dict[str, float] = {"perceive": 0.0, "decide": 0.0}
+        self.arrays: dict[str, Any] = {}  # the last step's stage images (e.g. sr)
 
     def step(
         self,
@@ -353,9 +375,12 @@ class _Replayer:
         recorded_state: Mapping[str, Any] | None,
         *,
         pending_commands: int = 0,
+        early_abort: Mapping[str, Any] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any], bool]:
         """Perception and decision on one recorded frame; ``pending_commands`` is how many
-        commands were waiting for the operator when the agent decided (supervised mode)."""
+        commands were waiting for the operator when the agent decided (supervised mode);
+        ``early_abort`` is the record of a scan the agent aborted for a tip change (its frame is
+        judged by the assessor's ``watch`` on the lines the agent had seen, as in the run)."""
         assessor, quality_assessor, policy = (
             self.pipeline.assessor,
             self.pipeline.quality,
@@ -364,7 +389,15 @@ class _Replayer:
         t0 = time.perf_counter()
         tip: TipEstimate | None = None
         quality: QualityEstimate | None = None
-        if not problems and frame.complete:
+        if early_abort is not None and not problems and not frame.complete:
+            tip = _watched_tip(assessor, frame, early_abort)
+            if tip is None:
+                problems = (
+                    *problems,
+                    f"incomplete frame ({frame.lines_done} of {frame.shape[0]} lines; aborted "
+                    f"early by the recorded run, {_name(assessor)} does not see the tip change)",
+                )
+        elif not problems and frame.complete:
             try:
                 if assessor is not None:
                     tip = assessor.assess(frame)
@@ -373,14 +406,24 @@ class _Replayer:
             except ScopePilotError as exc:
                 problems = (*problems, f"assessor failed: {exc}")
         t1 = time.perf_counter()
+        products = run_stages(
+            self.pipeline.stages if not problems and frame.complete else (), frame
+        )
+        self.arrays = dict(products.arrays)
+        for name, seconds in products.latency_s.items():
+            self.stage_s[name] = self.stage_s.get(name, 0.0) + seconds
         perception = {
             "frame": row,
             "frame_index": frame.frame_index,
             "assessor": _name(assessor),
             "tip": tip.to_json() if tip is not None else None,
             "quality": quality.to_json() if quality is not None else None,
+            **products.fields,
+            **({"early_abort": dict(early_abort)} if tip is not None and early_abort else {}),
             "problems": list(problems),
         }
+        self.stage_s["perceive"] += t1 - t0
+        t1 = time.perf_counter()  # the decision's time starts after the stages
         observation = Observation(
             frame=frame,
             tip=tip,
@@ -409,7 +452,6 @@ class _Replayer:
                 policy=policy.name,
             )
         t2 = time.perf_counter()
-        self.stage_s["perceive"] += t1 - t0
         self.stage_s["decide"] += t2 - t1
         if tip is not None:
             self.history.append(tip)

@@ -215,6 +215,7 @@ def summarize(
         if e["kind"] == "status" and e["payload"].get("state") == "stopped"
     ]
     sim_time = [r["header"]["timestamp_s"] for r in frame_records if r.get("header")]
+    perception = [e["payload"] for e in events if e["kind"] == "perception"]
     return {
         "frames": n,
         "frames_with_truth": len(known),
@@ -236,6 +237,57 @@ def summarize(
         "stale_frames_skipped": stops[-1].get("stale_skipped", 0) if stops else None,
         "instrument_time_s": float(max(sim_time)) if sim_time else 0.0,
         "latency": {stage: _latency_stats(v) for stage, v in latencies_s.items()},
+        "defects": _defect_counts(perception),
+        "sr": _sr_stats(perception),
+        "early_aborts": sum(1 for e in events if e["kind"] == "early_abort"),
+        "scans_aborted_early": sum(
+            1
+            for e in events
+            if e["kind"] == "early_abort" and e["payload"].get("fate") == "executed"
+        ),
+    }
+
+
+def _defect_counts(perception: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Defects found per class over the frames the defects stage judged (None: it never ran).
+    ``per_class`` counts defects on frames whose result was not rejected; ``rejected`` frames
+    (model unsure, pixel size out of range, ...) are counted apart."""
+    judged = [
+        p["defects_summary"] for p in perception if isinstance(p.get("defects_summary"), dict)
+    ]
+    if not judged:
+        return None
+    per_class: Counter[str] = Counter()
+    kept = [s for s in judged if not s.get("reject")]
+    for s in kept:
+        per_class.update({k: int(v) for k, v in (s.get("counts") or {}).items()})
+    return {
+        "frames": len(judged),
+        "rejected_frames": len(judged) - len(kept),
+        "per_class": dict(per_class),
+        "uncertain": sum(int(s.get("uncertain", 0)) for s in kept),
+        "per_frame_mean": sum(per_class.values()) / len(kept) if kept else None,
+    }
+
+
+def _sr_stats(perception: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The sr stage's outputs over the session (None: it never ran): how many frames it
+    recovered, rejected (and the first reasons), and its relative uncertainty (median σ over the
+    intensity range) across the recovered frames."""
+    runs = [p["sr"] for p in perception if isinstance(p.get("sr"), dict)]
+    if not runs:
+        return None
+    ran = [r for r in runs if r.get("ran")]
+    rel = np.asarray([float(r["relative_uncertainty"]) for r in ran], dtype=float)
+    rejected = [r for r in runs if r.get("reject")]
+    return {
+        "frames": len(runs),
+        "recovered": len(ran),
+        "rejected_frames": len(rejected),
+        "reject_reasons": sorted({str(r.get("reason", "")) for r in rejected})[:5],
+        "images_recorded": sum(1 for r in ran if r.get("recorded")),
+        "relative_uncertainty_median": float(np.median(rel)) if rel.size else None,
+        "relative_uncertainty_max": float(rel.max()) if rel.size else None,
     }
 
 
@@ -264,6 +316,26 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines.append(
         f"instrument time   {summary['instrument_time_s'] / 3600:.2f} h (simulated for sim: URIs)"
     )
+    defects = summary.get("defects")
+    if defects:
+        shown = _fmt_counts(defects["per_class"]) or "none"
+        lines.append(
+            f"defects           {shown}  ({defects['frames']} frames judged, "
+            f"{defects['rejected_frames']} rejected; {defects['uncertain']} uncertain)"
+        )
+    sr = summary.get("sr")
+    if sr:
+        median = sr["relative_uncertainty_median"]
+        lines.append(
+            f"sr                {sr['recovered']}/{sr['frames']} frames recovered, "
+            f"{sr['rejected_frames']} rejected; median uncertainty "
+            + (f"{median:.3f} of the intensity range" if median is not None else "n/a")
+        )
+    if summary.get("early_aborts"):
+        lines.append(
+            f"early aborts      {summary['scans_aborted_early']} scans aborted on a tip change "
+            f"({summary['early_aborts']} detected)"
+        )
     lines.append(f"stopped because   {summary['stop_reason']}")
     lat = summary.get("latency") or {}
     if lat:
