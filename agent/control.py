@@ -80,6 +80,7 @@ class Controller:
         self._version = 0
         self._wakers: list[Waker] = []
         self._frame: tuple[int, Frame] | None = None
+        self._products: dict[str, tuple[int, Frame]] = {}  # newest image per stage (sr view)
         self._perception: dict[int, dict[str, Any]] = {}
         self._decisions: deque[dict[str, Any]] = deque(maxlen=_DECISIONS_KEPT)
         self._faults: deque[dict[str, Any]] = deque(maxlen=_FAULTS_KEPT)
@@ -110,6 +111,11 @@ class Controller:
     def latest_frame(self) -> tuple[int, Frame] | None:
         """``(seq, frame)`` of the newest complete frame, or None before the first."""
         return self._frame
+
+    def latest_product(self, name: str) -> tuple[int, Frame] | None:
+        """``(seq, image as a frame)`` of the newest image a perception stage made (``"sr"``:
+        the recovered image), or None while there is none."""
+        return self._products.get(name)
 
     def perception_of(self, seq: int) -> dict[str, Any] | None:
         """The perception event payload of frame ``seq`` (tip, defects, problems), if known."""
@@ -150,6 +156,9 @@ class Controller:
                     "timestamp_s": f.timestamp_s,
                     "tip": perception.get("tip"),
                     "defects": perception.get("defects") or [],
+                    "defects_summary": perception.get("defects_summary"),
+                    "sr": perception.get("sr"),
+                    "early_abort": perception.get("early_abort"),
                     "problems": perception.get("problems", []),
                 }
             return {
@@ -322,6 +331,8 @@ class Controller:
                     del self._perception[old]
             elif kind == "perception":
                 self._perception[int(payload["frame"])] = dict(payload)
+            elif kind == "product" and frame is not None:
+                self._products[str(payload["name"])] = (int(payload["seq"]), frame)
             elif kind == "command":
                 of_frame = payload.get("frame")
                 # An expiry on frame n is of a command proposed earlier: update it there.

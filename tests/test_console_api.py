@@ -276,3 +276,67 @@ def test_without_a_token_only_loopback_host_names_are_served(held: dict[str, Any
         port = open_server.port
         rebound = http.get("/api/status", headers={"Host": f"evil.example:{port}"})
         assert rebound.status_code == 401 and "not a loopback name" in rebound.json()["error"]
+
+
+class InvertingSr:
+    """A frame stage standing in for the sr and defects models: the image upside down, one
+    defect at (3, 4)."""
+
+    name = "sr"
+    version = "test"
+
+    def run(self, frame: Frame) -> Any:
+        from agent.perception.stages import StageOutput
+
+        defect = {"row_px": 3.0, "col_px": 4.0, "class": "vacancy", "confidence": 0.9}
+        summary = {"ran": True, "reject": False, "reason": "", "counts": {"vacancy": 1}}
+        return StageOutput(
+            {"sr": {"ran": True, "reject": False}, "defects": [defect], "defects_summary": summary},
+            {"sr": np.ascontiguousarray(frame.data[::-1])},
+        )
+
+
+def test_websocket_pushes_the_sr_view_with_the_defects_of_its_frame() -> None:
+    from agent.control import Controller
+    from agent.loop import Agent, AgentConfig
+    from tests.console_support import HANG_GUARD_S, Holder
+    from tests.fakes import FakeInstrument, MemoryRecorder, ScriptedAssessor, ScriptedPolicy
+
+    holder = Holder()
+    agent = Agent(
+        FakeInstrument(),
+        ScriptedPolicy(),
+        assessor=ScriptedAssessor(),
+        stages=[InvertingSr()],
+        recorder=MemoryRecorder(),
+        config=AgentConfig(frames=1),
+        on_step=holder,
+    )
+    controller = Controller(agent)
+    import threading
+
+    thread = threading.Thread(target=agent.run)
+    thread.start()
+    holder.next()  # frame 0 perceived: its sr image is with the controller
+    try:
+        with ConsoleServer(controller, port=0, token=TOKEN) as server:
+            url = server.base_url.replace("http://", "ws://") + f"/ws?token={TOKEN}"
+            with connect(url, open_timeout=10) as ws:
+                messages = [ws.recv(timeout=10) for _ in range(3)]
+            status = controller.status()
+    finally:
+        holder.go()
+        thread.join(HANG_GUARD_S)
+    frames = {
+        h["view"]: (h, p) for h, p in (decode_frame(m) for m in messages if isinstance(m, bytes))
+    }
+    raw, sr = frames["raw"], frames["sr"]
+    assert raw[0]["seq"] == sr[0]["seq"] == 0
+    # the stage's image (upside down), not the frame again; contrast stretches differ a little
+    same = np.corrcoef(sr[1].ravel(), raw[1][::-1].ravel())[0, 1]
+    other = np.corrcoef(sr[1].ravel(), raw[1].ravel())[0, 1]
+    assert same > 0.99 and abs(other) < 0.5
+    assert sr[0]["defects"] == [
+        {"row_px": 3.0, "col_px": 4.0, "class": "vacancy", "confidence": 0.9}
+    ]
+    assert status["frame"]["defects_summary"]["counts"] == {"vacancy": 1}

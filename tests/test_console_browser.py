@@ -184,3 +184,64 @@ def test_the_page_shows_refusals_clearly(tmp_path: Path) -> None:
         ("submit", "console:operator"),
         ("approve", "console:operator"),
     ]
+
+
+def test_stem_session_shows_the_sr_view_and_the_defect_overlay(tmp_path: Path) -> None:
+    """A STEM session with the sr and defects stages: the page enables the sr view toggle, shows
+    the recovered image when it is ticked, and circles the recorded defects of that frame."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from agent.pipeline import build_pipeline
+
+    instrument = open_instrument("sim:stem", seed=4)
+    instrument.execute(Scan(shape_px=(128, 128), source="console", reason="small frames"))
+    store = tmp_path / "stem.zarr"
+    recorder = SessionRecorder(store, config={"test": "browser-stem"}, versions={})
+    pipeline = build_pipeline(
+        {"policy": "none", "perception": ["sr", "defects"], "quality": "none"}, kind="stem"
+    )
+    holder = Holder()
+    agent = pipeline.agent(
+        instrument, recorder=recorder, config=AgentConfig(frames=2), on_step=holder
+    )
+    controller = Controller(agent)
+    thread = threading.Thread(target=agent.run, name="browser-test-stem")
+    with ConsoleServer(controller, port=0, token="browser-token") as server:
+        thread.start()
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+            )
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(TIMEOUT_MS)
+                page.goto(server.url)
+                holder.next()  # frame 0 perceived and decided; the session waits here
+                expect(page.locator("#frame-info")).to_have_attribute("data-seq", "0")
+                toggle = page.locator("#show-sr")
+                expect(toggle).to_be_enabled()
+                toggle.check()
+                frame = page.locator("#frame")
+                expect(frame).to_have_attribute("data-view", "sr")
+                expect(page.locator("#frame-info")).to_contain_text("sr view")
+                expect(page.locator("#perception-info")).to_contain_text("defects:")
+                drawn = int(frame.get_attribute("data-defects-drawn") or 0)
+                toggle.uncheck()
+                expect(frame).to_have_attribute("data-view", "raw")
+                page.locator("#show-defects").uncheck()
+                expect(frame).to_have_attribute("data-defects-drawn", "0")
+                holder.go()
+                holder.next()
+                holder.go()
+                thread.join(HANG_GUARD_S)
+                assert not thread.is_alive()
+            finally:
+                browser.close()
+    recorder.close()
+    instrument.close()
+
+    session = Session(store)
+    first = session.events("perception")[0]["payload"]
+    assert drawn == len(first["defects"]) > 0  # the circles are the recorded list
+    sr_image = session.array(first["arrays"]["sr"])
+    assert sr_image.shape == (128, 128) and sr_image.dtype.name == "float16"

@@ -21,8 +21,10 @@ A refused request answers ``{"error": MESSAGE, "kind": EXCEPTION_NAME}`` with 40
 stopped), and is recorded in the session.
 
 Binary frame messages: a 4-byte little-endian header length, a UTF-8 JSON header
-``{"seq", "frame_index", "h", "w", "lo", "hi", "tip", "defects", "problems"}``, then ``h*w``
-uint8 pixels (row-major, ``lo``..``hi`` mapped to 0..255, NaN as 0).
+``{"seq", "frame_index", "h", "w", "lo", "hi", "view", "tip", "defects", "problems"}``, then
+``h*w`` uint8 pixels (row-major, ``lo``..``hi`` mapped to 0..255, NaN as 0). ``view`` is
+``"raw"`` for the instrument's frame and ``"sr"`` for the sr stage's recovered image of frame
+``seq`` (sent after the frame's perception, when the session runs the sr stage).
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ _STATUS_INTERVAL_S = 0.25
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
-def encode_frame(seq: int, frame: Frame, perception: dict[str, Any] | None = None) -> bytes:
+def encode_frame(
+    seq: int, frame: Frame, perception: dict[str, Any] | None = None, *, view: str = "raw"
+) -> bytes:
     """The binary websocket message for ``frame`` (see the module docstring).
 
     Contrast: the 1st and 99th percentiles of the finite pixels (of a 4x subsample, which is
@@ -93,6 +97,7 @@ def encode_frame(seq: int, frame: Frame, perception: dict[str, Any] | None = Non
             "hi": hi,
             "channel": frame.channel,
             "lines_done": frame.lines_done,
+            "view": view,
             "tip": perception.get("tip"),
             "defects": perception.get("defects") or [],
             "problems": perception.get("problems") or [],
@@ -310,8 +315,8 @@ async def _stream(ws: WebSocket, controller: Controller, max_fps: float) -> None
     receiver = asyncio.create_task(receive())
     controller.add_waker(wake)
     frame_period = 1.0 / max_fps
-    sent_version, sent_seq = -1, -1
-    last_status = last_frame = 0.0
+    sent_version, sent_seq, sent_sr = -1, -1, -1
+    last_status = last_frame = last_sr = 0.0
     try:
         while not closed.is_set():
             changed.clear()
@@ -337,6 +342,19 @@ async def _stream(ws: WebSocket, controller: Controller, max_fps: float) -> None
                     await ws.send_bytes(message)
                     sent_seq, last_frame = seq, now
                     continue  # another frame may be due already
+                wait_s = min(wait_s, due)
+            sr = controller.latest_product("sr")
+            if sr is not None and sr[0] != sent_sr:  # the sr view, same rate limit as frames
+                due = last_sr + frame_period - now
+                if due <= 0:
+                    seq, image = sr
+                    perception = controller.perception_of(seq)
+                    message = await run_in_threadpool(
+                        encode_frame, seq, image, perception, view="sr"
+                    )
+                    await ws.send_bytes(message)
+                    sent_sr, last_sr = seq, now
+                    continue
                 wait_s = min(wait_s, due)
             await _wait(changed.wait(), wait_s)
     except (WebSocketDisconnect, RuntimeError, OSError):

@@ -13,6 +13,7 @@ if (params.has("token")) {
 const operatorName = () => $("operator").value.trim() || "operator";
 let status = null;
 let lastFrame = null;  // {header, pixels}
+let lastSr = null;  // the newest sr image {header, pixels} (header.view === "sr")
 let framesShown = 0;
 let socket = null;
 let retryMs = 500;
@@ -81,6 +82,16 @@ function onFrame(buffer) {
   const n = view.getUint32(0, true);
   const header = JSON.parse(new TextDecoder().decode(new Uint8Array(buffer, 4, n)));
   const pixels = new Uint8Array(buffer, 4 + n, header.h * header.w);
+  if (header.view === "sr") {
+    lastSr = {header, pixels};
+    const box = $("show-sr");
+    if (box.disabled) {
+      box.disabled = false;
+      $("sr-label").title = "show the sr model's recovered image of the latest frame it judged";
+    }
+    if (box.checked) drawFrame();
+    return;
+  }
   lastFrame = {header, pixels};
   framesShown += 1;
   drawFrame();
@@ -88,7 +99,9 @@ function onFrame(buffer) {
 
 function drawFrame() {
   if (!lastFrame) return;
-  const {header, pixels} = lastFrame;
+  // The sr view shows the newest recovered image (it arrives after the frame's perception).
+  const shown = $("show-sr").checked && lastSr ? lastSr : lastFrame;
+  const {header, pixels} = shown;
   const canvas = $("frame");
   if (canvas.width !== header.w || canvas.height !== header.h) {
     canvas.width = header.w; canvas.height = header.h;
@@ -114,21 +127,29 @@ function drawFrame() {
     ctx.fillStyle = "#fff";
     ctx.fillText(text, 6 * k, 16 * k);
   }
+  let drawn = 0;
   if ($("show-defects").checked) {
-    ctx.strokeStyle = "#ffcc00";
     ctx.lineWidth = 2 * k;
+    const colours = {vacancy: "#ffcc00", substitution: "#33ccff", adatom: "#ff66cc"};
     for (const d of header.defects || []) {
+      ctx.strokeStyle = colours[d.class] || "#ffcc00";
+      ctx.setLineDash(d.uncertain ? [3 * k, 3 * k] : []);  // dashed: below the confidence bar
       ctx.beginPath();
       ctx.arc(d.col_px, d.row_px, 6 * k, 0, 2 * Math.PI);
       ctx.stroke();
+      drawn += 1;
     }
+    ctx.setLineDash([]);
   }
+  $("frame").dataset.defectsDrawn = String(drawn);
+  $("frame").dataset.view = header.view || "raw";
   if ((header.problems || []).length) {
     ctx.fillStyle = "rgba(200,60,60,0.85)";
     ctx.fillText(header.problems[0].slice(0, 80), 6 * k, header.h - 6 * k);
   }
   $("frame-info").textContent =
-    `#${header.seq} (index ${header.frame_index}, ${header.w}×${header.h}, ${header.channel})`;
+    `#${header.seq} (index ${header.frame_index}, ${header.w}×${header.h}, ${header.channel})` +
+    (header.view === "sr" ? " · sr view" : "");
   $("frame-info").dataset.seq = String(header.seq);
   $("frame-info").dataset.shown = String(framesShown);
 }
@@ -144,6 +165,23 @@ function fmt(x, digits = 2) {
   return x === null || x === undefined ? "–" : Number(x).toFixed(digits);
 }
 
+// One line on what the frame stages made of the current frame (counts, rejections, sr).
+function perceptionText(frame) {
+  const parts = [];
+  const ds = frame.defects_summary;
+  if (ds) {
+    const counts = Object.entries(ds.counts || {}).filter(([, n]) => n).map(([c, n]) => `${n} ${c}`);
+    parts.push(ds.reject ? `defects rejected: ${ds.reason}` : `defects: ${counts.join(", ") || "none"}`);
+  }
+  const sr = frame.sr;
+  if (sr) {
+    parts.push(sr.reject ? `sr rejected: ${sr.reason}`
+                         : `sr uncertainty ${(100 * sr.relative_uncertainty).toFixed(1)}% of range`);
+  }
+  if (frame.early_abort) parts.push(`scan aborted early at line ${frame.early_abort.lines_done}`);
+  return parts.join(" · ");
+}
+
 function renderStatus() {
   const s = status;
   const state = $("state");
@@ -156,6 +194,7 @@ function renderStatus() {
   $("lock-holder").textContent = holder ? `control held by ${holder}` : "control lock free";
   $("lock").textContent = holder && holder === operatorName() ? "Release control" : "Take control";
   $("tip").textContent = s.frame && s.frame.tip ? `tip ${s.frame.tip.state}` : "";
+  $("perception-info").textContent = s.frame ? perceptionText(s.frame) : "";
   if (lastFrame && s.frame && s.frame.seq === lastFrame.header.seq && !lastFrame.header.tip
       && (s.frame.tip || s.frame.defects.length || s.frame.problems.length)) {
     Object.assign(lastFrame.header,
@@ -249,6 +288,7 @@ $("lock").onclick = () => {
 // The text goes to the server as typed: a malformed command is refused there, and recorded.
 $("send").onclick = () => act("send", {command: $("command").value});
 $("show-defects").onchange = drawFrame;
+$("show-sr").onchange = drawFrame;
 $("token-set").onclick = () => {
   token = $("token").value.trim();
   sessionStorage.setItem("scopepilot-token", token);
