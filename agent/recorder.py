@@ -67,7 +67,7 @@ PRODUCTS_GROUP = "products"
 RECORDS_ARRAY = "frames/records"
 EVENTS_ARRAY = "events"
 
-EVENT_KINDS = ("perception", "decision", "command", "operator", "fault", "status")
+EVENT_KINDS = ("perception", "decision", "command", "operator", "fault", "status", "early_abort")
 """The event kinds the agent writes (others are accepted, for extensions)."""
 
 _PIXEL_KINDS = frozenset("biufc")  # bool, signed, unsigned, float, complex
