@@ -176,6 +176,9 @@ def replay_session(
     info = session_instrument(session)
     kind = info.kind
     config = replay_config(session.config, overrides)
+    # nothing streams in a replay: a recorded early abort is judged by the assessor's watch on
+    # the recorded lines (_watched_tip), whatever the assessor
+    config["early_abort"] = False
     pipeline = build_pipeline(config, kind=kind)
     decisions = _recorded_by_frame(session, "decision")
     resumes = _resume_rows(session)

@@ -183,3 +183,32 @@ def test_the_tip_network_aborts_a_scan_and_the_replay_reproduces_it(tmp_path: Pa
     replay_session(store, replayed)
     diff = diff_sessions(store, replayed)
     assert diff.frames_compared == 3 and diff.same == 3 and not diff.differences
+
+
+def test_a_replay_with_an_assessor_that_cannot_watch_does_not_act_on_the_aborted_frame(
+    tmp_path: Path,
+) -> None:
+    from agent.replay import replay_session
+
+    inner = SimulatedSTM(seed=3, lines_per_chunk=16)
+    instrument = TipChangeMidScan(inner, frame=CHANGE_FRAME, line=CHANGE_LINE, to="crashed")
+    store = tmp_path / "run.zarr"
+    config = {"policy": "rule", "assessor": "classical", "early_abort": True}
+    with SessionRecorder(store, config=config) as recorder:
+        Agent(
+            instrument,
+            make_policy("rule"),
+            assessor=OracleWatch(inner),
+            early_abort=True,
+            recorder=recorder,
+            config=AgentConfig(frames=2),
+        ).run()
+    assert Session(store).frame_records()[CHANGE_FRAME]["extra"]["early_abort"]
+    replayed = tmp_path / "replay.zarr"
+    replay_session(store, replayed)  # the classical assessor has no watch
+    perception = [e["payload"] for e in Session(replayed).events("perception")]
+    assert perception[CHANGE_FRAME]["tip"] is None
+    (problem,) = perception[CHANGE_FRAME]["problems"]
+    assert "aborted early by the recorded run" in problem
+    decision = Session(replayed).events("decision")[CHANGE_FRAME]["payload"]
+    assert decision["commands"] == [] and "not acted on" in decision["reason"]
