@@ -212,3 +212,14 @@ def test_a_replay_with_an_assessor_that_cannot_watch_does_not_act_on_the_aborted
     assert "aborted early by the recorded run" in problem
     decision = Session(replayed).events("decision")[CHANGE_FRAME]["payload"]
     assert decision["commands"] == [] and "not acted on" in decision["reason"]
+
+
+def test_run_refuses_early_abort_without_a_watching_assessor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    out = tmp_path / "s.zarr"
+    code = main(["run", "--frames", "1", "--out", str(out), "--early-abort", "--quiet"])
+    assert code == 2 and not out.exists()
+    assert "early_abort needs a tip assessor that watches partial frames" in capsys.readouterr().err
