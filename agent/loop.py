@@ -710,6 +710,7 @@ class Agent:
             commands_so_far=self._commands_so_far,
             quality=quality,
             pending_commands=len(self.gate.pending()),
+            advisory=self.gate.mode is Mode.MANUAL,
         )
         try:
             if problems:  # never act on a corrupted, partial or unassessable frame
@@ -759,6 +760,7 @@ class Agent:
                 "policy_version": self.policy.version,
                 "latency_s": latency,
                 "pending_commands": observation.pending_commands,
+                "advisory": observation.advisory,
             },
             frame,
         )

@@ -238,6 +238,7 @@ def replay_session(
             recorded = decisions.get(row) or {}
             recorded_state = recorded.get("state")
             pending = recorded.get("pending_commands", 0)
+            advisory = recorded.get("advisory", False)
             early = (record.get("extra") or {}).get("early_abort")
             perception, decision_payload, stop = replayer.step(
                 row,
@@ -245,6 +246,7 @@ def replay_session(
                 problems,
                 recorded_state if isinstance(recorded_state, Mapping) else None,
                 pending_commands=pending if isinstance(pending, int) else 0,
+                advisory=advisory is True,
                 early_abort=early if isinstance(early, Mapping) else None,
             )
             if replayer.arrays:  # sr images: pixels first, the perception event commits them
@@ -378,10 +380,12 @@ class _Replayer:
         recorded_state: Mapping[str, Any] | None,
         *,
         pending_commands: int = 0,
+        advisory: bool = False,
         early_abort: Mapping[str, Any] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any], bool]:
         """Perception and decision on one recorded frame; ``pending_commands`` is how many
         commands were waiting for the operator when the agent decided (supervised mode);
+        ``advisory`` whether the agent was in manual mode (the policy only advised);
         ``early_abort`` is the record of a scan the agent aborted for a tip change (its frame is
         judged by the assessor's ``watch`` on the lines the agent had seen, as in the run)."""
         assessor, quality_assessor, policy = (
@@ -438,6 +442,7 @@ class _Replayer:
             commands_so_far=self.commands_so_far,
             quality=quality,
             pending_commands=pending_commands,
+            advisory=advisory,
         )
         try:
             if problems:
@@ -469,6 +474,7 @@ class _Replayer:
             "commands": [c.to_json() for c in commands],
             "policy_version": policy.version,
             "pending_commands": pending_commands,
+            "advisory": advisory,
         }
         return perception, payload, decision.stop
 

@@ -71,7 +71,9 @@ class Observation:
     ``problems`` lists why the frame must not be acted on (empty when it is fine);
     ``history`` holds the tip estimates of earlier frames, oldest first; ``quality`` is the
     image-quality estimate (None when no quality assessor runs); ``pending_commands`` counts the
-    commands still waiting for the operator's approval (supervised mode).
+    commands still waiting for the operator's approval (supervised mode); ``advisory`` is true
+    when the agent will not carry out the policy's commands (manual mode: the policy only
+    advises), so a policy must not count its advice as actions taken.
     """
 
     frame: Frame
@@ -84,6 +86,7 @@ class Observation:
     commands_so_far: int = 0
     quality: QualityEstimate | None = None
     pending_commands: int = 0
+    advisory: bool = False
 
 
 @dataclass(frozen=True)

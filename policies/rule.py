@@ -406,12 +406,15 @@ class RulePolicy:
                 "limits: not conditioning, operator attention needed",
                 confidence=confidence,
             )
-        if not self._in_episode:
+        # Manual mode: the proposal is advice the agent will not carry out, so it neither starts
+        # an episode nor climbs the ladder (the operator's own commands are not counted either).
+        advisory = observation.advisory
+        if not self._in_episode and not advisory:
             self._in_episode = True
             self._episodes += 1
             self._episode_actions = 0
             self._ladder_steps = {}
-        index = self._ladder_steps.get(tip.state, 0)
+        index = self._ladder_steps.get(tip.state, 0) if self._in_episode else 0
         step = ladder[min(index, len(ladder) - 1)]
         where = f"step {min(index, len(ladder) - 1) + 1} of {len(ladder)} of the "
         where += f"{tip.state.value} ladder"
@@ -443,6 +446,11 @@ class RulePolicy:
             notes.append(
                 "instrument cannot move the stage: the next frame may show the conditioned area"
             )
+        if advisory:
+            reason = "; ".join(
+                [action_reason, "advice only (manual mode): not counted as an action", *notes]
+            )
+            return self._decision(commands=tuple(commands), reason=reason, confidence=confidence)
         if self._n_damaged == len(self._damaged):  # grow by doubling: amortized O(1)
             self._damaged = np.resize(self._damaged, (max(16, 2 * self._n_damaged), 2))
         self._damaged[self._n_damaged] = position

@@ -191,12 +191,15 @@ def test_supervised_mode_waits_for_approval_and_records_veto() -> None:
 
 
 def test_manual_mode_only_advises() -> None:
-    agent, inst, _, rec = make_agent(
+    agent, inst, policy, rec = make_agent(
         policy=ScriptedPolicy(commands_for=pulse_every_frame), frames=2, mode=Mode.MANUAL
     )
     agent.run()
     assert inst.executed == []
     assert [f["fate"] for f in rec.kinds("command")] == ["advised", "advised"]
+    # the policy is told its commands are advice, and the record says so (replay reads it)
+    assert [o.advisory for o in policy.seen] == [True, True]
+    assert [d["advisory"] for d in rec.kinds("decision")] == [True, True]
 
 
 def test_operator_commands_pass_the_envelope() -> None:

@@ -69,6 +69,7 @@ class FakeSession:
         *,
         problems: tuple[str, ...] = (),
         pending: int = 0,
+        advisory: bool = False,
     ) -> Decision:
         data = np.zeros((32, 32), np.float32)
         frame = Frame(
@@ -98,6 +99,7 @@ class FakeSession:
             info=self.info,
             problems=problems,
             pending_commands=pending,
+            advisory=advisory,
         )
         decision = self.policy.decide(obs)
         self.decisions.append(decision)
@@ -244,6 +246,21 @@ def test_waits_while_its_proposal_is_with_the_operator_and_does_not_escalate() -
     after = session.observe(estimate(B))  # the operator vetoed it: nothing pending any more
     steps = [as_step(c) for c in tip_commands([*first, after])]
     assert steps == list(default_ladders()[B][:2])
+    assert "action 2 of episode 1" in after.reason
+
+
+def test_manual_mode_advice_is_not_counted_as_actions() -> None:
+    """Manual mode: the policy advises the step it would take, but advice is not an action,
+    so 30 advised frames neither climb the ladder nor end the episode."""
+    session = FakeSession(RulePolicy(RuleConfig(max_actions_per_episode=3)))
+    assert tip_commands(session.run([B, B])) != []  # the episode's first action, ladder step 1
+    advised = [session.observe(estimate(B), advisory=True) for _ in range(30)]
+    assert all(not d.stop for d in advised)
+    ladder = default_ladders()[B]
+    assert {as_step(c) for c in tip_commands(advised)} == {ladder[1]}
+    assert "advice only (manual mode)" in advised[-1].reason
+    after = session.observe(estimate(B))  # back to autonomous: the ladder resumes
+    assert as_step(tip_commands([after])[0]) == ladder[1]
     assert "action 2 of episode 1" in after.reason
 
 
