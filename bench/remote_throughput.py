@@ -7,7 +7,9 @@ Each server runs in its own process (as beside a real microscope); the client is
 - **pyro**: ``RemoteInstrument.acquire()`` from an :class:`InstrumentServer` (msgpack, the
   frame as a header plus raw bytes, decoded into a :class:`Frame`), token authentication on;
 - **raw TCP** (baseline): a bare socket server answering each 1-byte request with an 8-byte
-  length and the same pixel bytes (the fastest way to move these bytes on request);
+  length and the same pixel bytes in one ``sendmsg``; the client reads the length, then
+  receives the pixels straight into a new array (the fastest way to move these bytes on request
+  into a fresh array per frame, as ``acquire()`` returns one);
 - **tolist** (baseline): a Pyro5 method returning ``frame.data.tolist()`` with Pyro5's default
   serializer, the pattern of pycroscopy's digital-twin servers.
 
@@ -100,15 +102,22 @@ def _serve_raw(conn: Any, shape: int, dtype: str, echo: bool) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     conn.send(listener.getsockname()[1])
     length = struct.pack("!Q", payload.nbytes)
+    pixels = memoryview(payload).cast("B")
     while True:
         client, _ = listener.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         while request := client.recv(100 if echo else 1):
             if echo:
                 client.sendall(request)
-            else:
-                client.sendall(length)
-                client.sendall(payload.data)
+                continue
+            parts = [memoryview(length), pixels]  # one system call for both, as pyro does
+            while parts:
+                sent = client.sendmsg(parts)
+                while parts and sent >= len(parts[0]):
+                    sent -= len(parts[0])
+                    parts.pop(0)
+                if parts:
+                    parts[0] = parts[0][sent:]
         client.close()
 
 
@@ -156,16 +165,21 @@ def time_pyro(port: int, n: int) -> float:
 def time_raw(port: int, n: int, nbytes: int, dtype: str, shape: int) -> float:
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buffer = bytearray(nbytes)
-    view = memoryview(buffer)
 
     def one() -> np.ndarray:
         sock.sendall(b"F")
         (length,) = struct.unpack("!Q", _recv_exact(sock, 8))
+        if length != nbytes:
+            raise RuntimeError(f"raw server sent {length} bytes, expected {nbytes}")
+        out = np.empty((shape, shape), dtype=dtype)  # a new array per frame, filled in place
+        view = out.data.cast("B")
         got = 0
         while got < length:
-            got += sock.recv_into(view[got:length])
-        return np.frombuffer(buffer, dtype=dtype).reshape(shape, shape).copy()
+            n = sock.recv_into(view[got:])
+            if not n:
+                raise ConnectionError("server closed")
+            got += n
+        return out
 
     one()
     t0 = time.perf_counter()

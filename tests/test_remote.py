@@ -4,6 +4,7 @@ bad input on the port, and dropped connections (real daemons on free loopback po
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shutil
 import socket
@@ -31,11 +32,12 @@ from drivers.errors import (
     LimitViolation,
     NotConnected,
 )
+from drivers.frame import Frame
 from drivers.limits import Limits
 from drivers.protocol import Instrument
 from drivers.registry import open_instrument
 from drivers.remote import InstrumentServer, RemoteInstrument
-from drivers.remote.daemon import FRAME_CHANNEL_MAGIC, TICKET_BYTES
+from drivers.remote.daemon import FRAME_CHANNEL_MAGIC, TICKET_BYTES, _send_parts
 from drivers.remote.server import SERVICE_NAME
 from drivers.sim import SimulatedSTM
 from tests.contract.instrument import InstrumentContract
@@ -453,6 +455,90 @@ def test_frame_channel_needs_a_fresh_ticket(served: tuple[InstrumentServer, SpyI
         assert wait_until(lambda: len(server.daemon.rejected) == 2)
         assert "unknown or expired ticket" in server.daemon.rejected[1][1]
         assert spy.calls[calls:].count("acquire") == 1  # the first use only
+
+
+def _frame_replies(data: bytes) -> list[tuple[Any, bytes]]:
+    """The ``(meta, pixels)`` replies in the bytes a frame channel sent."""
+    replies = []
+    while data:
+        meta_size, payload_size = struct.unpack_from("!II", data)
+        meta = msgpack.unpackb(data[8 : 8 + meta_size], raw=False)
+        replies.append((meta, data[8 + meta_size : 8 + meta_size + payload_size]))
+        data = data[8 + meta_size + payload_size :]
+    return replies
+
+
+def test_frame_channel_reads_requests_however_they_are_cut(
+    served: tuple[InstrumentServer, SpyInstrument],
+) -> None:
+    """Two requests in one packet, and one request sent a byte at a time, are each served once;
+    an oversized request closes the channel with nothing executed."""
+    server, spy = served
+    request = msgpack.packb(["acquire", []])
+    framed = struct.pack("!I", len(request)) + request
+    with RemoteInstrument("127.0.0.1", server.port, token=TOKEN) as client:
+        for pieces in ([framed + framed], [framed[i : i + 1] for i in range(len(framed))]):
+            calls = spy.calls.count("acquire")
+            ticket = client._call("frame_ticket")
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5.0) as s:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s.sendall(FRAME_CHANNEL_MAGIC + ticket)
+                for piece in pieces:
+                    s.sendall(piece)
+                s.shutdown(socket.SHUT_WR)
+                received = b""
+                while chunk := s.recv(65536):
+                    received += chunk
+            replies = _frame_replies(received)
+            assert len(replies) == len(b"".join(pieces)) // len(framed)
+            for meta, pixels in replies:
+                header = meta["ok"]["header"]
+                assert header["shape"] == [32, 32] and len(pixels) == 32 * 32 * 4
+            assert spy.calls.count("acquire") == calls + len(replies)
+        calls = spy.calls.count("acquire")
+        ticket = client._call("frame_ticket")
+        oversized = struct.pack("!I", 1 << 20) + request
+        assert _raw(server.port, FRAME_CHANNEL_MAGIC + ticket + oversized + framed) == b""
+        assert spy.calls.count("acquire") == calls
+
+
+class BigHeaderSTM(SimulatedSTM):
+    """Frames whose metadata is larger than the first read of a frame reply."""
+
+    def acquire(self) -> Frame:
+        frame = super().acquire()
+        return dataclasses.replace(frame, metadata={**frame.metadata, "notes": "n" * 20_000})
+
+
+def test_a_frame_header_larger_than_the_first_read_arrives_whole() -> None:
+    local = BigHeaderSTM(seed=5, shape_px=(32, 32), dwell_s=1e-4)
+    server = InstrumentServer(BigHeaderSTM(seed=5, shape_px=(32, 32), dwell_s=1e-4)).start()
+    try:
+        with RemoteInstrument("127.0.0.1", server.port) as remote:
+            for _ in range(2):
+                a, b = local.acquire(), remote.acquire()
+                assert b.metadata["notes"] == "n" * 20_000
+                assert a.header() == b.header()
+                np.testing.assert_array_equal(a.data, b.data)
+    finally:
+        server.close()
+
+
+def test_replies_survive_sockets_that_take_a_few_bytes_at_a_time() -> None:
+    class Trickle:
+        def __init__(self) -> None:
+            self.sent = bytearray()
+
+        def sendmsg(self, buffers: list[Any]) -> int:
+            first = next(bytes(b) for b in buffers if len(b))
+            self.sent += first[:7]
+            return len(first[:7])
+
+    pixels = np.arange(100, dtype=np.uint16)
+    for head in (b"", b"header-bytes"):
+        sock = Trickle()
+        _send_parts(sock, head, pixels.data.cast("B"), gather=True)  # type: ignore[arg-type]
+        assert bytes(sock.sent) == head + pixels.tobytes()
 
 
 @pytest.fixture

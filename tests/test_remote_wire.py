@@ -51,6 +51,14 @@ def test_frames_round_trip_whole_and_in_pieces(frame: Frame, data: st.DataObject
     np.testing.assert_array_equal(again.done_data, frame.done_data)
 
 
+@settings(max_examples=40, deadline=None)
+@given(frames())
+def test_the_wire_header_carries_every_field_of_the_frame_header(frame: Frame) -> None:
+    header, _ = encode_frame(frame)
+    assert {k: header[k] for k in frame.header()} == frame.header()
+    assert header["rows"] == frame.lines_done and header["row0"] == 0
+
+
 _VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
     lambda inner: (

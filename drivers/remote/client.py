@@ -49,13 +49,22 @@ from drivers.frame import Frame, ScanRegion
 from drivers.protocol import CommandResult, InstrumentInfo, InstrumentState
 from drivers.remote.daemon import FRAME_CHANNEL_MAGIC, TICKET_BYTES, enable_tls
 from drivers.remote.server import SERVICE_NAME
-from drivers.remote.wire import MAX_FRAME_BYTES, build_frame, frame_layout
+from drivers.remote.wire import MAX_FRAME_BYTES, build_frame, frame_layout, is_mapping
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "SCOPEPILOT_TOKEN"
 TOKEN_FILE_ENV = "SCOPEPILOT_TOKEN_FILE"
 TLS_CA_ENV = "SCOPEPILOT_TLS_CA"
+#: Frame-channel requests without arguments, ready to send (a 4-byte length, then msgpack).
+_REQUESTS = {
+    method: struct.pack("!I", len(body)) + body
+    for method in ("acquire",)
+    for body in [msgpack.packb([method, []], use_bin_type=True)]
+}
+#: The first read of a frame reply: its sizes, a usual header (a few hundred bytes) and the
+#: first pixels, which are copied once more; the rest is read into the frame's array.
+_FIRST_READ_BYTES = 4096
 
 _ERRORS: dict[str, type[ScopePilotError]] = {
     cls.__name__: cls
@@ -327,18 +336,23 @@ class RemoteInstrument:
                 if self._channel is None:
                     self._channel = self._open_channel()
                 sock = self._channel
-                request = msgpack.packb([method, list(args)], use_bin_type=True)
-                sock.sendall(struct.pack("!I", len(request)) + request)
-                # one read usually brings the sizes, the header and the first pixels
+                request = _REQUESTS.get(method) if not args else None
+                if request is None:
+                    body = msgpack.packb([method, list(args)], use_bin_type=True)
+                    request = struct.pack("!I", len(body)) + body
+                sock.sendall(request)
+                # one read usually brings the sizes, the header and the first pixels; it is
+                # kept short, so that the pixels mostly land in the frame's array directly
                 head = self._scratch
-                got = _recv_at_least(sock, head, 8)
+                got = _recv_at_least(sock, head[:_FIRST_READ_BYTES], 8)
                 meta_size, payload_size = struct.unpack_from("!II", head)
                 if meta_size > len(head) - 8:
                     raise DataError(f"frame reply header of {meta_size} bytes")
-                got = max(got, _recv_at_least(sock, head, 8 + meta_size, got))
+                if got < 8 + meta_size:  # a large header: read exactly the rest of it
+                    got = _recv_at_least(sock, head[: 8 + meta_size], 8 + meta_size, got)
                 meta = msgpack.unpackb(head[8 : 8 + meta_size], raw=False)
                 early = got - 8 - meta_size  # pixel bytes already read
-                if not isinstance(meta, Mapping) or not ({"ok", "error"} & set(meta)):
+                if not is_mapping(meta) or not ("ok" in meta or "error" in meta):
                     raise DataError(f"malformed frame reply: {meta!r:.200}")
                 if "error" in meta:
                     if payload_size or early:
@@ -349,8 +363,8 @@ class RemoteInstrument:
                     if payload_size or early:
                         raise DataError("an empty reply carries pixels")
                     return None
-                header = ok.get("header") if isinstance(ok, Mapping) else None
-                if not isinstance(header, Mapping):
+                header = ok.get("header") if is_mapping(ok) else None
+                if not is_mapping(header):
                     raise DataError(f"frame reply without a header: {ok!r:.200}")
                 layout = frame_layout(header, max_bytes=self._max_frame_bytes)
                 if layout.payload_bytes != payload_size:
@@ -362,16 +376,25 @@ class RemoteInstrument:
                     raise DataError(
                         f"frame reply is longer than the {payload_size} bytes announced"
                     )
-                buffer = layout.empty() if into is None else into
-                target = layout.target(buffer)
+                if into is None:
+                    buffer = layout.empty()
+                    target = buffer if layout.rows == buffer.shape[0] else layout.target(buffer)
+                else:
+                    buffer = into
+                    target = layout.target(buffer)
+                # a streamed frame holds a copy (later lines go into the same buffer); the
+                # frame is built and checked before its pixels are read, while they travel
+                streaming = method == "stream_next"
+                held = np.empty_like(buffer) if streaming else buffer
+                frame = build_frame(header, held)
                 if target.size:
                     view = target.data.cast("B")
                     view[:early] = head[8 + meta_size : got]
                     _recv_into(sock, view[early:])
                     if target.dtype != layout.dtype:  # a big-endian host
                         target.byteswap(inplace=True)
-                streaming = method == "stream_next"  # later lines go into the same buffer
-                frame = build_frame(header, buffer.copy() if streaming else buffer)
+                if streaming:
+                    np.copyto(held, buffer)
                 return frame, bool(ok.get("last")), buffer
             except (OSError, struct.error, ValueError, msgpack.UnpackException) as exc:
                 self._drop()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -85,15 +85,32 @@ def encode_frame(frame: Frame, *, row0: int = 0) -> tuple[dict[str, Any], memory
     if name is None:
         raise DataError(f"frame dtype {dtype} cannot travel; allowed: {', '.join(DTYPES)}")
     rows = np.ascontiguousarray(frame.data[row0 : frame.lines_done], dtype=_WIRE_TYPES[name][0])
-    header = frame.header()
-    header.update(
-        v=WIRE_VERSION,
-        dtype=name,
-        row0=row0,
-        rows=frame.lines_done - row0,
-        truth=frame.truth.to_json() if frame.truth is not None else None,
-    )
+    # Frame.header()'s fields, built here: its str(dtype) alone cost more than the rest of the
+    # header in the per-frame profile (tests/test_remote_wire.py holds the two to the same keys)
+    height, width = frame.data.shape
+    pixel = frame.pixel_size_m
+    header = {
+        "v": WIRE_VERSION,
+        "channel": frame.channel,
+        "shape": [height, width],
+        "dtype": name,
+        "pixel_size_m": [float(pixel[0]), float(pixel[1])],
+        "dwell_s": float(frame.dwell_s),
+        "scan_region": frame.scan_region.to_json(),
+        "frame_index": int(frame.frame_index),
+        "timestamp_s": float(frame.timestamp_s),
+        "lines_done": frame.lines_done,
+        "instrument": frame.instrument,
+        "metadata": dict(frame.metadata),
+        "row0": row0,
+        "rows": frame.lines_done - row0,
+        "truth": frame.truth.to_json() if frame.truth is not None else None,
+    }
     return header, rows.data.cast("B") if rows.size else memoryview(b"")
+
+
+# The checks below run for every frame (thousands a second): exact-type fast paths first (what
+# msgpack produces), the general isinstance checks only when those miss.
 
 
 def _need(header: Mapping[str, Any], key: str, kinds: type | tuple[type, ...]) -> Any:
@@ -104,20 +121,33 @@ def _need(header: Mapping[str, Any], key: str, kinds: type | tuple[type, ...]) -
 
 
 def _int(header: Mapping[str, Any], key: str, low: int, high: int) -> int:
-    value = _need(header, key, int)
+    value = header.get(key)
+    if type(value) is not int:
+        value = _need(header, key, int)
     if not low <= value <= high:
         raise DataError(f"frame header field {key!r}={value} is outside {low}..{high}")
     return int(value)
 
 
 def _float(header: Mapping[str, Any], key: str) -> float:
-    try:
-        value = float(_need(header, key, (int, float)))
-    except OverflowError:  # an int too large for a float
-        value = math.inf
+    value = header.get(key)
+    if type(value) is not float:
+        try:
+            value = float(_need(header, key, (int, float)))
+        except OverflowError:  # an int too large for a float
+            value = math.inf
     if not math.isfinite(value):
         raise DataError(f"frame header field {key!r}={value!r} is not finite")
     return value
+
+
+def is_mapping(value: Any) -> TypeGuard[Mapping[str, Any]]:
+    """``isinstance(value, Mapping)``, quicker for the dicts that msgpack returns."""
+    return type(value) is dict or isinstance(value, Mapping)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _truth(obj: Any) -> GroundTruth | None:
@@ -184,10 +214,10 @@ class FrameLayout:
 
 def frame_layout(header: Any, *, max_bytes: int = MAX_FRAME_BYTES) -> FrameLayout:
     """Check a frame header's size fields; :class:`DataError` names what is wrong."""
-    if not isinstance(header, Mapping):
+    if not is_mapping(header):
         raise DataError(f"frame header must be a mapping, got {type(header).__name__}")
-    unknown = set(header) - _HEADER_KEYS
-    if unknown:
+    if not _HEADER_KEYS.issuperset(header):
+        unknown = set(header) - _HEADER_KEYS
         raise DataError(f"frame header has unknown fields {sorted(map(str, unknown))}")
     if header.get("v") != WIRE_VERSION:
         raise DataError(f"frame wire version {header.get('v')!r} is not {WIRE_VERSION}")
@@ -196,7 +226,11 @@ def frame_layout(header: Any, *, max_bytes: int = MAX_FRAME_BYTES) -> FrameLayou
         raise DataError(f"frame dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
     dtype, native = _WIRE_TYPES[dtype_name]
     shape = _need(header, "shape", (list, tuple))
-    if len(shape) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
+    if (
+        len(shape) != 2
+        or (type(shape[0]) is not int and not _is_int(shape[0]))
+        or (type(shape[1]) is not int and not _is_int(shape[1]))
+    ):
         raise DataError(f"frame header field 'shape' must be two ints, got {shape!r}")
     height, width = int(shape[0]), int(shape[1])
     if height < 1 or width < 1:
@@ -219,21 +253,25 @@ def build_frame(header: Mapping[str, Any], data: np.ndarray) -> Frame:
     pixel = _need(header, "pixel_size_m", (list, tuple))
     if len(pixel) != 2:
         raise DataError(f"frame header field 'pixel_size_m' must be (y, x), got {pixel!r}")
-    metadata = _need(header, "metadata", Mapping)
+    metadata = header.get("metadata")
+    if not is_mapping(metadata):
+        raise DataError(f"frame header field 'metadata' has a bad value {metadata!r}")
+    region = header.get("scan_region")
+    if not is_mapping(region):
+        raise DataError(f"frame header field 'scan_region' has a bad value {region!r}")
     try:
-        region = ScanRegion.from_json(_need(header, "scan_region", Mapping))
         return Frame(
-            data=data,
-            channel=_need(header, "channel", str),
-            pixel_size_m=(float(pixel[0]), float(pixel[1])),
-            dwell_s=_float(header, "dwell_s"),
-            scan_region=region,
-            frame_index=_int(header, "frame_index", 0, 2**62),
-            timestamp_s=_float(header, "timestamp_s"),
-            lines_done=int(header["lines_done"]),
-            instrument=_need(header, "instrument", str),
-            metadata=dict(metadata),
-            truth=_truth(header.get("truth")),
+            data,
+            _need(header, "channel", str),
+            (float(pixel[0]), float(pixel[1])),
+            _float(header, "dwell_s"),
+            ScanRegion.from_json(region),
+            _int(header, "frame_index", 0, 2**62),
+            _float(header, "timestamp_s"),
+            int(header["lines_done"]),
+            _need(header, "instrument", str),
+            dict(metadata),
+            _truth(header.get("truth")),
         )
     except (TypeError, ValueError) as exc:
         raise DataError(f"frame header is malformed: {exc}") from None
