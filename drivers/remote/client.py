@@ -21,6 +21,7 @@ import os
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "SCOPEPILOT_TOKEN"
 TOKEN_FILE_ENV = "SCOPEPILOT_TOKEN_FILE"
 TLS_CA_ENV = "SCOPEPILOT_TLS_CA"
+_BIG_ENDIAN = sys.byteorder == "big"
 #: Frame-channel requests without arguments, ready to send (a 4-byte length, then msgpack).
 _REQUESTS = {
     method: struct.pack("!I", len(body)) + body
@@ -391,7 +393,7 @@ class RemoteInstrument:
                     view = target.data.cast("B")
                     view[:early] = head[8 + meta_size : got]
                     _recv_into(sock, view[early:])
-                    if target.dtype != layout.dtype:  # a big-endian host
+                    if _BIG_ENDIAN:  # the wire is little-endian
                         target.byteswap(inplace=True)
                 if streaming:
                     np.copyto(held, buffer)

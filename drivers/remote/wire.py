@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 import numpy as np
 
@@ -177,9 +176,12 @@ def _truth(obj: Any) -> GroundTruth | None:
         raise DataError(f"frame header field 'truth' is malformed: {exc!r}") from None
 
 
-@dataclass(frozen=True)
-class FrameLayout:
-    """Where a frame message's pixels go: ``rows`` rows from ``row0`` of a ``shape`` array."""
+class FrameLayout(NamedTuple):
+    """Where a frame message's pixels go: ``rows`` rows from ``row0`` of a ``shape`` array.
+
+    (A named tuple rather than a frozen dataclass: one is made per frame, and a frozen
+    dataclass's ``__init__`` showed in the per-frame profile.)
+    """
 
     shape: tuple[int, int]
     dtype: np.dtype[Any]  # little-endian, as on the wire
