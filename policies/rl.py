@@ -143,6 +143,9 @@ class RLTipPolicy:
             f"(network p={confidence:.2f} over {int(mask.sum())} valid actions)"
         )
         commands: list[Command] = [step.command(source=self.name, reason=why)]
+        if observation.advisory:  # manual mode: nothing happens, so nothing is counted or marked
+            why += "; advice only (manual mode): not counted as an action"
+            return self._decision(why, confidence, commands=tuple(commands))
         sites.add_damage(position[0], position[1], footprint_m(step))
         if stage:
             target = sites.next_site(position)

@@ -15,7 +15,7 @@ from agent.cli import main
 from drivers.commands import Capability, MoveTo, SetDwell, TipDip, TipPulse
 from drivers.errors import ConfigError, DataError, ModelError
 from drivers.frame import TipState
-from drivers.observation import Observation, QualityEstimate, TipEstimate
+from drivers.observation import Decision, Observation, QualityEstimate, TipEstimate
 from policies.base import Policy, known_policies, make_policy
 from policies.dose_features import DOSE_OBS_DIM, DWELL_LEVELS_S, MARGINS
 from policies.rl import DOSE_WEIGHTS, TIP_WEIGHTS, FallbackPolicy, RLDosePolicy, RLTipPolicy
@@ -39,6 +39,7 @@ def _observation(
     instrument: FakeInstrument | None = None,
     quality: QualityEstimate | None = None,
     problems: tuple[str, ...] = (),
+    advisory: bool = False,
 ) -> Observation:
     inst = instrument or FakeInstrument()
     return Observation(
@@ -48,6 +49,7 @@ def _observation(
         info=inst.info(),
         problems=problems,
         quality=quality,
+        advisory=advisory,
     )
 
 
@@ -150,6 +152,22 @@ def test_tip_policy_conditions_a_bad_tip_then_moves_to_a_fresh_site() -> None:
     # a good tip: keep scanning
     good = policy.decide(_observation(_estimate(TipState.GOOD, 0.95)))
     assert good.commands == () and "keep scanning" in good.reason
+
+
+def test_tip_policy_advice_in_manual_mode_changes_nothing() -> None:
+    def action(decision: Decision) -> dict[str, object]:
+        body = decision.commands[0].to_json()
+        return {k: v for k, v in body.items() if k not in ("id", "source", "reason")}
+
+    policy = RLTipPolicy()
+    bad = _estimate(TipState.BLUNT, 0.9)
+    advised = [policy.decide(_observation(bad, advisory=True)) for _ in range(5)]
+    assert all("advice only (manual mode)" in d.reason for d in advised)
+    assert all(len(d.commands) == 1 for d in advised)  # no move: advice uses up no site
+    assert all(action(d) == action(advised[0]) for d in advised)  # no history built up
+    acted = policy.decide(_observation(bad))  # as a fresh policy would: the same first action
+    assert action(acted) == action(advised[0])
+    assert isinstance(acted.commands[1], MoveTo)
 
 
 def test_tip_policy_never_issues_an_action_outside_the_mask() -> None:
