@@ -114,6 +114,21 @@ def test_hostile_header_values_are_data_errors(key: str, value: Any) -> None:
         decode_frame({**header, key: value}, bytes(payload))
 
 
+def test_a_reused_scan_region_is_checked_like_a_new_one() -> None:
+    """Consecutive frames reuse the decoded scan region; a region that only compares equal
+    (a bool where a float was) is still checked, and a changed region is decoded anew."""
+    region = ScanRegion(1.0, 2.0, 3e-9, 4e-9, 1.0)
+    frame = Frame(np.zeros((2, 2), np.uint16), "ch", (1e-9, 1e-9), 1e-4, region, 0, 0.0, 2, "t")
+    header, payload = encode_frame(frame)
+    assert decode_frame(header, bytes(payload)).scan_region == region
+    assert decode_frame(header, bytes(payload)).scan_region == region
+    sneaky = {**header, "scan_region": {**header["scan_region"], "rotation_deg": True}}
+    with pytest.raises(DataError, match="rotation_deg"):
+        decode_frame(sneaky, bytes(payload))
+    moved = {**header, "scan_region": {**header["scan_region"], "center_x_m": 5.0}}
+    assert decode_frame(moved, bytes(payload)).scan_region == region.moved_to(5.0, 2.0)
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.binary(min_size=40, max_size=40))
 def test_nanonis_headers_decode_or_raise_data_error(header: bytes) -> None:

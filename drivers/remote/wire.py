@@ -19,6 +19,7 @@ the lines scanned since the previous message, so a stream moves every line once.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any, NamedTuple, TypeGuard
 
@@ -46,6 +47,8 @@ DTYPES: tuple[str, ...] = (
 # dtype.name is slow enough to show in a 1,000-frames-per-second loop
 _WIRE_TYPES = {n: (np.dtype(n).newbyteorder("<"), np.dtype(n)) for n in DTYPES}
 _NAMES = {np.dtype(n): n for n in DTYPES}
+
+_LITTLE_ENDIAN = sys.byteorder == "little"  # native arrays are already as on the wire
 
 #: The largest frame payload a receiver accepts unless told otherwise (a 4096 x 4096 float64).
 MAX_FRAME_BYTES = 4096 * 4096 * 8
@@ -83,10 +86,14 @@ def encode_frame(frame: Frame, *, row0: int = 0) -> tuple[dict[str, Any], memory
     name = _NAMES.get(dtype)
     if name is None:
         raise DataError(f"frame dtype {dtype} cannot travel; allowed: {', '.join(DTYPES)}")
-    rows = np.ascontiguousarray(frame.data[row0 : frame.lines_done], dtype=_WIRE_TYPES[name][0])
+    data = frame.data
+    if _LITTLE_ENDIAN and row0 == 0 and frame.lines_done == data.shape[0]:
+        rows = data if data.flags.c_contiguous else np.ascontiguousarray(data)  # no copy, usually
+    else:
+        rows = np.ascontiguousarray(data[row0 : frame.lines_done], dtype=_WIRE_TYPES[name][0])
     # Frame.header()'s fields, built here: its str(dtype) alone cost more than the rest of the
     # header in the per-frame profile (tests/test_remote_wire.py holds the two to the same keys)
-    height, width = frame.data.shape
+    height, width = data.shape
     pixel = frame.pixel_size_m
     header = {
         "v": WIRE_VERSION,
@@ -143,6 +150,24 @@ def _float(header: Mapping[str, Any], key: str) -> float:
 def is_mapping(value: Any) -> TypeGuard[Mapping[str, Any]]:
     """``isinstance(value, Mapping)``, quicker for the dicts that msgpack returns."""
     return type(value) is dict or isinstance(value, Mapping)
+
+
+# The last scan region decoded and the values it came from: consecutive frames nearly always
+# share theirs, and building (and checking) a ScanRegion showed in the per-frame profile.
+_last_region: tuple[dict[str, Any], ScanRegion] | None = None
+_FIVE_FLOATS = (float,) * 5
+
+
+def _scan_region(obj: Mapping[str, Any]) -> ScanRegion:
+    """``ScanRegion.from_json(obj)``; the last one again when ``obj`` holds the same floats
+    (the same keys, equal values, all of them floats: exactly what the last one passed)."""
+    global _last_region
+    last = _last_region
+    if last is not None and obj == last[0] and tuple(map(type, obj.values())) == _FIVE_FLOATS:
+        return last[1]
+    region = ScanRegion.from_json(obj)
+    _last_region = (dict(obj), region)
+    return region
 
 
 def _is_int(value: Any) -> bool:
@@ -267,7 +292,7 @@ def build_frame(header: Mapping[str, Any], data: np.ndarray) -> Frame:
             _need(header, "channel", str),
             (float(pixel[0]), float(pixel[1])),
             _float(header, "dwell_s"),
-            ScanRegion.from_json(region),
+            _scan_region(region),
             _int(header, "frame_index", 0, 2**62),
             _float(header, "timestamp_s"),
             int(header["lines_done"]),
