@@ -324,6 +324,28 @@ def test_one_controller_others_observe(served: tuple[InstrumentServer, SpyInstru
         controller.close()
 
 
+def test_a_waiting_observer_is_woken_by_the_next_frame(
+    served: tuple[InstrumentServer, SpyInstrument],
+) -> None:
+    server, _ = served
+    with (
+        RemoteInstrument("127.0.0.1", server.port, token=TOKEN) as controller,
+        RemoteInstrument("127.0.0.1", server.port, token=TOKEN, role="observe") as observer,
+    ):
+        first = controller.acquire()
+        seen: list[Any] = []
+        waiter = threading.Thread(
+            target=lambda: seen.append(observer.latest_frame(first.frame_index, timeout_s=10))
+        )
+        waiter.start()
+        assert wait_until(lambda: server.service._latest_waiters == 1)
+        second = controller.acquire()
+        waiter.join(timeout=5)  # woken by the frame, not by its 10 s timeout
+        assert not waiter.is_alive()
+        assert seen[0] is not None and seen[0].frame_index == second.frame_index
+        assert server.service._latest_waiters == 0
+
+
 def test_the_server_envelope_cannot_be_bypassed() -> None:
     inner = small_stm()
     operator = Limits(dwell_s=(1e-5, 5e-4), pulse_bias_V=(-3.0, 3.0))

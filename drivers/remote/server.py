@@ -108,7 +108,9 @@ class InstrumentService:
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
         self._latest: Frame | None = None
-        self._latest_cond = threading.Condition()
+        self._latest_lock = threading.Lock()
+        self._latest_cond = threading.Condition(self._latest_lock)
+        self._latest_waiters = 0  # observers waiting in latest_frame (under _latest_lock)
         self._tickets: dict[bytes, tuple[ClientRecord, float]] = {}
         self._tickets_lock = threading.Lock()
         info = instrument.info()
@@ -318,10 +320,14 @@ class InstrumentService:
             if isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s):
                 wait_s = min(max(float(timeout_s), 0.0), 10.0)
             with self._latest_cond:
-                self._latest_cond.wait_for(
-                    lambda: self._latest is not None and self._latest.frame_index > after,
-                    timeout=wait_s,
-                )
+                self._latest_waiters += 1
+                try:
+                    self._latest_cond.wait_for(
+                        lambda: self._latest is not None and self._latest.frame_index > after,
+                        timeout=wait_s,
+                    )
+                finally:
+                    self._latest_waiters -= 1
                 frame = self._latest
             if frame is None or frame.frame_index <= after:
                 return None
@@ -339,9 +345,10 @@ class InstrumentService:
             stream.close()
 
     def _publish(self, frame: Frame) -> None:
-        with self._latest_cond:
+        with self._latest_lock:  # (Condition's own methods are Python code, run per frame)
             self._latest = frame
-            self._latest_cond.notify_all()
+            if self._latest_waiters:
+                self._latest_cond.notify_all()
 
     def close_streams(self) -> None:
         with self._streams_lock:
