@@ -60,7 +60,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     run.add_argument(
         "--policy",
         default="rule",
-        help="policy name: rule, none, rl, rl-tip or rl-dose (default rule)",
+        help="policy name: rule, none, rl, rl-tip, rl-dose or rl-scan (default rule)",
     )
     run.add_argument("--frames", type=int, default=100, help="frames to acquire (default 100)")
     run.add_argument("--out", help="session store to create (S.zarr)")

@@ -2,11 +2,14 @@
 
     scopepilot train-policy tip --steps 16000 --seed 0        # -> policies/weights/rl_tip.pt
     scopepilot train-policy dose --steps 16000 --seed 0       # -> policies/weights/rl_dose.pt
+    scopepilot train-policy scan --steps 30000 --seed 0       # -> policies/weights/rl_scan.pt
     scopepilot evaluate-policy tip --episodes 200     # table + plots in bench/out/policy_tip
 
 The environments live in :mod:`policies` and take their perception from here (policies never
 import the agent): the tip environment gets the classical tip assessor (``--assessor tipnet``:
-the trained tip network), the dose environment the image-quality assessor.
+the trained tip network), the dose environment the image-quality assessor. The scan-planning
+environment needs no perception model (its cheap detector is part of the policy's map,
+:mod:`policies.scan_map`); its evaluation lives in :mod:`policies.scan_eval`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
-KINDS = ("tip", "dose")
+KINDS = ("tip", "dose", "scan")
 DEFAULT_OUT_DIR = Path("bench/out")
 
 
@@ -85,10 +88,17 @@ def dose_env_factory() -> Callable[[], Any]:
     return lambda: DoseControlEnv(ImageQualityAssessor())
 
 
+def scan_env_factory() -> Callable[[], Any]:
+    from policies.env_scan import ScanPlanningEnv
+
+    return ScanPlanningEnv
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from drivers.errors import ConfigError
     from policies.dose_features import DOSE_OBS_DIM, MARGINS
     from policies.rl_net import WEIGHTS_DIR
+    from policies.scan_map import scan_n_actions, scan_obs_dim
     from policies.tip_actions import N_ACTIONS, OBS_DIM
     from policies.training import PPOSettings, train_masked_ppo
 
@@ -100,7 +110,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         make, obs_dim, n_actions = tip_env_factory(args.assessor), OBS_DIM, N_ACTIONS
         assessor = make_tip_assessor(args.assessor)
         meta: dict[str, Any] = {"perception": f"{assessor.name} {assessor.version}"}
+    elif args.kind == "scan":
+        from policies.env_scan import ScanEnvConfig
 
+        scan = ScanEnvConfig()
+        grid = scan.grid
+        make, obs_dim, n_actions = scan_env_factory(), scan_obs_dim(grid), scan_n_actions(grid)
+        meta = {
+            "perception": "scan_map.detect_dopants 1",
+            "grid": grid,
+            "tile_m": scan.tile_m,
+            "budget": scan.budget,
+            "time_scale_s": scan.time_scale_s,
+            "env": json.dumps(scan.__dict__),
+        }
     else:
         make, obs_dim, n_actions = dose_env_factory(), DOSE_OBS_DIM, len(MARGINS)
         meta = {"perception": "snr quality assessor 1", "target_snr": 5.0}
@@ -135,7 +158,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.episodes < 1:
         raise ConfigError(f"--episodes must be >= 1, got {args.episodes}")
     out_dir = Path(args.out_dir) if args.out_dir else DEFAULT_OUT_DIR / f"policy_{args.kind}"
-    if args.kind == "tip":
+    if args.kind == "scan":
+        from policies.scan_eval import evaluate_scan, plot_scan
+
+        report = evaluate_scan(
+            args.episodes, seed=args.seed, weights=args.weights, progress=not args.quiet
+        )
+    elif args.kind == "tip":
         report = evaluate_tip(
             args.episodes,
             seed=args.seed,
@@ -150,7 +179,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(report, indent=2))
     print(report["table"])
-    if args.kind == "tip":
+    if args.kind == "scan":
+        plot_scan(report, out_dir / "found.png")
+    elif args.kind == "tip":
         plot_tip(report, out_dir / "actions.png")
     else:
         plot_dose(report, out_dir / "dose.png")

@@ -79,6 +79,10 @@ def _make_rl(kind: str) -> Callable[..., Policy]:
     def factory(**options: Any) -> Policy:
         from policies import rl
 
+        if kind == "rl-scan":
+            from policies.scan_policy import make_rl_scan
+
+            return make_rl_scan(**options)
         return {"rl": rl.make_rl, "rl-tip": rl.make_rl_tip, "rl-dose": rl.make_rl_dose}[kind](
             **options
         )
@@ -92,6 +96,7 @@ _POLICIES: dict[str, Callable[..., Policy]] = {
     "rl": _make_rl("rl"),
     "rl-tip": _make_rl("rl-tip"),
     "rl-dose": _make_rl("rl-dose"),
+    "rl-scan": _make_rl("rl-scan"),
 }
 
 

@@ -50,6 +50,7 @@ from simulators.stem_config import (
     electrons_per_pixel,
 )
 from simulators.stem_multislice import MultisliceSettings, import_abtem, render_simulator
+from simulators.stem_patches import PatchField
 from simulators.stem_probe import ANG, ImagingKernel, ProbeOptics, probe_profile, wavelength_m
 from simulators.stem_render import HAADFRenderer, ScanGeometry, render_reference
 from simulators.stem_scan import STEMFrameScan
@@ -121,6 +122,13 @@ class STEMSimulator:
             cross_section_ref_ang2=cfg.cross_section_ref_m2 / ANG**2,
             density_scale=cfg.defect_density_scale,
         )
+        if cfg.patch_density_per_um2 > 0:
+            self._model.patches = PatchField(
+                self._model.key,
+                density_per_ang2=cfg.patch_density_per_um2 * 1e-8,
+                radius_ang=cfg.patch_radius_m / ANG,
+                substitution_scale=cfg.patch_substitution_scale,
+            )
         self.optics = ProbeOptics(cfg.voltage_V, cfg.convergence_rad, cfg.defocus_m, cfg.cs_m)
         blur = math.hypot(cfg.thermal_sigma_m, cfg.source_fwhm_m / FWHM_PER_SIGMA) / ANG
         self._kernel = _kernel(self.optics, round(blur, 9))
@@ -162,6 +170,15 @@ class STEMSimulator:
     def mean_scattered_fraction(self) -> float:
         """Fraction of the beam the perfect specimen sends to the HAADF detector."""
         return self._model.mean_fraction
+
+    def patch_centres_m(self, x0_m: float, x1_m: float, y0_m: float, y1_m: float) -> np.ndarray:
+        """``(n, 2)`` centres (m, stage coordinates) of the dopant-rich patches reaching into the
+        box (ground truth; empty without ``patch_density_per_um2``)."""
+        patches = self._model.patches
+        if patches is None:
+            return np.zeros((0, 2))
+        box = (x0_m / ANG, x1_m / ANG, y0_m / ANG, y1_m / ANG)
+        return patches.centres_in_box(*box) * ANG
 
     def probe_fwhm_m(self) -> float:
         """FWHM of the probe intensity from the optics alone (no source size), in metres."""

@@ -51,6 +51,11 @@ class STEMConfig:
     position ``t`` seconds into a line. ``class_radius_m`` is the radius of a defect's disc in
     the ground-truth class mask.
 
+    Dopant-rich patches (:mod:`simulators.stem_patches`): ``patch_density_per_um2`` discs of
+    radius ``patch_radius_m`` per µm² (0, the default: none) in which the substitution
+    probabilities are multiplied by ``patch_substitution_scale`` (instead of
+    ``defect_density_scale``): sparse clusters of defects of interest on a large sample.
+
     Backend: ``backend="fast"`` (the default) images with the fast ``|ψ|² ⊛ O`` model;
     ``"multislice"`` renders each frame's noise-free fraction with abTEM (an optional extra,
     ``pip install 'scopepilot[multislice]'``, looked for when the simulator is built) at the
@@ -83,6 +88,9 @@ class STEMConfig:
     stage_range_m: float = 1e-6
     move_speed_m_per_s: float = 2e-6
     backend: str = "fast"
+    patch_density_per_um2: float = 0.0
+    patch_radius_m: float = 15e-9
+    patch_substitution_scale: float = 15.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.backend, str) or self.backend not in BACKENDS:
@@ -143,6 +151,9 @@ _RANGES: tuple[tuple[str, float, float, str], ...] = (
     ("class_radius_m", 0.0, 1e-9, "defect disc radius in the class mask"),
     ("stage_range_m", 0.0, 1e-2, "stage travel"),
     ("move_speed_m_per_s", 0.0, 1e-2, "stage speed"),
+    ("patch_density_per_um2", 0.0, 1e4, "dopant-rich patches per µm²"),
+    ("patch_radius_m", 0.0, 1e-6, "radius of a dopant-rich patch"),
+    ("patch_substitution_scale", 0.0, 1e3, "substitution probability multiplier in a patch"),
 )
 _POSITIVE = (
     "convergence_rad",
@@ -152,6 +163,7 @@ _POSITIVE = (
     "flyback_decay_s",
     "stage_range_m",
     "move_speed_m_per_s",
+    "patch_radius_m",
 )
 
 

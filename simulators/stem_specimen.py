@@ -23,6 +23,7 @@ import numpy as np
 from ase.spacegroup import crystal
 
 from drivers.errors import ConfigError
+from simulators.stem_patches import PatchField
 
 Z_REF = 42
 """Atomic number whose cross-section is ``STEMConfig.cross_section_ref_m2`` (Mo)."""
@@ -211,7 +212,9 @@ class SpecimenModel:
     """A specimen placed on the stage: rotated by ``angle_rad``, shifted by ``origin_ang``.
 
     ``sigma(z_list)`` is the HAADF cross-section of a column; ``density_scale`` multiplies every
-    defect probability.
+    defect probability. Inside the discs of ``patches`` (optional,
+    :class:`simulators.stem_patches.PatchField`) the substitution rules' probabilities are
+    ``probability * patches.substitution_scale`` instead.
     """
 
     def __init__(
@@ -224,8 +227,10 @@ class SpecimenModel:
         z_exponent: float,
         cross_section_ref_ang2: float,
         density_scale: float,
+        patches: PatchField | None = None,
     ) -> None:
         self.specimen = specimen
+        self.patches = patches
         self.key = int(key)
         c, s = math.cos(angle_rad), math.sin(angle_rad)
         rot = np.array([[c, -s], [s, c]])
@@ -301,21 +306,35 @@ class SpecimenModel:
         dsig: list[np.ndarray] = []
         klass: list[np.ndarray] = []
         kinds: list[str] = []
+        centres = self.patches.centres_in_box(x0, x1, y0, y1) if self.patches is not None else None
         for ii, jj in self._cells(x0, x1, y0, y1):
             cell_origin = (
                 self.origin_ang + np.outer(ii, self.cell_ang[0]) + np.outer(jj, self.cell_ang[1])
+            )
+            in_patch = (
+                self.patches.inside(cell_origin, centres)
+                if self.patches is not None and centres is not None and centres.shape[0]
+                else None
             )
             # One uniform per (cell, site): the site's rules split [0, 1) into defect kinds.
             sites = sorted({(r.interstitial, r.site) for r in spec.rules})
             for interstitial, site in sites:
                 u = cell_uniforms(self.key, ii, jj, 1000 * int(interstitial) + site)
-                start = 0.0
+                start: float | np.ndarray = 0.0
                 for rule in spec.rules:
                     if (rule.interstitial, rule.site) != (interstitial, site):
                         continue
-                    p = min(rule.probability * self.density_scale, 1.0 - start)
+                    base = rule.probability * self.density_scale
+                    p: float | np.ndarray
+                    if in_patch is not None and rule.klass == "substitution" and self.patches:
+                        rich = rule.probability * self.patches.substitution_scale
+                        p = np.minimum(np.where(in_patch, rich, base), 1.0 - start)
+                    elif isinstance(start, np.ndarray):
+                        p = np.minimum(base, 1.0 - start)
+                    else:
+                        p = min(base, 1.0 - start)
                     hit = np.nonzero((u >= start) & (u < start + p))[0]
-                    start += p
+                    start = start + p
                     if hit.size == 0:
                         continue
                     offset = (self.interstitial_ang if interstitial else self.basis_ang)[site]

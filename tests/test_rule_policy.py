@@ -130,7 +130,7 @@ def as_step(cmd: Command) -> LadderStep:
 
 
 def test_policies_satisfy_the_protocol_and_the_registry_builds_them() -> None:
-    assert known_policies() == ["none", "rl", "rl-dose", "rl-tip", "rule"]
+    assert known_policies() == ["none", "rl", "rl-dose", "rl-scan", "rl-tip", "rule"]
     for name in known_policies():
         policy = make_policy(name)
         assert isinstance(policy, Policy)
@@ -141,7 +141,9 @@ def test_policies_satisfy_the_protocol_and_the_registry_builds_them() -> None:
 
 
 def test_unknown_policy_and_option_raise_config_error_naming_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match="known policies: none, rl, rl-dose, rl-tip, rule"):
+    with pytest.raises(
+        ConfigError, match="known policies: none, rl, rl-dose, rl-scan, rl-tip, rule"
+    ):
         make_policy("deepspm")
     with pytest.raises(ConfigError, match="bad_frames_to_act"):
         make_policy("rule", bad_frames=3)
