@@ -38,6 +38,7 @@ def register(sub: Any) -> dict[str, Handler]:
     train.add_argument("--out", help="policy file (default policies/weights/rl_KIND.pt)")
     train.add_argument("--png", help="learning curve (default: the policy file with .png)")
     train.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    train.add_argument("--gamma", type=float, default=0.97, help="discount factor (default 0.97)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument(
         "--assessor", default="classical", choices=("classical", "tipnet"), help="tip perception"
@@ -104,6 +105,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    if not 0 < args.gamma <= 1:
+        raise ConfigError(f"--gamma must be in (0, 1], got {args.gamma}")
     out = Path(args.out) if args.out else WEIGHTS_DIR / f"rl_{args.kind}.pt"
     png = Path(args.png) if args.png else out.with_suffix(".png")
     if args.kind == "tip":
@@ -137,7 +140,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out=out,
         n_envs=args.n_envs,
         subproc=args.subproc,
-        settings=PPOSettings(),
+        settings=PPOSettings(gamma=args.gamma),
         curve_png=png,
         progress=not args.quiet,
         meta=meta,
