@@ -14,16 +14,26 @@ import torch
 from agent.cli import main
 from agent.perception.registry import WEIGHTS_DIR, file_sha256, read_card
 from agent.perception.tasks import tip as tip_task
-from agent.perception.tip_data import STATES, TipRecipe, TipSample, simulate, stitch
+from agent.perception.tip_data import (
+    GOOD_INDEX,
+    STATES,
+    VISIBLE_PIXELS,
+    TipRecipe,
+    TipSample,
+    shown_per_line,
+    simulate,
+    stitch,
+)
 from agent.perception.tip_eval import as_frame
 from agent.perception.tip_net import (
     TipModel,
     TipNetAssessor,
     expected_calibration_error,
     fit_temperature,
+    normalise,
     softmax,
 )
-from agent.perception.tip_train import TrainConfig, train_model
+from agent.perception.tip_train import BatchMaker, Prepared, TrainConfig, train_model
 from drivers.errors import DataError, ModelError
 from drivers.frame import TipState
 
@@ -195,7 +205,7 @@ def test_pipeline_builds_the_tipnet_assessor_with_its_options() -> None:
     assert isinstance(pipe.assessor, TipNetAssessor)
     assert pipe.assessor.model.reject_uncertainty == 0.2
     assert pipe.assessor.fallback.config.ghost_at == 0.3
-    assert pipe.versions()["assessor"].startswith("tipnet 1.0+")
+    assert pipe.versions()["assessor"].startswith("tipnet 1.1+")
     with pytest.raises(ConfigError, match="reject_uncertainty"):
         build_pipeline(
             {"assessor": "tipnet", "assessor_options": {"reject_uncertainty": 2}}, kind="stm"
@@ -217,3 +227,71 @@ def test_run_with_the_tip_network_records_its_estimates(tmp_path: Path) -> None:
     for tip in tips:  # the network's verdict, or the classical one with the reason
         assert tip["source"] == "tipnet" or tip["source"].startswith("classical (fallback:")
         assert "tipnet_rejected" in tip["features"]
+
+
+def test_a_bad_tip_counts_only_where_it_shows() -> None:
+    rng = np.random.default_rng(5)
+    good = (rng.normal(size=(64, 160)) * 2e-12).astype(np.float32)
+    faint = good + np.float32(1e-12)  # a uniform offset and nothing else: shows nowhere
+    ghost = good.copy()
+    ghost[40:44, 50:58] += np.float32(20e-12)  # one ghost blob, 32 pixels at 10 sigma
+    assert shown_per_line(faint, good, 2e-12).sum() == 0
+    shown = shown_per_line(ghost, good, 2e-12)
+    assert shown.sum() == 32 and np.flatnonzero(shown).tolist() == [40, 41, 42, 43]
+    multiple = STATES.index(TipState.MULTIPLE)
+    mask = np.zeros(ghost.shape, dtype=bool)
+    mask[40:44, 50:58] = True
+    # a pure crop of the bad frame is labelled multiple only when it holds the ghost
+    item = Prepared(ghost, good, multiple, mask)
+    maker = BatchMaker([item], np.random.default_rng(0), change_fraction=0.0)
+    labels: dict[int, int] = {}
+    for _ in range(200):
+        img, frame_label, recent_label = maker.crop(32)
+        assert img.shape == (2, 32, 128)
+        labels.setdefault(frame_label, 0)
+        labels[frame_label] += 1
+        if frame_label == GOOD_INDEX:
+            assert recent_label == GOOD_INDEX
+    assert set(labels) == {GOOD_INDEX, multiple}  # crops with and without the ghost
+    # a change crop: the recent read-out turns bad as soon as the new tip shows
+    maker = BatchMaker([item], np.random.default_rng(1), change_fraction=1.0)
+    seen: set[int] = set()
+    for _ in range(100):
+        _, _, recent_label = maker.crop(48)
+        seen.add(recent_label)
+    assert seen == {GOOD_INDEX, multiple}
+    assert VISIBLE_PIXELS <= 32
+
+
+def test_high_pass_channel_keeps_the_corrugation_next_to_a_step() -> None:
+    y, x = np.mgrid[0:128, 0:128]
+    lattice = 10e-12 * np.sin(2 * np.pi * x / 4.6) * np.sin(2 * np.pi * y / 4.6)
+    step = np.where(x > 64 + 0.3 * y, -240e-12, 0.0)
+    flat_in, step_in = normalise(lattice), normalise(lattice + step)
+    assert flat_in.shape == step_in.shape == (2, 128, 128)
+    far = (slice(20, 100), slice(0, 30))  # away from the edge
+    # the levelled channel squeezes the corrugation next to the step; the high-pass one does not
+    assert np.std(step_in[0][far]) < 0.5 * np.std(flat_in[0][far])
+    assert np.std(step_in[1][far]) > 0.5 * np.std(flat_in[1][far])
+
+
+def test_watch_needs_the_fitted_bad_probability(model: TipModel, frames: list[TipSample]) -> None:
+    assert 0.5 <= model.watch_p_bad < 1.0
+    good = next(s for s in frames if s.label == GOOD_INDEX)
+    crashed = next(s for s in frames if s.label == STATES.index(TipState.CRASHED))
+    changed = stitch(good.data, crashed.data, 100)
+    frame = as_frame(changed, good.pixel_size_nm, 100 + 16)
+    assert TipNetAssessor(model).watch(frame) is not None
+    strict = TipModel(model.net, model.card)
+    strict.watch_p_bad = 1.01  # no probability reaches it: never grounds to abort
+    assert TipNetAssessor(strict).watch(frame) is None
+
+
+def test_parallel_simulation_gives_the_same_frames() -> None:
+    recipe = TipRecipe(seeds=(20_600_000, 20_600_004), shape_px=(32, 32), size_nm=(2.0, 2.0))
+    one = simulate(recipe, progress=False)
+    two = simulate(recipe, progress=False, workers=2)
+    for a, b in zip(one, two, strict=True):
+        assert np.array_equal(a.data, b.data) and (a.label, a.sim_label) == (b.label, b.sim_label)
+        assert (a.good_twin is None) == (b.good_twin is None)
+    assert [s.sim_label for s in one] == [0, 1, 2, 3]

@@ -11,6 +11,16 @@ frame in which the tip changes at a known scan line (:func:`stitch`), which is w
 must catch while scanning. :func:`natural_changes` instead lets the simulator change the tip by
 itself (a high degradation rate) and keeps frames with exactly one change, at the line the ground
 truth reports: the held-out test of mid-scan detection.
+
+Labels say what the frame shows (docs/decisions/0009-tip-labels.md). Every bad-tip frame is
+compared with the good-tip scan of the same place (same seed: same surface, drift and noise, so
+the difference is the tip's doing alone): a pixel *shows* the tip when the two differ by more
+than :data:`VISIBLE_SIGMAS` times the frame's white-noise σ, and a bad tip is *visible* once
+:data:`VISIBLE_PIXELS` pixels show it. A frame whose bad tip is not visible anywhere (a weak
+ghost apex over a defect-free patch of a periodic lattice, say) is labelled good; the simulator's
+own state is kept beside the label (``sim_label``). In the same way a mid-scan change becomes
+visible at the line where the pixels showing it since the change reach :data:`VISIBLE_PIXELS`
+(``ChangeFrame.visible_line``).
 """
 
 from __future__ import annotations
@@ -36,6 +46,22 @@ GOOD_INDEX = STATES.index(TipState.GOOD)
 _WHITE_NOISE = 9e-14
 _LINE_NOISE = 2e-12
 _DRIFT = 0.5e-9 / 60.0
+
+VISIBLE_SIGMAS = 3.0
+"""A pixel shows the tip when bad-tip and good-tip heights differ by more than this many σ."""
+VISIBLE_PIXELS = 16
+"""A bad tip is visible once this many pixels show it (about one ghost adatom at 0.06 nm/px)."""
+
+
+def shown_per_line(bad: np.ndarray, good: np.ndarray, sigma_m: float) -> np.ndarray:
+    """``(H,)`` int32: per line, the pixels where ``bad`` and ``good`` (the good-tip scan of the
+    same place with the same noise) differ by more than ``VISIBLE_SIGMAS * sigma_m`` after each
+    line's median difference is removed (a constant height offset shows nothing)."""
+    if bad.shape != good.shape:
+        raise DataError(f"cannot compare frames of shapes {bad.shape} and {good.shape}")
+    diff = bad.astype(np.float64) - good.astype(np.float64)
+    diff -= np.median(diff, axis=1, keepdims=True)
+    return np.asarray(np.sum(np.abs(diff) > VISIBLE_SIGMAS * sigma_m, axis=1), dtype=np.int32)
 
 
 @dataclass(frozen=True)
@@ -79,9 +105,10 @@ class TipRecipe:
 
 @dataclass(frozen=True)
 class TipSample:
-    """One simulated frame: ``data`` ``(H, W) float32`` metres, its pixel size (nm), the
-    ground-truth label (majority state) and, when ``pairs`` is on and the tip is bad, the good-tip
-    frame of the same place (``good_twin``)."""
+    """One simulated frame: ``data`` ``(H, W) float32`` metres, its pixel size (nm), the label
+    (the simulator's majority state, or good where that bad tip is not visible, see the module
+    doc), the simulator's state ``sim_label``, the white-noise σ (m) and, when ``pairs`` is on and
+    the tip is bad, the good-tip frame of the same place (``good_twin``)."""
 
     data: np.ndarray
     pixel_size_nm: float
@@ -89,6 +116,8 @@ class TipSample:
     seed: int
     surface: str
     good_twin: np.ndarray | None = None
+    sim_label: int | None = None
+    noise_sigma_m: float = 0.0
 
 
 def state_for(seed_index: int) -> TipState:
@@ -131,16 +160,27 @@ def _scan(
 
 
 def simulate(
-    recipe: TipRecipe, *, progress: bool = True, desc: str = "simulating"
+    recipe: TipRecipe, *, progress: bool = True, desc: str = "simulating", workers: int = 1
 ) -> list[TipSample]:
-    """Every frame of ``recipe`` (deterministic)."""
+    """Every frame of ``recipe`` (deterministic: each seed is simulated on its own, so the
+    frames do not depend on ``workers``, the number of processes)."""
     from tqdm import tqdm
 
-    out: list[TipSample] = []
     first, last = recipe.seeds
-    for seed in tqdm(range(first, last), desc=desc, unit="frame", disable=not progress):
-        out.append(sample(recipe, seed))
-    return out
+    seeds = range(first, last)
+    if workers <= 1:
+        return [
+            sample(recipe, seed)
+            for seed in tqdm(seeds, desc=desc, unit="frame", disable=not progress)
+        ]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    context = multiprocessing.get_context("spawn")  # no forked torch / BLAS threads
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        done = pool.map(partial(sample, recipe), seeds, chunksize=8)
+        return list(tqdm(done, total=len(seeds), desc=desc, unit="frame", disable=not progress))
 
 
 def sample(recipe: TipRecipe, seed: int) -> TipSample:
@@ -154,18 +194,28 @@ def sample(recipe: TipRecipe, seed: int) -> TipSample:
     frame = _scan(seed, state, options, region, recipe.shape_px)
     if frame.truth is None:
         raise DataError(f"sim:stm seed {seed} returned a frame without ground truth")
-    label = STATES.index(frame.truth.tip_state)
+    sim_label = label = STATES.index(frame.truth.tip_state)
+    sigma = _sigma(options, frame.dwell_s)
     twin = None
-    if recipe.pairs and state is not TipState.GOOD:
+    if label != GOOD_INDEX:
         twin = _scan(seed, TipState.GOOD, options, region, recipe.shape_px).data.astype(np.float32)
+        if int(shown_per_line(frame.data, twin, sigma).sum()) < VISIBLE_PIXELS:
+            label = GOOD_INDEX
     return TipSample(
         data=frame.data.astype(np.float32),
         pixel_size_nm=size_m * 1e9 / recipe.shape_px[1],
         label=label,
         seed=seed,
         surface=str(options["surface"]),
-        good_twin=twin,
+        good_twin=twin if recipe.pairs else None,
+        sim_label=sim_label,
+        noise_sigma_m=sigma,
     )
+
+
+def _sigma(options: dict[str, Any], dwell_s: float) -> float:
+    """White-noise σ of one pixel (m), as :func:`simulators.noise.white_sigma_m` has it."""
+    return float(options["white_noise_m_per_sqrt_hz"]) / float(np.sqrt(2.0 * dwell_s))
 
 
 def stitch(first: np.ndarray, second: np.ndarray, change_line: int) -> np.ndarray:
@@ -180,7 +230,9 @@ def stitch(first: np.ndarray, second: np.ndarray, change_line: int) -> np.ndarra
 
 @dataclass(frozen=True)
 class ChangeFrame:
-    """A frame in which the simulator changed the tip by itself once, at ``change_line``."""
+    """A frame in which the simulator changed the tip by itself once, at ``change_line``
+    (lines scanned before the change); the change is visible once ``visible_line`` lines are
+    scanned (None: never within the frame, see the module doc)."""
 
     data: np.ndarray
     pixel_size_nm: float
@@ -188,6 +240,7 @@ class ChangeFrame:
     before: TipState
     after: TipState
     seed: int
+    visible_line: int | None = None
 
 
 def natural_changes(
@@ -240,6 +293,9 @@ def natural_changes(
         change = int(lines.get(str(before), 0))
         if before is not TipState.GOOD or change < min_line or change >= recipe.shape_px[0] - 16:
             continue
+        twin = _scan(seed - 1, TipState.GOOD, options, region, recipe.shape_px).data
+        shown = shown_per_line(frame.data, twin, _sigma(options, frame.dwell_s))
+        reached = np.flatnonzero(np.cumsum(shown[change:]) >= VISIBLE_PIXELS)
         out.append(
             ChangeFrame(
                 data=frame.data.astype(np.float32),
@@ -248,6 +304,7 @@ def natural_changes(
                 before=before,
                 after=after,
                 seed=seed - 1,
+                visible_line=change + int(reached[0]) + 1 if len(reached) else None,
             )
         )
         bar.update(1)

@@ -16,9 +16,15 @@ minus the top probability above ``reject_uncertainty``) it defers to the classic
 says so in ``source`` and ``features`` (``tipnet_rejected`` = 1), so the policy never acts on an
 unsure network output blindly.
 
-Input normalisation (:func:`normalise`): each frame minus its least-squares plane over the
-scanned lines, divided by its robust spread with a floor of 2 pm (so that a flat, crashed image
-stays flat instead of amplifying noise), clipped to ±8.
+Input normalisation (:func:`normalise`), two channels: (0) the frame minus its least-squares
+plane over the scanned lines, divided by its robust spread with a floor of 2 pm (so that a flat,
+crashed image stays flat instead of amplifying noise), clipped to ±8; (1) the same levelled frame
+high-pass filtered (minus a Gaussian blur of :data:`HIGHPASS_SIGMA_PX` pixels), divided by its
+own robust spread with a floor of 1 pm, clipped to ±8. Channel 1 keeps the atomic-scale detail
+that tells the tip states apart (a ghost of every defect, streaks, the lattice a blunt apex
+washes out) at full contrast on frames whose height range is dominated by a step edge: with a
+0.24 nm step in the frame, channel 0 alone squeezes a 10 pm corrugation into a small fraction of
+its range (see docs/decisions/0009-tip-labels.md).
 """
 
 from __future__ import annotations
@@ -48,14 +54,17 @@ from drivers.observation import TipEstimate
 log = logging.getLogger(__name__)
 
 NAME = "tip"
-VERSION = "1.0"
+VERSION = "1.1"
 STATES: tuple[TipState, ...] = tuple(TipState)
 TRAINED_PIXEL_NM = 0.0625  # 16 nm over 256 pixels
 PIXEL_RANGE_NM = (0.04, 0.1)
 ROW_LINES = 16  # scan lines per feature row
 MIN_LINES = 16
 SPREAD_FLOOR_M = 2e-12
+HIGHPASS_SIGMA_PX = 2.0
+HIGHPASS_FLOOR_M = 1e-12
 CLIP = 8.0
+IN_CHANNELS = 2
 
 
 def _block(c_in: int, c_out: int, stride: int, kernel: int = 3) -> nn.Sequential:
@@ -67,15 +76,21 @@ def _block(c_in: int, c_out: int, stride: int, kernel: int = 3) -> nn.Sequential
 
 
 class TipNet(nn.Module):
-    """``(N, 1, H, W)`` normalised topography -> ``(N, 5)`` frame logits (see module doc)."""
+    """``(N, 2, H, W)`` normalised topography -> ``(N, 5)`` frame logits (see module doc)."""
 
     temperature: torch.Tensor
 
-    def __init__(self, width: int = 16, classes: int = len(STATES), dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        width: int = 16,
+        classes: int = len(STATES),
+        dropout: float = 0.1,
+        in_channels: int = IN_CHANNELS,
+    ) -> None:
         super().__init__()
         w = width
         self.trunk = nn.Sequential(
-            _block(1, w, 2, kernel=5),
+            _block(in_channels, w, 2, kernel=5),
             _block(w, 2 * w, 2),
             _block(2 * w, 3 * w, 2),
             _block(3 * w, 3 * w, 1),
@@ -110,11 +125,18 @@ class TipNet(nn.Module):
 
 def build(card: ModelCard) -> TipNet:
     arch = dict(card.architecture)
-    return TipNet(width=int(arch.get("width", 16)), dropout=float(arch.get("dropout", 0.1)))
+    return TipNet(
+        width=int(arch.get("width", 16)),
+        dropout=float(arch.get("dropout", 0.1)),
+        in_channels=int(arch.get("in_channels", IN_CHANNELS)),
+    )
 
 
 def normalise(image: np.ndarray) -> np.ndarray:
-    """``(H, W)`` metres -> plane-free, robustly scaled, clipped float32 (see module doc)."""
+    """``(H, W)`` metres -> ``(2, H, W)`` float32: plane-free and high-pass, each robustly
+    scaled and clipped (see module doc)."""
+    from scipy.ndimage import gaussian_filter
+
     img = np.asarray(image, dtype=np.float64)
     h, w = img.shape
     # least-squares plane: on a full grid the centred row and column indices are orthogonal
@@ -126,7 +148,12 @@ def normalise(image: np.ndarray) -> np.ndarray:
     flat -= np.median(flat)
     spread = 1.4826 * float(np.median(np.abs(flat)))
     spread = max(spread, SPREAD_FLOOR_M)
-    return np.clip(flat / spread, -CLIP, CLIP).astype(np.float32)
+    high = flat - gaussian_filter(flat, HIGHPASS_SIGMA_PX, mode="nearest")
+    high_spread = max(1.4826 * float(np.median(np.abs(high))), HIGHPASS_FLOOR_M)
+    out = np.empty((IN_CHANNELS, h, w), dtype=np.float32)
+    out[0] = np.clip(flat / spread, -CLIP, CLIP)
+    out[1] = np.clip(high / high_spread, -CLIP, CLIP)
+    return out
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -146,6 +173,9 @@ class TipModel:
         self.net = net
         self.card = card
         self.reject_uncertainty = float(card.architecture.get("reject_uncertainty", 0.3))
+        # a mid-scan alarm needs this much probability on the bad states (fitted on good-tip
+        # calibration scans so that few of them would ever raise one, see tip_train)
+        self.watch_p_bad = float(card.architecture.get("watch_p_bad", 0.0))
 
     @classmethod
     def load(cls, directory: str | Path = WEIGHTS_DIR) -> TipModel:
@@ -159,7 +189,7 @@ class TipModel:
         return next(self.net.parameters()).device
 
     def prepare(self, image: np.ndarray, pixel_size_nm: float | tuple[float, float]) -> np.ndarray:
-        """Checked, resampled, normalised ``(H, W)`` float32 input."""
+        """Checked, resampled, normalised ``(2, H, W)`` float32 input."""
         arr = check_image(image)
         arr = resample_to_pixel_size(arr, pixel_size_nm, self.card)
         if arr.shape[0] < MIN_LINES or arr.shape[1] < 32:
@@ -171,7 +201,7 @@ class TipModel:
 
     def probabilities(self, prepared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated ``(frame probs (5,), recent probs (5,))`` for one prepared image."""
-        x = torch.from_numpy(np.ascontiguousarray(prepared))[None, None].to(self.device)
+        x = torch.from_numpy(np.ascontiguousarray(prepared))[None].to(self.device)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             frame, recent = self.net.both(x)
@@ -284,7 +314,10 @@ class TipNetAssessor:
 
     def watch(self, frame: Frame) -> TipEstimate | None:
         """The tip state during the last 16 completed lines of a (partial) frame, or None with
-        fewer than 16 lines or when the network is unsure (no grounds to abort)."""
+        fewer than 16 lines or when the network is unsure (no grounds to abort): its top state's
+        uncertainty is above ``reject_uncertainty``, or the top state is bad but the bad states
+        together have less than the model's ``watch_p_bad`` (a scan is checked every few lines,
+        so one alarm must be rare on a good tip)."""
         if frame.lines_done < MIN_LINES:
             return None
         done = frame.done_data
@@ -297,6 +330,9 @@ class TipNetAssessor:
         top = int(np.argmax(probs))
         uncertainty = 1.0 - float(probs[top])
         if uncertainty > self.model.reject_uncertainty:
+            return None
+        p_bad = 1.0 - float(probs[STATES.index(TipState.GOOD)])
+        if STATES[top] is not TipState.GOOD and p_bad < self.model.watch_p_bad:
             return None
         return TipEstimate(
             state=STATES[top],

@@ -27,8 +27,15 @@ import torch
 from torch import nn
 
 from agent.perception.registry import ModelCard, resample_to_pixel_size
-from agent.perception.tip_data import GOOD_INDEX, STATES, TipSample
+from agent.perception.tip_data import (
+    GOOD_INDEX,
+    STATES,
+    VISIBLE_PIXELS,
+    VISIBLE_SIGMAS,
+    TipSample,
+)
 from agent.perception.tip_net import (
+    IN_CHANNELS,
     NAME,
     PIXEL_RANGE_NM,
     ROW_LINES,
@@ -44,6 +51,10 @@ log = logging.getLogger(__name__)
 CROP_W = 128
 HEIGHTS = tuple(range(32, 161, 16))
 MAX_CHANGE_AGE = 48
+RECENT_EVIDENCE_LINES = 48
+WATCH_WINDOW = 96  # lines TipNetAssessor.watch looks at
+WATCH_EVERY = 4  # lines between two checks of a scan in the calibration of the watch threshold
+WATCH_FALSE_ALARM = 0.02  # share of good-tip calibration scans allowed one mid-scan alarm
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,7 @@ class TrainConfig:
     change_fraction: float = 0.35
     seed: int = 0
     reject_uncertainty: float = 0.3
+    watch_false_alarm: float = WATCH_FALSE_ALARM
 
 
 def _card_for(samples: list[TipSample]) -> ModelCard:
@@ -73,21 +85,26 @@ def _card_for(samples: list[TipSample]) -> ModelCard:
 
 @dataclass
 class Prepared:
-    """A sample resampled to the trained pixel size: ``image`` and, when paired, ``twin``."""
+    """A sample resampled to the trained pixel size: ``image`` and, when paired, ``twin`` and
+    ``shown`` (``(H, W)`` bool: the pixels where the bad tip shows, see the module doc)."""
 
     image: np.ndarray
     twin: np.ndarray | None
     label: int
+    shown: np.ndarray | None = None
 
 
 def prepare(samples: list[TipSample], card: ModelCard) -> list[Prepared]:
     out = []
     for s in samples:
         img = resample_to_pixel_size(s.data, s.pixel_size_nm, card)
-        twin = None
+        twin = shown = None
         if s.good_twin is not None:
             twin = resample_to_pixel_size(s.good_twin, s.pixel_size_nm, card)
-        out.append(Prepared(img, twin, s.label))
+            diff = img.astype(np.float64) - twin
+            diff -= np.median(diff, axis=1, keepdims=True)
+            shown = np.abs(diff) > VISIBLE_SIGMAS * s.noise_sigma_m
+        out.append(Prepared(img, twin, s.label, shown))
     return out
 
 
@@ -106,36 +123,55 @@ class BatchMaker:
         self.data = data
         self.rng = rng
         self.change_fraction = change_fraction
-        self.paired = [i for i, d in enumerate(data) if d.twin is not None]
+        self.paired = [
+            i for i, d in enumerate(data) if d.twin is not None and d.label != GOOD_INDEX
+        ]
         self.max_rows = min(d.image.shape[0] for d in data)
 
     def crop(self, h: int) -> tuple[np.ndarray, int, int]:
         rng = self.rng
         change = self.paired and rng.random() < self.change_fraction
+        per_line = np.full(h, GOOD_INDEX)
+        bad_rows = slice(0, 0)
         if change:
             item = self.data[self.paired[int(rng.integers(len(self.paired)))]]
             bad, good = item.image, item.twin if item.twin is not None else item.image
             age = int(rng.integers(0, min(MAX_CHANGE_AGE, h - ROW_LINES) + 1))
             line = h - age
             if rng.random() < 0.25:  # bad -> good
-                first, second, before, after = bad, good, item.label, GOOD_INDEX
+                img = np.concatenate([bad[:line], good[line:h]], axis=0)
+                bad_rows = slice(0, line)
             else:
-                first, second, before, after = good, bad, GOOD_INDEX, item.label
-            img = np.concatenate([first[:line], second[line:h]], axis=0)
-            per_line = np.array([before] * line + [after] * (h - line))
+                img = np.concatenate([good[:line], bad[line:h]], axis=0)
+                bad_rows = slice(line, h)
+            top = 0
         else:
             item = self.data[int(rng.integers(len(self.data)))]
             rows = item.image.shape[0]
             top = int(rng.integers(0, rows - h + 1))
             img = item.image[top : top + h]
-            per_line = np.full(h, item.label)
+            if item.label != GOOD_INDEX:
+                bad_rows = slice(0, h)
+        per_line[bad_rows] = item.label
         width = img.shape[1]
         left = int(rng.integers(0, width - CROP_W + 1)) if width > CROP_W else 0
         img = img[:, left : left + CROP_W]
+        evidence = np.zeros(h, dtype=np.int64)
+        if item.shown is not None:
+            window = item.shown[top : top + h, left : left + CROP_W]
+            evidence[bad_rows] = window[bad_rows].sum(axis=1)
+        else:  # no good-tip twin to compare with: the simulator's state stands
+            evidence[bad_rows] = VISIBLE_PIXELS
+        if evidence.sum() < VISIBLE_PIXELS:
+            per_line[bad_rows] = GOOD_INDEX  # the bad tip shows nowhere in this crop
         if rng.random() < 0.5:
             img = img[:, ::-1]
         frame_label = _majority(per_line)
-        recent_label = _majority(per_line[-ROW_LINES:])
+        if per_line[-1] != GOOD_INDEX:
+            seen = evidence[-RECENT_EVIDENCE_LINES:].sum() >= VISIBLE_PIXELS
+            recent_label = int(per_line[-1]) if seen else GOOD_INDEX
+        else:
+            recent_label = _majority(per_line[-ROW_LINES:])
         return normalise(img), frame_label, recent_label
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,7 +179,7 @@ class BatchMaker:
         crops = [self.crop(h) for _ in range(size)]
         x = np.stack([c[0] for c in crops])
         return (
-            torch.from_numpy(x[:, None].copy()),
+            torch.from_numpy(x),
             torch.tensor([c[1] for c in crops]),
             torch.tensor([c[2] for c in crops]),
         )
@@ -155,9 +191,11 @@ def train_model(
     config: TrainConfig,
     *,
     progress: bool = True,
+    device: str = "cpu",
 ) -> tuple[TipNet, ModelCard, dict[str, Any]]:
-    """Train, then fit the temperatures on ``val``; returns the net, its card (no hash yet) and
-    the history (losses per step, validation numbers)."""
+    """Train (on ``device``; the shipped weights are trained on the CPU), then fit the
+    temperatures on ``val``; returns the net (on the CPU), its card (no hash yet) and the history
+    (losses per step, validation numbers)."""
     from tqdm import tqdm
 
     torch.manual_seed(config.seed)
@@ -165,7 +203,7 @@ def train_model(
     base = _card_for(train)
     data = prepare(train, base)
     maker = BatchMaker(data, rng, config.change_fraction)
-    net = TipNet(width=config.width, dropout=config.dropout)
+    net = TipNet(width=config.width, dropout=config.dropout).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1
@@ -176,7 +214,7 @@ def train_model(
     t0 = time.perf_counter()
     bar = tqdm(range(config.steps), desc="training tip", unit="step", disable=not progress)
     for step in bar:
-        x, y_frame, y_recent = maker.batch(config.batch)
+        x, y_frame, y_recent = (t.to(device) for t in maker.batch(config.batch))
         frame, recent = net.both(x)
         lf, lr_ = loss_fn(frame, y_frame), loss_fn(recent, y_recent)
         loss = lf + lr_
@@ -191,15 +229,20 @@ def train_model(
         if step % 10 == 0:
             bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
     history["train_s"] = time.perf_counter() - t0
-    net.eval()
+    net.to("cpu").eval()
     history["validation"] = calibrate(net, prepare(val, base), rng)
+    history["validation"].update(
+        fit_watch_threshold(net, prepare(val, base), config.watch_false_alarm)
+    )
     card = ModelCard(
         **{
             **base.__dict__,
             "architecture": {
                 "width": config.width,
+                "in_channels": IN_CHANNELS,
                 "dropout": config.dropout,
                 "reject_uncertainty": config.reject_uncertainty,
+                "watch_p_bad": history["validation"]["watch_p_bad"],
                 "temperature_frame": float(net.temperature[0]),
                 "temperature_recent": float(net.temperature[1]),
                 "parameters": int(sum(p.numel() for p in net.parameters())),
@@ -214,7 +257,7 @@ def logits_on(net: TipNet, images: list[np.ndarray], *, recent: bool = False) ->
     out = []
     with torch.inference_mode():
         for img in images:
-            x = torch.from_numpy(np.ascontiguousarray(img))[None, None]
+            x = torch.from_numpy(np.ascontiguousarray(img))[None]
             frame, last = net.both(x)
             out.append((last if recent else frame)[0].numpy())
     return np.stack(out)
@@ -247,6 +290,52 @@ def calibrate(net: TipNet, val: list[Prepared], rng: np.random.Generator) -> dic
         "recent_accuracy": recent_acc,
         "temperature_frame": t_frame,
         "temperature_recent": t_recent,
+    }
+
+
+def _recent_logits_batched(net: TipNet, images: list[np.ndarray]) -> np.ndarray:
+    """Recent read-out logits of ``images`` in order, equal shapes batched together."""
+    out = np.empty((len(images), len(STATES)), dtype=np.float32)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(img.shape, []).append(i)
+    with torch.inference_mode():
+        for idx in groups.values():
+            for k in range(0, len(idx), 32):
+                part = idx[k : k + 32]
+                x = torch.from_numpy(np.stack([images[i] for i in part]))
+                out[part] = net.both(x)[1].numpy()
+    return out
+
+
+def fit_watch_threshold(net: TipNet, val: list[Prepared], false_alarm: float) -> dict[str, Any]:
+    """The bad-state probability a mid-scan alarm needs (``watch_p_bad``): each good-tip scan of
+    the calibration seeds (good frames and the good-tip twins of bad ones) is revealed
+    :data:`WATCH_EVERY` lines at a time as :meth:`TipNetAssessor.watch` sees it (the last
+    :data:`WATCH_WINDOW` lines, calibrated recent read-out); the threshold is the
+    ``1 - false_alarm`` quantile of each scan's highest bad-state probability, so that about
+    ``false_alarm`` of good scans would raise an alarm somewhere."""
+    scans = [p.image for p in val if p.label == GOOD_INDEX]
+    scans += [p.twin for p in val if p.twin is not None]
+    if not scans:
+        return {"watch_p_bad": 0.5, "watch_scans": 0}
+    worst = []
+    t = float(net.temperature[1])
+    with torch.inference_mode():
+        for image in scans:
+            windows = [
+                normalise(image[max(0, n - WATCH_WINDOW) : n])
+                for n in range(ROW_LINES, image.shape[0] + 1, WATCH_EVERY)
+            ]
+            logits = _recent_logits_batched(net, windows) / t
+            z = logits - logits.max(axis=1, keepdims=True)
+            probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+            worst.append(float(1.0 - probs[:, GOOD_INDEX].min()))
+    threshold = float(np.quantile(np.array(worst), 1.0 - false_alarm))
+    return {
+        "watch_p_bad": min(max(threshold, 0.5), 0.999),
+        "watch_scans": len(scans),
+        "watch_false_alarm_target": false_alarm,
     }
 
 

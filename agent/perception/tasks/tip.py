@@ -1,7 +1,8 @@
 """``scopepilot train|evaluate|infer tip``: the tip-state model's commands.
 
-    scopepilot train tip                       # simulate, train, calibrate (40 min on a busy
-                                               # 2-core machine; the shipped weights)
+    scopepilot train tip                       # simulate, train, calibrate: the shipped weights
+                                               # (20 min of CPU time; 40 min wall on a 2-core
+                                               # machine shared with load average 4-8)
     scopepilot evaluate tip                    # held-out seeds + shifted simulator parameters
     scopepilot infer tip frame.npy --pixel-size-nm 0.0625
 
@@ -41,14 +42,17 @@ def _weights_default() -> str:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--frames", type=int, default=600, help="training frames (default 600)")
+    parser.add_argument("--frames", type=int, default=900, help="training frames (default 900)")
     parser.add_argument(
-        "--val-frames", type=int, default=120, help="calibration frames (default 120)"
+        "--val-frames", type=int, default=150, help="calibration frames (default 150)"
     )
-    parser.add_argument("--steps", type=int, default=900, help="optimiser steps (default 900)")
+    parser.add_argument("--steps", type=int, default=1800, help="optimiser steps (default 1800)")
     parser.add_argument("--batch", type=int, default=24, help="batch size (default 24)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="simulation processes (default 2; same frames)"
+    )
     parser.add_argument("--weights-dir", help="where tip.pt/tip.json go (default: the package's)")
     parser.add_argument("--out-dir", default=DEFAULT_OUT, help=f"loss curve etc. ({DEFAULT_OUT})")
     parser.add_argument("--cache", help="reuse/store the simulated frames in this .npz")
@@ -92,10 +96,13 @@ def shifted_recipe(frames: int, first: int = SHIFTED_SEED0) -> Any:
     )
 
 
-def _simulate_cached(recipe: Any, cache: str | None, desc: str, progress: bool) -> list[Any]:
+def _simulate_cached(
+    recipe: Any, cache: str | None, desc: str, progress: bool, workers: int = 1
+) -> list[Any]:
     from agent.perception.tip_data import TipSample, simulate
 
-    key = json.dumps(recipe.to_json(), sort_keys=True)
+    # the label rule is part of the key: a cache from before it (no sim_label) is not reused
+    key = json.dumps({**recipe.to_json(), "labels": "visible"}, sort_keys=True)
     if cache and Path(cache).is_file():
         with np.load(cache, allow_pickle=False) as z:
             if str(z["recipe"]) == key:
@@ -108,16 +115,20 @@ def _simulate_cached(recipe: Any, cache: str | None, desc: str, progress: bool) 
                         seed=int(z["seed"][i]),
                         surface=str(z["surface"][i]),
                         good_twin=z[f"t{i}"] if f"t{i}" in z.files else None,
+                        sim_label=int(z["sim_label"][i]),
+                        noise_sigma_m=float(z["sigma"][i]),
                     )
                     for i in range(n)
                 ]
-    samples = simulate(recipe, progress=progress, desc=desc)
+    samples = simulate(recipe, progress=progress, desc=desc, workers=workers)
     if cache:
         arrays: dict[str, Any] = {
             "recipe": np.array(key),
             "count": np.array(len(samples)),
             "pixel": np.array([s.pixel_size_nm for s in samples]),
             "label": np.array([s.label for s in samples]),
+            "sim_label": np.array([-1 if s.sim_label is None else s.sim_label for s in samples]),
+            "sigma": np.array([s.noise_sigma_m for s in samples]),
             "seed": np.array([s.seed for s in samples]),
             "surface": np.array([s.surface for s in samples]),
         }
@@ -143,7 +154,9 @@ def train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     progress = not args.quiet
     recipe = train_recipe(args.frames + args.val_frames)
-    samples = _simulate_cached(recipe, args.cache, "simulating training frames", progress)
+    samples = _simulate_cached(
+        recipe, args.cache, "simulating training frames", progress, max(1, args.workers)
+    )
     train_set, val_set = samples[: args.frames], samples[args.frames :]
     sim_s = time.perf_counter() - t0
     config = TrainConfig(steps=args.steps, batch=args.batch, seed=args.seed)
