@@ -40,9 +40,9 @@ def test_model_loads_on_cuda_and_matches_cpu(name: str) -> None:
     assert next(gpu.parameters()).device.type == "cuda"
     cpu, _ = load_model(name, MODELS[name], device="cpu")
     height, width = card.input_size
-    x = torch.randn(
-        2, len(card.channels), height, width, generator=torch.Generator().manual_seed(0)
-    )
+    # the tip card names the instrument channel; its network sees two derived from it
+    channels = int(card.architecture.get("in_channels", len(card.channels)))
+    x = torch.randn(2, channels, height, width, generator=torch.Generator().manual_seed(0))
     # TF32 convolutions (cuDNN's default) differ from float32 in the fourth digit; compare in
     # full float32 precision.
     tf32 = torch.backends.cudnn.allow_tf32
