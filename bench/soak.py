@@ -20,7 +20,10 @@ Checked and printed:
 - unhandled exceptions: the run must return normally, with no policy faults and no internal
   error in a thread;
 - memory: RSS sampled every 100 frames; the least-squares slope in MiB per 1,000 frames over
-  the second half (after warm-up) and the growth over the whole run;
+  the second half (after warm-up) and the growth over the whole run. With ``--trim`` each sample
+  is followed by ``gc.collect()`` and glibc's ``malloc_trim(0)`` and a second reading, so the
+  run also reports the slope of what the process still holds once the allocator has returned
+  its free pages (separating real growth from heap high-water marks);
 - command latency: the gate's latency (envelope + instrument.execute) of decisions that issued
   commands, median of the first vs the last quartile of the session; also per-frame decision
   latency, and both as ratios to the fault-free baseline.
@@ -31,7 +34,10 @@ Outputs ``bench/out/soak.json``. Not run in CI (it takes minutes).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
+import math
 import os
 import shutil
 import sys
@@ -64,6 +70,24 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * _PAGE / 2**20
+
+
+def trimmed_rss_mib() -> float:
+    """RSS after a full garbage collection and glibc's ``malloc_trim(0)`` (NaN without glibc)."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return float("nan")
+    libc.malloc_trim(0)
+    return rss_mib()
+
+
+def _slope(samples: list[tuple[int, float]], frames: int) -> float:
+    """Least-squares MiB per 1,000 frames over the second half of the run."""
+    arr = np.array(samples)
+    half = arr[arr[:, 0] >= frames / 2]
+    return float(np.polyfit(half[:, 0], half[:, 1], 1)[0] * 1000) if len(half) > 2 else math.nan
 
 
 class ExecTimer:
@@ -126,6 +150,7 @@ def run_session(
     store: Path,
     *,
     desc: str,
+    trim: bool = False,
 ) -> dict[str, Any]:
     clock = SimClock()
     inner = open_instrument("sim:stm", seed=seed)
@@ -159,12 +184,15 @@ def run_session(
     pipeline = build_pipeline(config, kind="stm")
     recorder = SessionRecorder(store, config={**config, "frames": frames, "soak": True})
     rss: list[tuple[int, float]] = [(0, rss_mib())]
+    trimmed: list[tuple[int, float]] = [(0, trimmed_rss_mib())] if trim else []
     bar = tqdm(total=frames, desc=desc, unit="frame", dynamic_ncols=True)
 
     def on_step(step: Step) -> None:
         bar.update(1)
         if step.seq % 100 == 99:
             rss.append((step.seq + 1, rss_mib()))
+            if trim:
+                trimmed.append((step.seq + 1, trimmed_rss_mib()))
 
     agent = pipeline.agent(
         instrument,
@@ -210,11 +238,7 @@ def run_session(
         for d in decisions
         if d["commands"]
     ]
-    seq_rss = np.array(rss)
-    half = seq_rss[seq_rss[:, 0] >= result.frames / 2]
-    slope = (
-        float(np.polyfit(half[:, 0], half[:, 1], 1)[0] * 1000) if len(half) > 2 else float("nan")
-    )
+    slope = _slope(rss, result.frames)
     injected: dict[str, int] = {}
     for _, kind in injector.log:
         injected[kind.value] = injected.get(kind.value, 0) + 1
@@ -239,6 +263,18 @@ def run_session(
         "acceleration": sim_time_s / wall_s,
         "rss_mib": {"start": rss[0][1], "end": rss[-1][1], "samples": rss},
         "rss_slope_mib_per_1000_frames": slope,
+        **(
+            {
+                "trimmed_rss_mib": {
+                    "start": trimmed[0][1],
+                    "end": trimmed[-1][1],
+                    "samples": trimmed,
+                },
+                "trimmed_rss_slope_mib_per_1000_frames": _slope(trimmed, result.frames),
+            }
+            if trim
+            else {}
+        ),
         "gate_ms_first_quartile": _median_quartile(gate_ms, 0),
         "gate_ms_last_quartile": _median_quartile(gate_ms, 3),
         "overhead_ms_first_quartile": _median_quartile(overhead_ms, 0),
@@ -266,6 +302,11 @@ def main() -> None:
     parser.add_argument("--fault-rate", type=float, default=0.1, help="faults per frame attempt")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--dir", help="where to write the stores (default: a temporary folder)")
+    parser.add_argument(
+        "--trim",
+        action="store_true",
+        help="also read the RSS after gc.collect() and malloc_trim(0) at every sample",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="scopepilot-soak-", dir=args.dir))
     try:
@@ -273,7 +314,13 @@ def main() -> None:
             args.baseline_frames, args.shape, args.seed, 0.0, root / "base.zarr", desc="baseline"
         )
         soak = run_session(
-            args.frames, args.shape, args.seed, args.fault_rate, root / "soak.zarr", desc="soak"
+            args.frames,
+            args.shape,
+            args.seed,
+            args.fault_rate,
+            root / "soak.zarr",
+            desc="soak",
+            trim=args.trim,
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -310,6 +357,12 @@ def main() -> None:
         f"{soak['rss_slope_mib_per_1000_frames']:+.2f} MiB per 1000 frames "
         f"(baseline {base['rss_slope_mib_per_1000_frames']:+.2f})"
     )
+    if args.trim:
+        print(
+            f"  RSS after gc + malloc_trim {soak['trimmed_rss_mib']['start']:.0f} -> "
+            f"{soak['trimmed_rss_mib']['end']:.0f} MiB; slope over the second half "
+            f"{soak['trimmed_rss_slope_mib_per_1000_frames']:+.2f} MiB per 1000 frames"
+        )
     print(
         f"  command latency          {'+'.join(soak['command_mix'])} decisions "
         f"({soak['mix_decisions']}), gate incl. instrument: first quartile "
