@@ -173,7 +173,8 @@ def test_training_is_reproducible_by_seed() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        config = TrainConfig(steps=3, batch=4, width=4, seed=3)
+        # 10 steps: the one length at which OneCycleLR's warm-up would be zero steps long
+        config = TrainConfig(steps=10, batch=4, width=4, seed=3)
         train, val = _fake_samples(10, 0), _fake_samples(5, 1)
         net_a, card_a, hist_a = train_model(train, val, config, progress=False)
         net_b, _, hist_b = train_model(train, val, config, progress=False)

@@ -205,8 +205,10 @@ def train_model(
     maker = BatchMaker(data, rng, config.change_fraction)
     net = TipNet(width=config.width, dropout=config.dropout).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # OneCycleLR divides by its warm-up length, 0.1 * steps - 1 steps: zero at exactly 10 steps
+    pct_start = 0.1 if config.steps != 10 else 0.2
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1
+        opt, max_lr=config.lr, total_steps=config.steps, pct_start=pct_start
     )
     loss_fn = nn.CrossEntropyLoss()
     history: dict[str, Any] = {"step": [], "loss": [], "frame_loss": [], "recent_loss": []}
