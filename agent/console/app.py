@@ -316,6 +316,7 @@ async def _stream(ws: WebSocket, controller: Controller, max_fps: float) -> None
     controller.add_waker(wake)
     frame_period = 1.0 / max_fps
     sent_version, sent_seq, sent_sr = -1, -1, -1
+    frame_waiting = False  # a new frame is held back by the rate limit
     last_status = last_frame = last_sr = 0.0
     try:
         while not closed.is_set():
@@ -333,8 +334,10 @@ async def _stream(ws: WebSocket, controller: Controller, max_fps: float) -> None
                 else:
                     wait_s = min(wait_s, due)
             latest = controller.latest_frame()
+            frame_waiting = False
             if latest is not None and latest[0] != sent_seq:
                 due = last_frame + frame_period - now
+                frame_waiting = due > 0
                 if due <= 0:
                     seq, frame = latest
                     perception = controller.perception_of(seq)
@@ -356,7 +359,10 @@ async def _stream(ws: WebSocket, controller: Controller, max_fps: float) -> None
                     sent_sr, last_sr = seq, now
                     continue
                 wait_s = min(wait_s, due)
-            await _wait(changed.wait(), wait_s)
+            # While a frame waits for its slot, every later frame would wait for the same slot
+            # and status is rate-limited too: sleep through the agent's events (one wake-up per
+            # event costs the agent's loop CPU) until the next slot, unless the page goes away.
+            await _wait(closed.wait() if frame_waiting else changed.wait(), wait_s)
     except (WebSocketDisconnect, RuntimeError, OSError):
         pass  # the page went away
     finally:
