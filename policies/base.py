@@ -15,8 +15,28 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from drivers.commands import Command
 from drivers.errors import ConfigError
 from drivers.observation import Decision, Observation
+
+
+def named_decision(
+    name: str,
+    reason: str,
+    confidence: float,
+    *,
+    commands: tuple[Command, ...] = (),
+    stop: bool = False,
+) -> Decision:
+    """A decision of the policy ``name``: the reason starts with the name, the confidence is
+    clipped to [0, 1] (a network's probability may round outside it)."""
+    return Decision(
+        commands=commands,
+        reason=f"{name}: {reason}",
+        confidence=min(max(confidence, 0.0), 1.0),
+        stop=stop,
+        policy=name,
+    )
 
 
 def require_positive(owner: object, names: Sequence[str]) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from drivers.commands import Capability, Command, MoveTo, SetDwell
 from drivers.errors import ConfigError, DataError
 from drivers.observation import Decision, Observation
-from policies.base import Policy
+from policies.base import Policy, named_decision
 from policies.dose_features import (
     DOSE_OBS_DIM,
     DWELL_LEVELS_S,
@@ -81,20 +81,23 @@ class RLTipPolicy:
     def decide(self, observation: Observation) -> Decision:
         label = f"frame {observation.frame.frame_index}"
         if observation.problems:
-            return self._decision(
-                f"{label} not acted on ({'; '.join(observation.problems)}): rescan", 0.0
+            return named_decision(
+                self.name, f"{label} not acted on ({'; '.join(observation.problems)}): rescan", 0.0
             )
         if Capability.TIP_CONDITIONING not in observation.info.capabilities:
-            return self._decision(
-                f"{label}: instrument {observation.info.id!r} has no tip to condition", 1.0
+            return named_decision(
+                self.name,
+                f"{label}: instrument {observation.info.id!r} has no tip to condition",
+                1.0,
             )
         tip = observation.tip
         if tip is None:
-            return self._decision(f"{label} has no tip estimate: rescan", 0.0)
+            return named_decision(self.name, f"{label} has no tip estimate: rescan", 0.0)
         if tip.p_good >= self.good_threshold:
             done = f"; conditioning done after {self._actions} actions" if self._actions else ""
             self._last_action, self._actions = None, 0
-            return self._decision(
+            return named_decision(
+                self.name,
                 f"tip P(good)={tip.p_good:.2f} >= {self.good_threshold:g}: keep scanning{done}",
                 tip.p_good,
             )
@@ -123,13 +126,15 @@ class RLTipPolicy:
         if not mask.any():
             target = sites.next_site(position) if stage else None
             if target is None:
-                return self._decision(
+                return named_decision(
+                    self.name,
                     "no conditioning action fits the free area or the limits here and no fresh "
                     "site is left: operator attention needed",
                     1.0,
                     stop=True,
                 )
-            return self._decision(
+            return named_decision(
+                self.name,
                 f"no conditioning action fits here (free radius {free / NM:.0f} nm): move to "
                 f"fresh site ({target[0] / NM:.0f}, {target[1] / NM:.0f}) nm",
                 1.0,
@@ -145,7 +150,7 @@ class RLTipPolicy:
         commands: list[Command] = [step.command(source=self.name, reason=why)]
         if observation.advisory:  # manual mode: nothing happens, so nothing is counted or marked
             why += "; advice only (manual mode): not counted as an action"
-            return self._decision(why, confidence, commands=tuple(commands))
+            return named_decision(self.name, why, confidence, commands=tuple(commands))
         sites.add_damage(position[0], position[1], footprint_m(step))
         if stage:
             target = sites.next_site(position)
@@ -156,23 +161,7 @@ class RLTipPolicy:
                 why += f"; move to fresh site ({target[0] / NM:.0f}, {target[1] / NM:.0f}) nm"
         self._last_action = index
         self._actions += 1
-        return self._decision(why, confidence, commands=tuple(commands))
-
-    def _decision(
-        self,
-        reason: str,
-        confidence: float,
-        *,
-        commands: tuple[Command, ...] = (),
-        stop: bool = False,
-    ) -> Decision:
-        return Decision(
-            commands=commands,
-            reason=f"{self.name}: {reason}",
-            confidence=min(max(confidence, 0.0), 1.0),
-            stop=stop,
-            policy=self.name,
-        )
+        return named_decision(self.name, why, confidence, commands=tuple(commands))
 
 
 class RLDosePolicy:
@@ -196,10 +185,12 @@ class RLDosePolicy:
 
     def decide(self, observation: Observation) -> Decision:
         if observation.problems:
-            return self._decision(f"frame not acted on ({'; '.join(observation.problems)})", 0.0)
+            return named_decision(
+                self.name, f"frame not acted on ({'; '.join(observation.problems)})", 0.0
+            )
         quality = observation.quality
         if quality is None or not math.isfinite(quality.snr):
-            return self._decision("no image-quality estimate: dwell unchanged", 0.0)
+            return named_decision(self.name, "no image-quality estimate: dwell unchanged", 0.0)
         frame = observation.frame
         data = np.asarray(frame.done_data, dtype=np.float64)
         finite = data[np.isfinite(data)]
@@ -222,8 +213,10 @@ class RLDosePolicy:
         low, high = observation.info.limits.dwell_s
         allowed = [i for i, d in enumerate(DWELL_LEVELS_S) if low <= d <= high]
         if not allowed:
-            return self._decision(
-                f"no dwell level fits the instrument's dwell limits {low:g}..{high:g} s", 1.0
+            return named_decision(
+                self.name,
+                f"no dwell level fits the instrument's dwell limits {low:g}..{high:g} s",
+                1.0,
             )
         level = min(allowed, key=lambda i: abs(i - level))
         dwell = DWELL_LEVELS_S[level]
@@ -234,19 +227,9 @@ class RLDosePolicy:
             f"estimate, network p={confidence:.2f})"
         )
         if math.isclose(dwell, current, rel_tol=0.01):
-            return self._decision(why + ", unchanged", confidence)
-        return self._decision(
-            why, confidence, commands=(SetDwell(dwell, source=self.name, reason=why),)
-        )
-
-    def _decision(
-        self, reason: str, confidence: float, *, commands: tuple[Command, ...] = ()
-    ) -> Decision:
-        return Decision(
-            commands=commands,
-            reason=f"{self.name}: {reason}",
-            confidence=min(max(confidence, 0.0), 1.0),
-            policy=self.name,
+            return named_decision(self.name, why + ", unchanged", confidence)
+        return named_decision(
+            self.name, why, confidence, commands=(SetDwell(dwell, source=self.name, reason=why),)
         )
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from drivers.commands import Command, Scan
+from drivers.commands import Scan
 from drivers.errors import ConfigError
 from drivers.observation import Decision, Observation
+from policies.base import named_decision
 from policies.rl_net import WEIGHTS_DIR, PolicyNet, load_policy
 from policies.scan_map import SURVEY, ScanMap, scan_n_actions, scan_obs_dim
 
@@ -56,8 +57,8 @@ class RLScanPolicy:
 
     def decide(self, observation: Observation) -> Decision:
         if observation.problems:
-            return self._decision(
-                f"frame not acted on ({'; '.join(observation.problems)}): rescan", 0.0
+            return named_decision(
+                self.name, f"frame not acted on ({'; '.join(observation.problems)}): rescan", 0.0
             )
         frame = observation.frame
         limits = observation.info.limits
@@ -81,7 +82,8 @@ class RLScanPolicy:
             seen += f": {scan_map.tiles[tile].bright} bright pixels"
         mask = scan_map.action_masks()
         if not mask.any():
-            return self._decision(
+            return named_decision(
+                self.name,
                 f"{seen}; dose budget of {self.budget} zoom frames spent "
                 f"({scan_map.detected} dopants detected): survey done",
                 1.0,
@@ -102,26 +104,11 @@ class RLScanPolicy:
             f"(network p={confidence:.2f} over {int(mask.sum())} valid actions; dose "
             f"{scan_map.spent}/{self.budget})"
         )
-        return self._decision(
+        return named_decision(
+            self.name,
             why,
             confidence,
             commands=(Scan(region, shape, dwell, source=self.name, reason=why),),
-        )
-
-    def _decision(
-        self,
-        reason: str,
-        confidence: float,
-        *,
-        commands: tuple[Command, ...] = (),
-        stop: bool = False,
-    ) -> Decision:
-        return Decision(
-            commands=commands,
-            reason=f"{self.name}: {reason}",
-            confidence=min(max(confidence, 0.0), 1.0),
-            stop=stop,
-            policy=self.name,
         )
 
 
