@@ -93,16 +93,21 @@ class Session:
             raise DataError(f"{self.path}: session format {fmt!r} is not supported (need {FORMAT})")
         return attrs
 
-    def _read_log(self, name: str, what: str) -> list[dict[str, Any]]:
-        """The committed JSON records of a string array: the leading non-empty entries."""
+    def _node(self, key: str, missing: str, *, damaged: str | None = None) -> Any:
+        """``self._root[key]``; :class:`DataError` saying ``missing`` when it is absent, or that
+        ``damaged`` (default ``key``) is damaged when zarr cannot read its metadata."""
         try:
-            array = self._root[name]
+            return self._root[key]
         except KeyError:
-            raise DataError(f"{self.path}: not a complete session store (no {name})") from None
+            raise DataError(f"{self.path}: {missing}") from None
         except Exception as exc:  # damaged metadata: zarr raises several types
             raise DataError(
-                f"{self.path}: {name} is damaged: {type(exc).__name__}: {exc}"
+                f"{self.path}: {damaged or key} is damaged: {type(exc).__name__}: {exc}"
             ) from None
+
+    def _read_log(self, name: str, what: str) -> list[dict[str, Any]]:
+        """The committed JSON records of a string array: the leading non-empty entries."""
+        array = self._node(name, f"not a complete session store (no {name})")
         if not isinstance(array, zarr.Array) or array.ndim != 1:
             raise DataError(f"{self.path}: {name} is not a 1-D array")
         chunk_dir = self.path / name / "c"
@@ -264,14 +269,7 @@ class Session:
             or slot < 0
         ):
             raise DataError(f"{self.path}: malformed array reference {ref!r:.200}")
-        try:
-            array = self._root[f"{path}/data"]
-        except KeyError:
-            raise DataError(f"{self.path}: {path} is missing") from None
-        except Exception as exc:  # damaged metadata: zarr raises several types
-            raise DataError(
-                f"{self.path}: {path} is damaged: {type(exc).__name__}: {exc}"
-            ) from None
+        array = self._node(f"{path}/data", f"{path} is missing", damaged=path)
         if not isinstance(array, zarr.Array) or array.ndim != 3 or slot >= array.shape[0]:
             raise DataError(f"{self.path}: {path} holds no slot {slot}")
         return self._pixels(array, slot, slot, f"{path} image")
