@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def killed_at(path: Path, write: int, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     async def counting_set(self: LocalStore, key: str, value: object) -> None:
         nonlocal calls
-        if calls == write:
+        if calls >= write:  # a killed process writes nothing more
             raise KilledError(key)
         calls += 1
         await original(self, key, value)  # type: ignore[arg-type]
@@ -45,6 +46,17 @@ def killed_at(path: Path, write: int, monkeypatch: pytest.MonkeyPatch) -> Path:
         patch.setattr(LocalStore, "set", counting_set)
         with pytest.raises(KilledError):
             SessionRecorder(path, config={"instrument": "sim:stm", "frames": 3})
+    # zarr writes some keys concurrently, each in a worker thread through a temporary
+    # ``*.partial`` file; one that started before the "kill" may still be running when the
+    # error arrives here. Let it land, so the test compares one settled store.
+    deadline = time.monotonic() + 10.0
+    seen, quiet_since = listing(path), time.monotonic()
+    while any(name.endswith(".partial") for name in seen) or time.monotonic() - quiet_since < 0.3:
+        assert time.monotonic() < deadline, "a store write never finished"
+        time.sleep(0.01)
+        now = listing(path)
+        if now != seen:
+            seen, quiet_since = now, time.monotonic()
     return path
 
 
