@@ -37,6 +37,7 @@ from drivers.limits import Limits
 from drivers.protocol import Instrument
 from drivers.registry import open_instrument
 from drivers.remote import InstrumentServer, RemoteInstrument
+from drivers.remote.channel import FRAME, REPLY
 from drivers.remote.daemon import FRAME_CHANNEL_MAGIC, TICKET_BYTES, _send_parts
 from drivers.remote.server import SERVICE_NAME
 from drivers.sim import SimulatedSTM
@@ -479,14 +480,15 @@ def test_frame_channel_needs_a_fresh_ticket(served: tuple[InstrumentServer, SpyI
         assert spy.calls[calls:].count("acquire") == 1  # the first use only
 
 
-def _frame_replies(data: bytes) -> list[tuple[Any, bytes]]:
-    """The ``(meta, pixels)`` replies in the bytes a frame channel sent."""
+def _frame_replies(data: bytes) -> list[tuple[tuple[Any, ...], Any, bytes]]:
+    """The ``(fixed part, block, pixels)`` replies in the bytes a frame channel sent."""
     replies = []
     while data:
-        meta_size, payload_size = struct.unpack_from("!II", data)
-        meta = msgpack.unpackb(data[8 : 8 + meta_size], raw=False)
-        replies.append((meta, data[8 + meta_size : 8 + meta_size + payload_size]))
-        data = data[8 + meta_size + payload_size :]
+        fixed = REPLY.unpack_from(data)
+        end = REPLY.size + fixed[3]
+        block = msgpack.unpackb(data[REPLY.size : end], raw=False)
+        replies.append((fixed, block, data[end : end + fixed[4]]))
+        data = data[end + fixed[4] :]
     return replies
 
 
@@ -513,9 +515,9 @@ def test_frame_channel_reads_requests_however_they_are_cut(
                     received += chunk
             replies = _frame_replies(received)
             assert len(replies) == len(b"".join(pieces)) // len(framed)
-            for meta, pixels in replies:
-                header = meta["ok"]["header"]
-                assert header["shape"] == [32, 32] and len(pixels) == 32 * 32 * 4
+            for fixed, block, pixels in replies:
+                assert fixed[0] == FRAME and fixed[7:] == (32, 0, 32)  # lines_done, row0, rows
+                assert block["shape"] == [32, 32] and len(pixels) == 32 * 32 * 4
             assert spy.calls.count("acquire") == calls + len(replies)
         calls = spy.calls.count("acquire")
         ticket = client._call("frame_ticket")

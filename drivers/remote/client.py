@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 import numpy as np
@@ -48,9 +48,15 @@ from drivers.errors import (
 )
 from drivers.frame import Frame, ScanRegion
 from drivers.protocol import CommandResult, InstrumentInfo, InstrumentState
-from drivers.remote.daemon import FRAME_CHANNEL_MAGIC, TICKET_BYTES, enable_tls
+from drivers.remote.channel import ERROR, FRAME, NO_FRAME, REPLY, ReplyDecoder
+from drivers.remote.daemon import (
+    FRAME_CHANNEL_MAGIC,
+    PROTOCOL_VERSION,
+    TICKET_BYTES,
+    enable_tls,
+)
 from drivers.remote.server import SERVICE_NAME
-from drivers.remote.wire import MAX_FRAME_BYTES, build_frame, frame_layout, is_mapping
+from drivers.remote.wire import MAX_FRAME_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +70,10 @@ _REQUESTS = {
     for method in ("acquire",)
     for body in [msgpack.packb([method, []], use_bin_type=True)]
 }
-#: The first read of a frame reply: its sizes, a usual header (a few hundred bytes) and the
+#: The first read of a frame reply: its fixed part, a usual block (a few hundred bytes) and the
 #: first pixels, which are copied once more; the rest is read into the frame's array.
 _FIRST_READ_BYTES = 4096
+_REPLY_BYTES = REPLY.size
 
 _ERRORS: dict[str, type[ScopePilotError]] = {
     cls.__name__: cls
@@ -116,7 +123,7 @@ def parse_address(rest: str, scheme: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def raise_remote_error(error: Any) -> None:
+def raise_remote_error(error: Any) -> NoReturn:
     """Raise the scopepilot error a server reported."""
     if not isinstance(error, Mapping):
         raise CommunicationError(f"malformed error reply from the server: {error!r}")
@@ -179,7 +186,8 @@ class RemoteInstrument:
         self._lock = threading.RLock()
         self._proxy: Pyro5.client.Proxy | None = None
         self._channel: socket.socket | None = None
-        self._scratch = memoryview(bytearray(1 << 16))  # frame reply sizes, header, first pixels
+        self._scratch = memoryview(bytearray(1 << 16))  # a reply's fixed part, block, first pixels
+        self._decoder = ReplyDecoder(max_bytes=max_frame_bytes)
         self._closed = False
         self.reconnects = 0
         self._connect()
@@ -216,6 +224,14 @@ class RemoteInstrument:
         if not isinstance(reply, Mapping) or "error" in reply:
             proxy._pyroRelease()
             raise_remote_error(reply.get("error") if isinstance(reply, Mapping) else reply)
+        ok = reply.get("ok")
+        protocol = ok.get("protocol") if isinstance(ok, Mapping) else None
+        if protocol != PROTOCOL_VERSION:
+            proxy._pyroRelease()
+            raise NotConnected(
+                f"{self.uri} speaks protocol {protocol!r}; this client speaks {PROTOCOL_VERSION}: "
+                "run the same scopepilot version on both sides"
+            )
         self._proxy = proxy
 
     def _reconnect(self) -> None:
@@ -337,64 +353,65 @@ class RemoteInstrument:
                     self._reconnect()
                 if self._channel is None:
                     self._channel = self._open_channel()
+                    self._decoder = ReplyDecoder(max_bytes=self._max_frame_bytes)
                 sock = self._channel
                 request = _REQUESTS.get(method) if not args else None
                 if request is None:
                     body = msgpack.packb([method, list(args)], use_bin_type=True)
                     request = struct.pack("!I", len(body)) + body
                 sock.sendall(request)
-                # one read usually brings the sizes, the header and the first pixels; it is
+                # one read usually brings the fixed part, the block and the first pixels; it is
                 # kept short, so that the pixels mostly land in the frame's array directly
                 head = self._scratch
-                got = _recv_at_least(sock, head[:_FIRST_READ_BYTES], 8)
-                meta_size, payload_size = struct.unpack_from("!II", head)
-                if meta_size > len(head) - 8:
-                    raise DataError(f"frame reply header of {meta_size} bytes")
-                if got < 8 + meta_size:  # a large header: read exactly the rest of it
-                    got = _recv_at_least(sock, head[: 8 + meta_size], 8 + meta_size, got)
-                meta = msgpack.unpackb(head[8 : 8 + meta_size], raw=False)
-                early = got - 8 - meta_size  # pixel bytes already read
-                if not is_mapping(meta) or not ("ok" in meta or "error" in meta):
-                    raise DataError(f"malformed frame reply: {meta!r:.200}")
-                if "error" in meta:
+                got = _recv_at_least(sock, head[:_FIRST_READ_BYTES], _REPLY_BYTES)
+                kind, flags, _, block_size, payload_size, index, time_s, lines, row0, rows = (
+                    REPLY.unpack_from(head)
+                )
+                end = _REPLY_BYTES + block_size
+                if end > len(head):
+                    raise DataError(f"frame reply block of {block_size} bytes")
+                if got < end:  # a large block: read exactly the rest of it
+                    got = _recv_at_least(sock, head[:end], end, got)
+                early = got - end  # pixel bytes already read
+                if kind != FRAME:
                     if payload_size or early:
-                        raise DataError("an error reply carries pixels")
-                    raise_remote_error(meta["error"])
-                ok = meta["ok"]
-                if ok is None:
-                    if payload_size or early:
-                        raise DataError("an empty reply carries pixels")
-                    return None
-                header = ok.get("header") if is_mapping(ok) else None
-                if not is_mapping(header):
-                    raise DataError(f"frame reply without a header: {ok!r:.200}")
-                layout = frame_layout(header, max_bytes=self._max_frame_bytes)
-                if layout.payload_bytes != payload_size:
-                    raise DataError(
-                        f"frame reply carries {payload_size} bytes; its header needs "
-                        f"{layout.payload_bytes}"
-                    )
-                if early > payload_size:
-                    raise DataError(
-                        f"frame reply is longer than the {payload_size} bytes announced"
-                    )
-                if into is None:
-                    buffer = layout.empty()
-                    target = buffer if layout.rows == buffer.shape[0] else layout.target(buffer)
+                        raise DataError(f"a frame reply of kind {kind} carries pixels")
+                    if kind == NO_FRAME:
+                        return None
+                    if kind != ERROR:
+                        raise DataError(f"frame reply of unknown kind {kind}")
+                    reported = _unpack_error(head[_REPLY_BYTES:end])
                 else:
-                    buffer = into
-                    target = layout.target(buffer)
-                # the pixels are read before the frame is built: a client that leaves them in
-                # the socket stalls the server's send (slower in 5 of 6 interleaved A/B runs)
-                if target.size:
-                    view = target.data.cast("B")
-                    view[:early] = head[8 + meta_size : got]
-                    _recv_into(sock, view[early:])
-                    if _BIG_ENDIAN:  # the wire is little-endian
-                        target.byteswap(inplace=True)
-                streaming = method == "stream_next"  # later lines go into the same buffer
-                frame = build_frame(header, buffer.copy() if streaming else buffer)
-                return frame, bool(ok.get("last")), buffer
+                    decoder = self._decoder
+                    layout = decoder.layout(
+                        bytes(head[_REPLY_BYTES:end]), index, time_s, lines, row0, rows
+                    )
+                    if layout.payload_bytes != payload_size:
+                        raise DataError(
+                            f"frame reply carries {payload_size} bytes; its header needs "
+                            f"{layout.payload_bytes}"
+                        )
+                    if early > payload_size:
+                        raise DataError(
+                            f"frame reply is longer than the {payload_size} bytes announced"
+                        )
+                    if into is None:
+                        buffer = layout.empty()
+                        target = buffer if layout.rows == buffer.shape[0] else layout.target(buffer)
+                    else:
+                        buffer = into
+                        target = layout.target(buffer)
+                    # the pixels are read before the frame is built: a client that leaves them in
+                    # the socket stalls the server's send (slower in 5 of 6 interleaved A/B runs)
+                    if target.size:
+                        view = target.data.cast("B")
+                        view[:early] = head[end:got]
+                        _recv_into(sock, view[early:])
+                        if _BIG_ENDIAN:  # the wire is little-endian
+                            target.byteswap(inplace=True)
+                    streaming = method == "stream_next"  # later lines go into the same buffer
+                    frame = decoder.build(buffer.copy() if streaming else buffer, layout)
+                    return frame, bool(flags & 1), buffer
             except (OSError, struct.error, ValueError, msgpack.UnpackException) as exc:
                 self._drop()
                 raise CommunicationError(
@@ -404,6 +421,8 @@ class RemoteInstrument:
             except DataError:
                 self._drop_channel()  # its framing can no longer be trusted; Pyro5's can
                 raise
+        # an error the server reported, read whole: the channel stays in step and is kept
+        raise_remote_error(reported)
 
     def acquire(self) -> Frame:
         result = self._frame_call("acquire")
@@ -502,6 +521,14 @@ def _recv_at_least(sock: socket.socket, buffer: memoryview, needed: int, have: i
             raise ConnectionError("the server closed the connection in the middle of a reply")
         have += n
     return have
+
+
+def _unpack_error(block: memoryview) -> Any:
+    """The error mapping an error reply carries (raise_remote_error checks its shape)."""
+    try:
+        return msgpack.unpackb(block, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise DataError(f"malformed error reply: {exc}") from None
 
 
 def _recv_into(sock: socket.socket, view: memoryview) -> None:

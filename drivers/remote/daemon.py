@@ -38,10 +38,12 @@ import Pyro5.server
 from Pyro5.callcontext import current_context
 
 from drivers.errors import ConfigError
+from drivers.remote.channel import ReplyEncoder
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+#: 2: frame-channel replies carry the per-frame header fields in binary (drivers.remote.channel)
+PROTOCOL_VERSION = 2
 #: Serializers whose messages the server reads; everything else is refused before deserializing.
 ALLOWED_SERIALIZERS: frozenset[str] = frozenset({"msgpack"})
 _PYRO_HEADER = struct.Struct("!4sHBBHHII16sHH")  # Pyro5 protocol.py's message header
@@ -52,6 +54,8 @@ FRAME_METHODS = ("acquire", "stream_next", "latest_frame")
 TICKET_BYTES = 32
 TICKET_LIFETIME_S = 30.0
 MAX_FRAME_REQUEST_BYTES = 4096
+#: The body of a frame-channel ``acquire`` request (msgpack ``["acquire", []]``).
+ACQUIRE_REQUEST = msgpack.packb(["acquire", []], use_bin_type=True)
 
 
 def is_loopback(host: str) -> bool:
@@ -235,8 +239,9 @@ class InstrumentDaemon(Pyro5.server.Daemon):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         log.info("client %s opened a frame channel", client.client_id)
         requests = _RequestReader(sock, MAX_FRAME_REQUEST_BYTES)
-        packer = msgpack.Packer(use_bin_type=True)
+        encoder = ReplyEncoder()
         gather = _can_gather(sock)
+        current_context.client = gate  # (this thread serves this channel only)
         try:
             while True:
                 body = requests.next()
@@ -248,27 +253,22 @@ class InstrumentDaemon(Pyro5.server.Daemon):
                             requests.oversized,
                         )
                     return  # the client closed the channel, or sent too much to read
-                request = msgpack.unpackb(body, raw=False)
-                if (
-                    not isinstance(request, list)
-                    or len(request) != 2
-                    or request[0] not in FRAME_METHODS
-                    or not isinstance(request[1], list)
-                    or len(request[1]) > 2
-                ):
-                    log.warning("frame channel of %s: malformed request", client.client_id)
-                    return
-                current_context.client = gate
-                reply = getattr(service, request[0])(*request[1])
-                payload: Any = b""
-                ok = reply.get("ok")
-                if isinstance(ok, list):
-                    reply = {"ok": {"header": ok[0], "last": ok[2] if len(ok) > 2 else None}}
-                    payload = ok[1]
-                meta = packer.pack(reply)
-                _send_parts(
-                    sock, struct.pack("!II", len(meta), len(payload)) + meta, payload, gather=gather
-                )
+                if body == ACQUIRE_REQUEST:  # the usual request, known without unpacking it
+                    method, args = "acquire", []
+                else:
+                    request = msgpack.unpackb(body, raw=False)
+                    if (
+                        not isinstance(request, list)
+                        or len(request) != 2
+                        or request[0] not in FRAME_METHODS
+                        or not isinstance(request[1], list)
+                        or len(request[1]) > 2
+                    ):
+                        log.warning("frame channel of %s: malformed request", client.client_id)
+                        return
+                    method, args = request
+                head, payload = service.frame_reply(client, method, args, encoder)
+                _send_parts(sock, head, payload, gather=gather)
         except (
             OSError,
             ValueError,
@@ -276,6 +276,8 @@ class InstrumentDaemon(Pyro5.server.Daemon):
             Pyro5.errors.CommunicationError,
         ) as exc:
             log.info("frame channel of %s closed: %s", client.client_id, exc)
+        except Exception:  # a server-side bug: logged, the channel closes, the server goes on
+            log.exception("frame channel of %s failed", client.client_id)
 
     def _reject(self, gate: _ConnectionGate, reason: str) -> Pyro5.errors.SecurityError:
         """Log and record a refused connection (before the client hears of it)."""
@@ -367,9 +369,12 @@ def _can_gather(sock: socket.socket) -> bool:
 
 
 def _send_parts(sock: socket.socket, head: bytes, payload: Any, *, gather: bool) -> None:
-    """Send ``head`` then ``payload`` in as few system calls as possible, without joining them
-    (with ``gather``, one ``sendmsg`` takes both buffers; else they are sent in turn)."""
-    view = memoryview(payload).cast("B") if len(payload) else memoryview(b"")
+    """Send ``head`` then ``payload`` (bytes, or a memoryview of bytes) in as few system calls
+    as possible, without joining them (with ``gather``, one ``sendmsg`` takes both buffers; else
+    they are sent in turn)."""
+    view = payload if type(payload) is memoryview else memoryview(payload)
+    if view.itemsize != 1 or view.ndim != 1:
+        view = view.cast("B")
     if not gather:
         sock.sendall(head)
         if len(view):
@@ -421,8 +426,6 @@ class FrameService(Protocol):
 
     def redeem(self, ticket: bytes) -> ClientRecord | None: ...
 
-    def acquire(self) -> dict[str, Any]: ...
-
-    def stream_next(self, sid: Any) -> dict[str, Any]: ...
-
-    def latest_frame(self, after_index: Any = -1, timeout_s: Any = 0.0) -> dict[str, Any]: ...
+    def frame_reply(
+        self, client: ClientRecord, method: str, args: list[Any], encoder: ReplyEncoder
+    ) -> tuple[bytes, Any]: ...

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import Pyro5.server
 from Pyro5.callcontext import current_context
@@ -34,6 +34,7 @@ from drivers.errors import (
 from drivers.frame import Frame
 from drivers.limits import Limits
 from drivers.protocol import Instrument
+from drivers.remote.channel import ReplyEncoder
 from drivers.remote.daemon import (
     PROTOCOL_VERSION,
     TICKET_BYTES,
@@ -79,6 +80,19 @@ def error_json(exc: ScopePilotError) -> dict[str, Any]:
             field=exc.field,
         )
     return out
+
+
+T = TypeVar("T")
+
+
+def _message(frame: Frame, row0: int, last: bool) -> list[Any]:
+    header, payload = encode_frame(frame, row0=row0)
+    return [header, payload]
+
+
+def _stream_message(frame: Frame, row0: int, last: bool) -> list[Any]:
+    header, payload = encode_frame(frame, row0=row0)
+    return [header, payload, last]
 
 
 @dataclass
@@ -128,8 +142,11 @@ class InstrumentService:
             raise CommandRejected("connection has no authenticated client")
         return client
 
-    def _require_control(self, what: str) -> ClientRecord:
-        client = self._client()
+    def _require_control(self, what: str, client: ClientRecord | None = None) -> ClientRecord:
+        """The calling client (``client`` on a frame channel, else the Pyro5 connection's) if it
+        holds control, else :class:`CommandRejected`."""
+        if client is None:
+            client = self._client()
         with self._control_lock:
             if self._controller is None or self._controller.client_id != client.client_id:
                 holder = self._controller.client_id if self._controller else "nobody"
@@ -249,15 +266,88 @@ class InstrumentService:
 
         return self._reply(run)
 
-    def acquire(self) -> dict[str, Any]:
-        def run() -> list[Any]:
-            self._require_control("acquire")
-            frame = self._instrument.acquire()
-            self._publish(frame)
-            header, payload = encode_frame(frame)
-            return [header, payload]
+    # The frame methods: each calls ``encode(frame, row0, last)`` for the frame it hands out,
+    # which shapes the reply for its transport (a Pyro5 return value, a frame-channel reply).
 
-        return self._reply(run)
+    def _acquire(self, client: ClientRecord | None, encode: Callable[[Frame, int, bool], T]) -> T:
+        self._require_control("acquire", client)
+        frame = self._instrument.acquire()
+        self._publish(frame)
+        return encode(frame, 0, False)
+
+    def _stream_next(
+        self, client: ClientRecord | None, sid: Any, encode: Callable[[Frame, int, bool], T]
+    ) -> T | None:
+        client = self._require_control("stream", client)
+        with self._streams_lock:
+            stream = self._streams.get(sid) if isinstance(sid, str) else None
+        if stream is None or stream.owner.client_id != client.client_id:
+            raise CommandRejected(f"no open stream {sid!r} of client {client.client_id}")
+        with stream.lock:
+            part = next(stream.parts, None)
+        if part is None:
+            self._drop_stream(sid)
+            return None
+        last = part.complete or bool(part.metadata.get("aborted"))
+        reply = encode(part, min(stream.sent_rows, part.lines_done), last)
+        stream.sent_rows = part.lines_done
+        if last:
+            self._publish(part)
+            self._drop_stream(sid)
+        return reply
+
+    def _latest_frame(
+        self,
+        client: ClientRecord | None,
+        after_index: Any,
+        timeout_s: Any,
+        encode: Callable[[Frame, int, bool], T],
+    ) -> T | None:
+        if client is None:
+            self._client()
+        after = after_index if isinstance(after_index, int) else -1
+        wait_s = 0.0
+        if isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s):
+            wait_s = min(max(float(timeout_s), 0.0), 10.0)
+        with self._latest_cond:
+            self._latest_waiters += 1
+            try:
+                self._latest_cond.wait_for(
+                    lambda: self._latest is not None and self._latest.frame_index > after,
+                    timeout=wait_s,
+                )
+            finally:
+                self._latest_waiters -= 1
+            frame = self._latest
+        if frame is None or frame.frame_index <= after:
+            return None
+        return encode(frame, 0, False)
+
+    def frame_reply(
+        self, client: ClientRecord, method: str, args: list[Any], encoder: ReplyEncoder
+    ) -> tuple[bytes, Any]:
+        """The frame channel's reply to ``method(*args)`` from ``client``: the reply's head and
+        its pixels (see :mod:`drivers.remote.channel`); errors become error replies."""
+        encode = encoder.frame
+        try:
+            if method == "acquire" and not args:
+                return self._acquire(client, encode)
+            if method == "stream_next" and len(args) == 1:
+                reply = self._stream_next(client, args[0], encode)
+            elif method == "latest_frame" and len(args) <= 2:
+                after_index = args[0] if args else -1
+                timeout_s = args[1] if len(args) > 1 else 0.0
+                reply = self._latest_frame(client, after_index, timeout_s, encode)
+            else:
+                raise CommandRejected(f"{method} does not take {len(args)} arguments")
+        except ScopePilotError as exc:
+            return encoder.error(error_json(exc)), b""
+        return (encoder.no_frame(), b"") if reply is None else reply
+
+    # (the same over Pyro5: ``[header, payload]``, ``[header, payload, last]`` for a stream)
+
+    def acquire(self) -> dict[str, Any]:
+        return self._reply(lambda: self._acquire(None, _message))
 
     def stream_open(self) -> dict[str, Any]:
         def run() -> str:
@@ -277,27 +367,7 @@ class InstrumentService:
 
     def stream_next(self, sid: Any) -> dict[str, Any]:
         """The next lines of stream ``sid``: ``[header, payload, last]``, or None at its end."""
-
-        def run() -> list[Any] | None:
-            client = self._require_control("stream")
-            with self._streams_lock:
-                stream = self._streams.get(sid) if isinstance(sid, str) else None
-            if stream is None or stream.owner.client_id != client.client_id:
-                raise CommandRejected(f"no open stream {sid!r} of client {client.client_id}")
-            with stream.lock:
-                part = next(stream.parts, None)
-            if part is None:
-                self._drop_stream(sid)
-                return None
-            header, payload = encode_frame(part, row0=min(stream.sent_rows, part.lines_done))
-            stream.sent_rows = part.lines_done
-            last = part.complete or bool(part.metadata.get("aborted"))
-            if last:
-                self._publish(part)
-                self._drop_stream(sid)
-            return [header, payload, last]
-
-        return self._reply(run)
+        return self._reply(lambda: self._stream_next(None, sid, _stream_message))
 
     def stream_close(self, sid: Any) -> dict[str, Any]:
         def run() -> None:
@@ -312,29 +382,7 @@ class InstrumentService:
     def latest_frame(self, after_index: Any = -1, timeout_s: Any = 0.0) -> dict[str, Any]:
         """For observers: the last whole frame scanned with a ``frame_index`` above
         ``after_index``, waiting up to ``timeout_s`` (at most 10 s) for one; None if none."""
-
-        def run() -> list[Any] | None:
-            self._client()
-            after = after_index if isinstance(after_index, int) else -1
-            wait_s = 0.0
-            if isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s):
-                wait_s = min(max(float(timeout_s), 0.0), 10.0)
-            with self._latest_cond:
-                self._latest_waiters += 1
-                try:
-                    self._latest_cond.wait_for(
-                        lambda: self._latest is not None and self._latest.frame_index > after,
-                        timeout=wait_s,
-                    )
-                finally:
-                    self._latest_waiters -= 1
-                frame = self._latest
-            if frame is None or frame.frame_index <= after:
-                return None
-            header, payload = encode_frame(frame)
-            return [header, payload]
-
-        return self._reply(run)
+        return self._reply(lambda: self._latest_frame(None, after_index, timeout_s, _message))
 
     # -- helpers ------------------------------------------------------------------------------
 

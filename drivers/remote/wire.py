@@ -74,45 +74,63 @@ _HEADER_KEYS = frozenset(
 )
 
 
+#: The header fields that change with every frame; the frame channel sends them in binary
+#: (:mod:`drivers.remote.channel`), every other field only when it changed.
+PER_FRAME_FIELDS = frozenset({"frame_index", "timestamp_s", "lines_done", "row0", "rows"})
+
+
+def _payload(frame: Frame, row0: int) -> tuple[str, memoryview]:
+    """The wire name of ``frame``'s pixel type and the raw bytes of rows ``row0 ..
+    frame.lines_done - 1``: a view of the frame's own array where it is already little-endian
+    and C-ordered (the usual native frames), else of a converted copy."""
+    if not 0 <= row0 <= frame.lines_done:
+        raise DataError(f"row0={row0} outside 0..{frame.lines_done} (lines_done)")
+    data = frame.data
+    name = _NAMES.get(data.dtype)
+    if name is None:
+        raise DataError(f"frame dtype {data.dtype} cannot travel; allowed: {', '.join(DTYPES)}")
+    if _LITTLE_ENDIAN and row0 == 0 and frame.lines_done == data.shape[0]:
+        rows = data if data.flags.c_contiguous else np.ascontiguousarray(data)  # no copy, usually
+    else:
+        rows = np.ascontiguousarray(data[row0 : frame.lines_done], dtype=_WIRE_TYPES[name][0])
+    return name, rows.data.cast("B") if rows.size else memoryview(b"")
+
+
+def _fixed_fields(frame: Frame, dtype_name: str) -> dict[str, Any]:
+    """The header fields that stay the same from frame to frame while nothing is changed
+    (everything but :data:`PER_FRAME_FIELDS`)."""
+    height, width = frame.data.shape
+    pixel = frame.pixel_size_m
+    return {
+        "v": WIRE_VERSION,
+        "channel": frame.channel,
+        "shape": [height, width],
+        "dtype": dtype_name,
+        "pixel_size_m": [float(pixel[0]), float(pixel[1])],
+        "dwell_s": float(frame.dwell_s),
+        "scan_region": frame.scan_region.to_json(),
+        "instrument": frame.instrument,
+        "metadata": dict(frame.metadata),
+        "truth": frame.truth.to_json() if frame.truth is not None else None,
+    }
+
+
 def encode_frame(frame: Frame, *, row0: int = 0) -> tuple[dict[str, Any], memoryview]:
     """The header and the raw bytes of rows ``row0 .. frame.lines_done - 1`` of ``frame``.
 
     The payload is a view of a little-endian C-ordered copy only where the frame's own array is
     not already one (no copy for the usual native little-endian frames).
     """
-    if not 0 <= row0 <= frame.lines_done:
-        raise DataError(f"row0={row0} outside 0..{frame.lines_done} (lines_done)")
-    dtype = frame.data.dtype
-    name = _NAMES.get(dtype)
-    if name is None:
-        raise DataError(f"frame dtype {dtype} cannot travel; allowed: {', '.join(DTYPES)}")
-    data = frame.data
-    if _LITTLE_ENDIAN and row0 == 0 and frame.lines_done == data.shape[0]:
-        rows = data if data.flags.c_contiguous else np.ascontiguousarray(data)  # no copy, usually
-    else:
-        rows = np.ascontiguousarray(data[row0 : frame.lines_done], dtype=_WIRE_TYPES[name][0])
+    name, payload = _payload(frame, row0)
     # Frame.header()'s fields, built here: its str(dtype) alone cost more than the rest of the
     # header in the per-frame profile (tests/test_remote_wire.py holds the two to the same keys)
-    height, width = data.shape
-    pixel = frame.pixel_size_m
-    header = {
-        "v": WIRE_VERSION,
-        "channel": frame.channel,
-        "shape": [height, width],
-        "dtype": name,
-        "pixel_size_m": [float(pixel[0]), float(pixel[1])],
-        "dwell_s": float(frame.dwell_s),
-        "scan_region": frame.scan_region.to_json(),
-        "frame_index": int(frame.frame_index),
-        "timestamp_s": float(frame.timestamp_s),
-        "lines_done": frame.lines_done,
-        "instrument": frame.instrument,
-        "metadata": dict(frame.metadata),
-        "row0": row0,
-        "rows": frame.lines_done - row0,
-        "truth": frame.truth.to_json() if frame.truth is not None else None,
-    }
-    return header, rows.data.cast("B") if rows.size else memoryview(b"")
+    header = _fixed_fields(frame, name)
+    header["frame_index"] = int(frame.frame_index)
+    header["timestamp_s"] = float(frame.timestamp_s)
+    header["lines_done"] = frame.lines_done
+    header["row0"] = row0
+    header["rows"] = frame.lines_done - row0
+    return header, payload
 
 
 # The checks below run for every frame (thousands a second): exact-type fast paths first (what
