@@ -187,6 +187,7 @@ class RemoteInstrument:
         self._proxy: Pyro5.client.Proxy | None = None
         self._channel: socket.socket | None = None
         self._scratch = memoryview(bytearray(1 << 16))  # a reply's fixed part, block, first pixels
+        self._first_read = self._scratch[:_FIRST_READ_BYTES]
         self._decoder = ReplyDecoder(max_bytes=max_frame_bytes)
         self._closed = False
         self.reconnects = 0
@@ -363,7 +364,9 @@ class RemoteInstrument:
                 # one read usually brings the fixed part, the block and the first pixels; it is
                 # kept short, so that the pixels mostly land in the frame's array directly
                 head = self._scratch
-                got = _recv_at_least(sock, head[:_FIRST_READ_BYTES], _REPLY_BYTES)
+                got = sock.recv_into(self._first_read)
+                if got < _REPLY_BYTES:
+                    got = _recv_at_least(sock, self._first_read, _REPLY_BYTES, got)
                 kind, flags, _, block_size, payload_size, index, time_s, lines, row0, rows = (
                     REPLY.unpack_from(head)
                 )

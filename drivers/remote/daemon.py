@@ -47,6 +47,7 @@ PROTOCOL_VERSION = 2
 #: Serializers whose messages the server reads; everything else is refused before deserializing.
 ALLOWED_SERIALIZERS: frozenset[str] = frozenset({"msgpack"})
 _PYRO_HEADER = struct.Struct("!4sHBBHHII16sHH")  # Pyro5 protocol.py's message header
+_LENGTH = struct.Struct("!I")  # a frame-channel request's length
 #: First bytes of a frame channel: a second connection on the same port that carries frames as
 #: raw bytes straight from the array (no serializer copy), opened with a one-time ticket.
 FRAME_CHANNEL_MAGIC = b"SPFC"
@@ -343,19 +344,20 @@ class _RequestReader:
         """The next request's body; None when the client closed the channel between requests
         or announced more than ``max_bytes`` (``oversized`` then says how many)."""
         while True:
-            if self._have >= 4:
-                (size,) = struct.unpack_from("!I", self._buffer)
+            have = self._have
+            if have >= 4:
+                (size,) = _LENGTH.unpack_from(self._buffer)
                 if size > self._max:
                     self.oversized = size
                     return None
                 end = 4 + size
-                if self._have >= end:
+                if have >= end:
                     body = bytes(self._view[4:end])
-                    self._have -= end
-                    if self._have:
-                        self._buffer[: self._have] = bytes(self._view[end : end + self._have])
+                    self._have = have = have - end
+                    if have:
+                        self._buffer[:have] = bytes(self._view[end : end + have])
                     return body
-            n = self._sock.recv_into(self._view[self._have :])
+            n = self._sock.recv_into(self._view[have:] if have else self._view)
             if n == 0:
                 if self._have:
                     raise ConnectionError("the client closed the frame channel mid-request")

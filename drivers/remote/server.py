@@ -270,7 +270,8 @@ class InstrumentService:
     # which shapes the reply for its transport (a Pyro5 return value, a frame-channel reply).
 
     def _acquire(self, client: ClientRecord | None, encode: Callable[[Frame, int, bool], T]) -> T:
-        self._require_control("acquire", client)
+        if client is None or client is not self._controller:  # (one read: no lock needed)
+            self._require_control("acquire", client)
         frame = self._instrument.acquire()
         self._publish(frame)
         return encode(frame, 0, False)
