@@ -6,8 +6,9 @@
     scopepilot evaluate-policy tip --episodes 200     # table + plots in bench/out/policy_tip
 
 The environments live in :mod:`policies` and take their perception from here (policies never
-import the agent): the tip environment gets the classical tip assessor (``--assessor tipnet``:
-the trained tip network), the dose environment the image-quality assessor. The scan-planning
+import the agent): the tip environment gets the trained tip network (with its classical fallback
+on frames it is unsure of; ``--assessor classical``: the classical assessor alone), the dose
+environment the image-quality assessor. The scan-planning
 environment needs no perception model (its cheap detector is part of the policy's map,
 :mod:`policies.scan_map`); its evaluation lives in :mod:`policies.scan_eval`.
 """
@@ -41,7 +42,10 @@ def register(sub: Any) -> dict[str, Handler]:
     train.add_argument("--gamma", type=float, default=0.97, help="discount factor (default 0.97)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument(
-        "--assessor", default="classical", choices=("classical", "tipnet"), help="tip perception"
+        "--assessor",
+        default="tipnet",
+        choices=("classical", "tipnet"),
+        help="tip perception (default tipnet)",
     )
 
     evaluate = sub.add_parser(
@@ -54,12 +58,15 @@ def register(sub: Any) -> dict[str, Handler]:
     evaluate.add_argument("--out-dir", help="where the JSON and plots go (bench/out/policy_KIND)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.add_argument(
-        "--assessor", default="classical", choices=("classical", "tipnet"), help="tip perception"
+        "--assessor",
+        default="tipnet",
+        choices=("classical", "tipnet"),
+        help="tip perception (default tipnet)",
     )
     return {"train-policy": _cmd_train, "evaluate-policy": _cmd_evaluate}
 
 
-def make_tip_assessor(name: str = "classical") -> Any:
+def make_tip_assessor(name: str = "tipnet") -> Any:
     """The tip assessor the environment judges frames with: ``classical`` or ``tipnet`` (the
     trained network of :mod:`agent.perception.tip_net`, with its classical fallback)."""
     from drivers.errors import ConfigError
@@ -75,7 +82,7 @@ def make_tip_assessor(name: str = "classical") -> Any:
     raise ConfigError(f"unknown tip assessor {name!r}; choose 'classical' or 'tipnet'")
 
 
-def tip_env_factory(assessor: str = "classical") -> Callable[[], Any]:
+def tip_env_factory(assessor: str = "tipnet") -> Callable[[], Any]:
     from policies.env_tip import TipConditioningEnv
 
     make_tip_assessor(assessor)  # fail early on a bad name or missing weights
@@ -198,7 +205,7 @@ def evaluate_tip(
     seed: int,
     weights: str | None = None,
     progress: bool = True,
-    assessor: str = "classical",
+    assessor: str = "tipnet",
 ) -> dict[str, Any]:
     """Random, rule ladder and RL on the same ``episodes`` held-out seeds; see
     :mod:`policies.evaluation`."""
@@ -219,6 +226,7 @@ def evaluate_tip(
         weights or TIP_WEIGHTS, kind="tip", obs_dim=OBS_DIM, n_actions=N_ACTIONS
     )
     env = tip_env_factory(assessor)()
+    perception = f"{env.assessor.name} {env.assessor.version}"
     rule, rule_reset = rule_chooser()
     choosers = {"random": random_chooser(seed), "rule": rule, "rl": net_chooser(net)}
     runs: dict[str, list[Any]] = {name: [] for name in choosers}
@@ -243,7 +251,8 @@ def evaluate_tip(
     }
     lines = [
         f"tip conditioning, {episodes} held-out episodes per policy "
-        f"(seeds {seed}..{seed + episodes - 1})",
+        f"(seeds {seed}..{seed + episodes - 1}); tip assessor {perception}; rl trained with "
+        f"{meta.get('perception', '?')}",
         f"{'policy':8} {'success':>8} {'actions median':>15} {'p25-p75':>9} {'p90':>5} "
         f"{'mean':>6} {'frames med':>10} {'damage nm² mean':>16} {'median':>8}",
     ]
@@ -265,6 +274,8 @@ def evaluate_tip(
         "episodes": episodes,
         "seed": seed,
         "weights_sha256": meta["sha256"],
+        "assessor": perception,
+        "trained_with": meta.get("perception", "?"),
         "wall_s": time.perf_counter() - start,
         "summary": summary,
         "ratios": ratios,

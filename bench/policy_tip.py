@@ -4,7 +4,8 @@
     python bench/policy_tip.py --latency-only          # only the decision latency
 
 Runs :func:`agent.cli_policies.evaluate_tip` (random, rule ladder and the shipped RL network
-on the same held-out episodes of ``sim:stm`` with the classical tip assessor), then times the
+on the same held-out episodes of ``sim:stm``, all judged by the tip network with its classical
+fallback; ``--assessor classical`` for the classical assessor alone), then times the
 deployed policy's ``decide`` (the whole decision: observation vector, mask, network, commands)
 against the rule policy's on the same observations. Prints each figure as a ratio against its
 baseline and writes ``bench/out/policy_tip/results.json`` and ``actions.png``.
@@ -30,9 +31,9 @@ from policies.rl import RLTipPolicy  # noqa: E402
 from policies.rule import RulePolicy  # noqa: E402
 
 
-def decision_latency(samples: int = 300) -> dict[str, float]:
+def decision_latency(samples: int = 300, assessor: str = "tipnet") -> dict[str, float]:
     """Median and 99th-percentile ``decide`` time (s) of the RL and the rule tip policies."""
-    env = tip_env_factory()()
+    env = tip_env_factory(assessor)()
     observations: list[Observation] = []
     seed = 2_000_000
     while len(observations) < samples:
@@ -76,18 +77,25 @@ def main() -> int:
     parser.add_argument(
         "--latency-only", action="store_true", help="only time the decisions (no episodes)"
     )
+    parser.add_argument(
+        "--assessor", default="tipnet", choices=("classical", "tipnet"), help="tip perception"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     out = Path(args.out_dir)
     if args.latency_only:
-        lat = decision_latency()
+        lat = decision_latency(assessor=args.assessor)
         print(
             f"decision latency: rl median {lat['rl_median_s'] * 1e3:.3f} ms, p99 "
             f"{lat['rl_p99_s'] * 1e3:.3f} ms (target <= 2 ms); rule median "
             f"{lat['rule_median_s'] * 1e3:.3f} ms; machine: {machine()}"
         )
         return 0
-    report = evaluate_tip(args.episodes, seed=args.seed)
-    latency = decision_latency()
+    report = evaluate_tip(args.episodes, seed=args.seed, assessor=args.assessor)
+    latency = decision_latency(assessor=args.assessor)
     report["latency"] = latency
     report["machine"] = machine()
     out.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,18 @@
 """A gymnasium environment for STM tip conditioning on the simulated STM (``sim:stm``).
 
 Each episode opens a fresh simulated STM (seed drawn from the environment's generator) whose
-tip starts in a bad state, scans a small frame (64 x 64 over 6.4 nm by default) and asks the
+tip starts in a bad state, scans a small frame (96 x 96 over 6 nm by default: 0.0625 nm pixels,
+the tip network's trained pixel size) and asks the
 *assessor* passed in by the caller what the tip looks like. The assessor is any object with
 ``name``, ``version`` and ``assess(frame) -> TipEstimate`` (the classical assessor or a trained
 network in ``agent.perception``); policies never import the agent, so the caller supplies it.
 
 One step = one of the 12 conditioning actions of :data:`policies.tip_actions.CONDITIONING_ACTIONS`
 at the current site, a move to a fresh site (:class:`policies.tip_actions.SiteMap`) and a new
-frame. Reward -1 per step; when the assessor's P(good) reaches ``good_threshold`` and a second
-frame confirms it, +10 and the episode terminates. Episodes are truncated after ``max_actions``
+frame. Reward -1 per step, minus ``damage_penalty_per_nm2`` times the area the step damaged
+(so of two actions that fix a tip about as often, the gentler one earns more); when the
+assessor's P(good) reaches ``good_threshold`` and a second frame confirms it, +10 and the
+episode terminates. Episodes are truncated after ``max_actions``
 actions. Invalid actions (outside the safety envelope or without room on the damaged-area map)
 are masked (:meth:`TipConditioningEnv.action_masks`, as sb3-contrib's MaskablePPO expects);
 stepping one raises :class:`~drivers.errors.CommandRejected` and changes nothing.
@@ -59,14 +62,18 @@ class TipAssessor(Protocol):
 class TipEnvConfig:
     """Settings of :class:`TipConditioningEnv` (lengths in metres)."""
 
-    shape_px: int = 64
-    frame_m: float = 6.4 * NM
+    shape_px: int = 96
+    frame_m: float = 6.0 * NM
     dwell_s: float = 1e-3
     max_actions: int = 100
     good_threshold: float = 0.9
     confirm: bool = True
     reward_step: float = -1.0
     reward_good: float = 10.0
+    damage_penalty_per_nm2: float = 2e-3
+    """Reward per nm² of surface a step damages: a strength-1 action (25 nm disc, 1,963 nm²)
+    costs about four extra steps, the gentlest (0.8 nm dip, 317 nm²) about 0.6. 0 gives the
+    DeepSPM reward (-1 per step, +10 when good)."""
     defect_density_per_nm2: float = 0.08
     pitch_m: float = 30 * NM
     area_m: float = 300 * NM
@@ -87,6 +94,11 @@ class TipEnvConfig:
         require_positive(
             self, ("frame_m", "dwell_s", "pitch_m", "area_m", "defect_density_per_nm2")
         )
+        if not (math.isfinite(self.damage_penalty_per_nm2) and self.damage_penalty_per_nm2 >= 0):
+            raise ConfigError(
+                "TipEnvConfig.damage_penalty_per_nm2 must be finite and >= 0, got "
+                f"{self.damage_penalty_per_nm2!r}"
+            )
 
 
 class TipConditioningEnv(gym.Env[np.ndarray, np.int64]):
@@ -169,18 +181,18 @@ class TipConditioningEnv(gym.Env[np.ndarray, np.int64]):
         cfg = self.config
         result = self._instrument.execute(step.command(source="env", reason="rl step"))
         detail = result.detail
-        self._sites.add_damage(
-            float(detail["x_m"]), float(detail["y_m"]), float(detail["damage_radius_m"])
-        )
+        radius_m = float(detail["damage_radius_m"])
+        self._sites.add_damage(float(detail["x_m"]), float(detail["y_m"]), radius_m)
+        step_reward = cfg.reward_step - cfg.damage_penalty_per_nm2 * math.pi * (radius_m / NM) ** 2
         self._actions += 1
         self._last_action = index
         target = self._sites.next_site(self._position())
         if target is None:  # the whole stage is used up: nothing left to condition on
-            return self.observation(), cfg.reward_step, False, True, self.info(terminated=False)
+            return self.observation(), step_reward, False, True, self.info(terminated=False)
         self._instrument.execute(MoveTo(*target, source="env", reason="fresh site"))
         self._history.append(self._estimate)
         self._estimate = self._scan()
-        reward = cfg.reward_step
+        reward = step_reward
         terminated = False
         if self._estimate.p_good >= cfg.good_threshold:
             confirmed = True

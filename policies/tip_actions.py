@@ -86,6 +86,10 @@ class SiteMap:
     whose free radius allows the strongest action (else the weakest); when no site of the area
     qualifies, :meth:`next_site` opens the next approach area (a spiral of areas around the
     origin) and says so. Positions are sample coordinates in metres.
+
+    Only the current area's sites can be chosen and the spiral never returns to an area, so the
+    visited set holds sites of the current area only (cleared when the next area opens): its
+    size stays below ``(area_m / pitch_m) ** 2`` however long the session runs.
     """
 
     origin_m: tuple[float, float]
@@ -104,6 +108,8 @@ class SiteMap:
         self._area = next(self._areas)
         self._visited: set[tuple[float, float]] = set()
         self._site_cache: dict[tuple[int, int], tuple[tuple[float, float], ...]] = {}
+        self._keys: frozenset[tuple[float, float]] = frozenset()
+        self._keys_area: tuple[int, int] | None = None
 
     # -- queries --------------------------------------------------------------------------------
 
@@ -155,7 +161,9 @@ class SiteMap:
         with room for the weakest; opens the next approach area when this one is used up, up to
         one full ring of areas around the stage; None when the whole stage is used up.
         """
-        self._visited.add((round(position_m[0], 12), round(position_m[1], 12)))
+        here = (round(position_m[0], 12), round(position_m[1], 12))
+        if here in self._site_keys():  # only the current area's sites can ever be chosen
+            self._visited.add(here)
         lim = self.limits
         span = max(lim.stage_x_m[1] - lim.stage_x_m[0], lim.stage_y_m[1] - lim.stage_y_m[0])
         max_ring = math.ceil(span / self.area_m) + 1
@@ -176,9 +184,21 @@ class SiteMap:
                     self._visited.add((round(best[1][0], 12), round(best[1][1], 12)))
                     return best[1]
             self._area = next(self._areas)
+            self._visited.clear()  # the spiral never comes back to an area
             self.area_moves += 1
             if max(abs(self._area[0]), abs(self._area[1])) > max_ring:
                 return None
+
+    @property
+    def visited_count(self) -> int:
+        """How many sites of the current approach area have been used."""
+        return len(self._visited)
+
+    def _site_keys(self) -> frozenset[tuple[float, float]]:
+        if self._keys_area != self._area:
+            self._keys = frozenset((round(x, 12), round(y, 12)) for x, y in self.sites())
+            self._keys_area = self._area
+        return self._keys
 
     def _free_radii(self, sites: Sequence[tuple[float, float]]) -> list[float]:
         """:meth:`free_radius_m` of every site (one pass over the discs per site)."""

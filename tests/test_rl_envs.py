@@ -90,11 +90,14 @@ def test_tip_env_rewards_and_ground_truth(tip_env: TipConditioningEnv) -> None:
             break
     assert info["actions"] == steps
     assert info["damaged_nm2"] > 0
-    if terminated:  # +10 once, -1 per step
-        assert total == pytest.approx(10 - steps)
+    # -1 per step, minus the damage penalty per nm² damaged, +10 once when good
+    penalty = tip_env.config.damage_penalty_per_nm2 * info["damaged_nm2"]
+    assert penalty > 0
+    if terminated:
+        assert total == pytest.approx(10 - steps - penalty)
         assert info["p_good"] >= 0.9
     else:
-        assert total == pytest.approx(-steps) and steps == 100
+        assert total == pytest.approx(-steps - penalty) and steps == 100
 
 
 def test_masked_action_raises_and_changes_nothing(tip_env: TipConditioningEnv) -> None:
@@ -125,6 +128,8 @@ def test_env_needs_an_assessor() -> None:
         TipConditioningEnv(object())  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="max_actions"):
         TipEnvConfig(max_actions=0)
+    with pytest.raises(ConfigError, match="damage_penalty_per_nm2"):
+        TipEnvConfig(damage_penalty_per_nm2=-1e-3)
 
 
 def test_site_map_moves_clear_of_damage() -> None:
@@ -139,6 +144,62 @@ def test_site_map_moves_clear_of_damage() -> None:
         assert sites.free_radius_m(*target) >= min(footprint_m(s) for s in CONDITIONING_ACTIONS)
         position = target
     assert sites.mask(position).any()
+
+
+def _reference_next_sites(
+    limits: Limits, damage: list[float], *, area_m: float, calls: int
+) -> list[tuple[float, float] | None]:
+    """The site choice with an unbounded visited set (every position ever passed), as SiteMap
+    chose before its visited set was bounded to the current approach area."""
+    sites = SiteMap((0.0, 0.0), limits, area_m=area_m)
+    visited: set[tuple[float, float]] = set()
+    strongest = max(footprint_m(s) for s in CONDITIONING_ACTIONS)
+    weakest = min(footprint_m(s) for s in CONDITIONING_ACTIONS)
+    position = (0.0, 0.0)
+    out: list[tuple[float, float] | None] = []
+    for radius in damage[:calls]:
+        sites.add_damage(*position, radius)
+        visited.add((round(position[0], 12), round(position[1], 12)))
+        target = None
+        while target is None:
+            grid = sites.sites()
+            for need in (strongest, weakest):
+                free = [
+                    (math.hypot(x - position[0], y - position[1]), (x, y))
+                    for x, y in grid
+                    if sites.free_radius_m(x, y) >= need
+                    and (round(x, 12), round(y, 12)) not in visited
+                ]
+                if free:
+                    target = min(free)[1]
+                    break
+            if target is None:
+                sites._area = next(sites._areas)
+        visited.add((round(target[0], 12), round(target[1], 12)))
+        out.append(target)
+        position = target
+    return out
+
+
+def test_site_map_visited_set_stays_bounded_and_choices_unchanged() -> None:
+    limits = Limits()
+    area_m = 120 * NM  # 4 x 4 sites of 30 nm per area: many area moves in a short test
+    rng = np.random.default_rng(3)
+    damage = [footprint_m(CONDITIONING_ACTIONS[int(i)]) for i in rng.integers(0, 12, 120)]
+    expected = _reference_next_sites(limits, damage, area_m=area_m, calls=len(damage))
+    sites = SiteMap((0.0, 0.0), limits, area_m=area_m)
+    position = (0.0, 0.0)
+    chosen: list[tuple[float, float] | None] = []
+    for radius in damage:
+        sites.add_damage(*position, radius)
+        target = sites.next_site(position)
+        assert target is not None
+        assert sites.visited_count <= len(sites.sites()) <= 16
+        chosen.append(target)
+        position = target
+    assert sites.area_moves >= 5  # the bound was exercised across several areas
+    assert chosen == expected
+    assert len(set(chosen)) == len(chosen)  # no site is used twice
 
 
 def _estimate(p_good: float, uncertainty: float = 0.1) -> TipEstimate:

@@ -67,6 +67,9 @@ def test_shipped_weights_load_with_weights_only_and_carry_their_recipe() -> None
         assert meta["algorithm"].startswith("MaskablePPO") and meta["steps"] > 0
         assert len(meta["sha256"]) == 64
         assert path.stat().st_size < 200_000  # small enough to ship
+    # the tip policy learnt from the perception its environment uses by default (the tip network)
+    _net, meta = load_policy(TIP_WEIGHTS, kind="tip", obs_dim=OBS_DIM, n_actions=N_ACTIONS)
+    assert meta["perception"].startswith("tipnet ")
 
 
 def test_wrong_kind_shape_version_or_garbage_is_a_clear_error(tmp_path: Path) -> None:
@@ -286,6 +289,7 @@ def test_evaluate_policy_compares_with_baselines(tmp_path: Path) -> None:
 
     report = json.loads((out / "results.json").read_text())
     assert set(report["summary"]) == {"random", "rule", "rl"}
+    assert report["assessor"].startswith("tipnet ")  # the tip network judges every frame
     for name, episodes in report["per_episode"].items():
         assert [e["seed"] for e in episodes] == [1_000_000, 1_000_001], name
         for e in episodes:
