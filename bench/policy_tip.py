@@ -2,6 +2,7 @@
 
     python bench/policy_tip.py --episodes 200          # held-out seeds 1000000..1000199
     python bench/policy_tip.py --latency-only          # only the decision latency
+    python bench/policy_tip.py --oracle --episodes 200 # bounds: acting on the true tip state
 
 Runs :func:`agent.cli_policies.evaluate_tip` (random, rule ladder and the shipped RL network
 on the same held-out episodes of ``sim:stm``, all judged by the tip network with its classical
@@ -69,6 +70,36 @@ def decision_latency(samples: int = 300, assessor: str = "tipnet") -> dict[str, 
     return out
 
 
+def oracle_bounds(episodes: int, seed: int, assessor: str) -> str:
+    """Two oracles that act on the simulator's true tip state (the fastest action per state, and
+    the gentle one of the response table's Markov chain) on the held-out seeds."""
+    import numpy as np
+
+    from policies.evaluation import (
+        ORACLE_FASTEST,
+        ORACLE_GENTLE,
+        oracle_chooser,
+        run_tip_episode,
+        summarize_tip,
+    )
+
+    env = tip_env_factory(assessor)()
+    lines = [f"oracles on the true tip state, {episodes} episodes (seeds {seed}..)"]
+    for name, table in (("fastest", ORACLE_FASTEST), ("gentle", ORACLE_GENTLE)):
+        choose = oracle_chooser(table)
+        runs = [run_tip_episode(env, choose, seed=seed + i, policy=name) for i in range(episodes)]
+        s = summarize_tip(runs)
+        acts = np.array([e.actions for e in runs])
+        lines.append(
+            f"oracle {name:8} success {s['success_rate']:.1%}, actions median "
+            f"{s['actions']['median']:.1f} (P(<=1) {(acts <= 1).mean():.2f}, P(<=2) "
+            f"{(acts <= 2).mean():.2f}, mean {acts.mean():.2f}), damage mean "
+            f"{s['damaged_nm2']['mean']:.0f} nm²"
+        )
+    env.close()
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--episodes", type=int, default=200)
@@ -81,11 +112,17 @@ def main() -> int:
         "--assessor", default="tipnet", choices=("classical", "tipnet"), help="tip perception"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--oracle", action="store_true", help="only the true-state oracles (bounds, no policies)"
+    )
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out_dir)
+    if args.oracle:
+        print(oracle_bounds(args.episodes, args.seed, args.assessor))
+        return 0
     if args.latency_only:
         lat = decision_latency(assessor=args.assessor)
         print(

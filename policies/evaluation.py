@@ -21,10 +21,11 @@ import numpy as np
 
 from drivers.commands import SetDwell, TipDip, TipPulse
 from drivers.errors import ConfigError
+from drivers.frame import TipState
 from drivers.observation import Observation, QualityEstimate
 from policies.dose_features import DWELL_LEVELS_S, FIRST_LEVEL
 from policies.env_dose import DoseControlEnv
-from policies.env_tip import TipConditioningEnv
+from policies.env_tip import BAD_STATES, TipConditioningEnv
 from policies.rl_net import PolicyNet
 from policies.rule import LadderStep, RulePolicy
 from policies.tip_actions import CONDITIONING_ACTIONS, action_index
@@ -98,6 +99,46 @@ def rule_chooser(**options: Any) -> tuple[TipChooser, Callable[[], None]]:
         return None
 
     return choose, policy.reset
+
+
+ORACLE_FASTEST: dict[TipState, int] = {
+    TipState.MULTIPLE: 4,  # pulse +8 V
+    TipState.UNSTABLE: 4,
+    TipState.BLUNT: 11,  # dip 5 nm
+    TipState.CRASHED: 11,
+}
+"""Per true state the action most likely to fix it (``conditioning_probabilities``)."""
+ORACLE_GENTLE: dict[TipState, int] = {
+    TipState.MULTIPLE: 0,  # pulse +2.5 V
+    TipState.UNSTABLE: 0,
+    TipState.BLUNT: 8,  # dip 2.5 nm
+    TipState.CRASHED: 8,
+}
+"""Per true state the action that minimises actions + 0.002 x damage (nm²) in the Markov chain
+of the response table (perfect perception)."""
+
+
+def oracle_chooser(table: dict[TipState, int]) -> TipChooser:
+    """A bound, not a policy: acts on the simulator's *true* tip state with ``table[state]``
+    (or, where the map forbids it, the valid action of the same kind closest in strength) and
+    rescans while the tip is truly good until perception confirms it."""
+    missing = set(BAD_STATES) - set(table)
+    if missing:
+        raise ConfigError(f"oracle table needs an action for {sorted(s.value for s in missing)}")
+
+    def choose(env: TipConditioningEnv, obs: np.ndarray, mask: np.ndarray) -> int | None:
+        state = env.instrument.simulator.tip_state
+        if state is TipState.GOOD:
+            return None
+        index = table[state]
+        if mask[index]:
+            return index
+        step = CONDITIONING_ACTIONS[index]
+        same = [i for i in np.flatnonzero(mask) if CONDITIONING_ACTIONS[i].action == step.action]
+        pool = same or list(np.flatnonzero(mask))
+        return int(min(pool, key=lambda i: abs(CONDITIONING_ACTIONS[i].strength - step.strength)))
+
+    return choose
 
 
 def run_tip_episode(

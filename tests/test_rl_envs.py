@@ -25,6 +25,7 @@ from policies.dose_features import (
 )
 from policies.env_dose import DoseControlEnv, DoseEnvConfig
 from policies.env_tip import TipConditioningEnv, TipEnvConfig
+from policies.evaluation import ORACLE_FASTEST, ORACLE_GENTLE, oracle_chooser
 from policies.tip_actions import (
     CONDITIONING_ACTIONS,
     N_ACTIONS,
@@ -200,6 +201,23 @@ def test_site_map_visited_set_stays_bounded_and_choices_unchanged() -> None:
     assert sites.area_moves >= 5  # the bound was exercised across several areas
     assert chosen == expected
     assert len(set(chosen)) == len(chosen)  # no site is used twice
+
+
+def test_oracle_acts_on_the_true_state_and_waits_on_a_good_tip(
+    tip_env: TipConditioningEnv,
+) -> None:
+    gentle = oracle_chooser(ORACLE_GENTLE)
+    fastest = oracle_chooser(ORACLE_FASTEST)
+    obs, _ = tip_env.reset(seed=4, options={"tip": "blunt"})
+    mask = tip_env.action_masks()
+    assert gentle(tip_env, obs, mask) == 8  # 2.5 nm dip
+    assert fastest(tip_env, obs, mask) == 11  # 5 nm dip
+    tip_env.reset(seed=4, options={"tip": "unstable"})
+    assert gentle(tip_env, obs, mask) == 0 and fastest(tip_env, obs, mask) == 4  # pulses
+    tip_env.instrument.simulator.set_tip("good")
+    assert gentle(tip_env, obs, mask) is None  # truly good: rescan, do not act
+    with pytest.raises(ConfigError, match="crashed"):
+        oracle_chooser({s: 0 for s in ORACLE_GENTLE if s is not TipState.CRASHED})
 
 
 def _estimate(p_good: float, uncertainty: float = 0.1) -> TipEstimate:
