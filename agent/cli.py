@@ -100,7 +100,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     run.add_argument(
         "--assessor",
         help="tip assessor: classical, tipnet (the tip network, classical fallback) or none "
-        "(default: classical on STM/AFM, none on STEM/SEM)",
+        "(default on STM/AFM: tipnet with --policy rl/rl-tip, which were trained on its "
+        "outputs, classical otherwise; none on STEM/SEM)",
     )
     run.add_argument(
         "--perception",
@@ -202,7 +203,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     instrument = open_instrument(args.instrument, **options)
     try:
         kind = instrument.info().kind
-        assessor = args.assessor or default_assessor(kind)
+        assessor = args.assessor or default_assessor(kind, args.policy)
         stages = _stage_names(args.perception, default_stages(kind))
         early_abort = args.early_abort
         if early_abort is None:

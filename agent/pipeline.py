@@ -147,9 +147,17 @@ class Pipeline:
         return out
 
 
-def default_assessor(kind: str) -> str:
-    """The tip assessor a session on an instrument of ``kind`` uses unless told otherwise."""
-    return "classical" if kind in SPM_KINDS else "none"
+TIPNET_POLICIES = ("rl", "rl-tip")
+"""Policies trained on the tip network's outputs: on an SPM they default to that assessor."""
+
+
+def default_assessor(kind: str, policy: str = "rule") -> str:
+    """The tip assessor a session with ``policy`` on an instrument of ``kind`` uses unless told
+    otherwise: none without a tip; on an SPM the tip network for the trained tip policies (the
+    observations they were trained on), the classical assessor for the others."""
+    if kind not in SPM_KINDS:
+        return "none"
+    return "tipnet" if policy in TIPNET_POLICIES else "classical"
 
 
 def default_policy_options(policy: str, kind: str, target_snr: float | None) -> dict[str, Any]:
@@ -193,8 +201,9 @@ def build_pipeline(config: Mapping[str, Any], *, kind: str) -> Pipeline:
     """
     if not isinstance(config, Mapping):
         raise ConfigError(f"session config must be a mapping, got {type(config).__name__}")
-    policy = make_policy(_name(config, "policy", "rule"), **_options(config, "policy_options"))
-    tip_name = _name(config, "assessor", default_assessor(kind))
+    policy_name = _name(config, "policy", "rule")
+    policy = make_policy(policy_name, **_options(config, "policy_options"))
+    tip_name = _name(config, "assessor", default_assessor(kind, policy_name))
     tip_options = _options(config, "assessor_options")
     assessor: Assessor | None = None
     if tip_name != "none":

@@ -15,6 +15,13 @@ def test_defaults_per_instrument_kind() -> None:
     stem = build_pipeline({"policy": "none"}, kind="stem")
     assert stem.assessor is None and stem.policy.name == "none"
     assert default_assessor("afm") == "classical" and default_assessor("sem") == "none"
+    # the trained tip policies get the assessor whose outputs they were trained on
+    assert (
+        default_assessor("stm", "rl-tip") == "tipnet" and default_assessor("stm", "rl") == "tipnet"
+    )
+    assert default_assessor("stem", "rl") == "none"
+    rl = build_pipeline({"policy": "rl-tip"}, kind="stm")
+    assert rl.assessor is not None and rl.assessor.name == "tipnet"
     assert stem.versions() == {"policy": "none 1", "assessor": "none", "quality": "snr 1"}
 
 
