@@ -60,17 +60,30 @@ class _EntryIndex:
     """Which entries of a per-entry array (``pix``: the output pixel of each entry) belong to a
     set of active pixels, without a pass over all entries when the set is small."""
 
-    def __init__(self, pix: np.ndarray) -> None:
+    def __init__(self, pix: np.ndarray, *, presorted: bool = False) -> None:
+        """``presorted``: ``pix`` is known to be non-decreasing (no sorting needed)."""
         self.pix = pix
         self._order: np.ndarray | None = None
         self._sorted: np.ndarray | None = None
         self._groups: tuple[np.ndarray, np.ndarray] | None = None
+        self._presorted = presorted
+        if presorted:
+            self._order = np.arange(pix.size)
+            self._sorted = pix
 
     def groups(self) -> tuple[np.ndarray, np.ndarray]:
         """The distinct pixels of the entries and each entry's place among them."""
         if self._groups is None:
-            uniq, inv = np.unique(self.pix, return_inverse=True)
-            self._groups = (uniq, inv.ravel())
+            if self._sorted is self.pix:  # already sorted: the same as np.unique, no sort
+                first = np.empty(self.pix.size, dtype=bool)
+                first[:1] = True
+                np.not_equal(self.pix[1:], self.pix[:-1], out=first[1:])
+                inv = np.cumsum(first)
+                inv -= 1
+                self._groups = (self.pix[first], inv)
+            else:
+                uniq, inv = np.unique(self.pix, return_inverse=True)
+                self._groups = (uniq, inv.ravel())
         return self._groups
 
     def active(
@@ -96,6 +109,8 @@ class _EntryIndex:
             return empty, empty
         ends = np.cumsum(count)
         at = np.arange(n) + np.repeat(lo - (ends - count), count)
+        if self._presorted:  # the entries are already in order, pixel by pixel of ``act``
+            return np.repeat(np.arange(act.size), count), at
         sel = np.sort(self._order[at])
         return np.searchsorted(act, pix[sel]), sel
 
@@ -112,6 +127,8 @@ def _scatter_add(
     float32), touching only the pixels in ``out``: the per-pixel sums run over the same entries
     in the same order, so the result is bit-identical to full-length bincounts."""
     n_out = rho.size
+    if out.size == 0:  # no entries among the active pixels
+        return
     if groups is None and out.size * _SMALL_ACTIVE_RATIO < n_out:
         uniq, inv = np.unique(out, return_inverse=True)
         groups = (uniq, inv.ravel())
@@ -157,9 +174,11 @@ class _LayerTerms(_Terms):
     base_m: np.ndarray = field(default_factory=lambda: np.zeros(0, _F32))
     gamma: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), _F32))  # (S + 1, k)
     shells: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    # Exact sum near vacancies: (pixel, position in this layer's arrays, squared distance).
+    # Exact sum near vacancies, per (pixel, atom) entry: the pixel, the atom plane height and
+    # coverage there (``base_m`` and ``cov`` of that pixel) and the squared lateral distance.
     ex_pix: np.ndarray | None = None
-    ex_pos: np.ndarray | None = None
+    ex_base_m: np.ndarray | None = None
+    ex_cov: np.ndarray | None = None
     ex_d2: np.ndarray | None = None
     ex_index: _EntryIndex | None = None
 
@@ -381,10 +400,11 @@ class LDOSModel:
             gamma, shells = self._gamma(level, g, blur_m)
             if idx is not None:
                 gamma = gamma[:, idx]
+            unit_cov = idx is None and dmg_flat is None  # cov all ones: 1 * x == x, skip it
             terms = _LayerTerms(
                 idx,
                 n_pix,
-                cov=cov.astype(_F32),
+                cov=np.ones(n_pix, dtype=_F32) if unit_cov else cov.astype(_F32),
                 base_m=np.asarray(base, dtype=_F32),
                 gamma=gamma,
                 shells=shells,
@@ -393,7 +413,7 @@ class LDOSModel:
             if np.any(on_level):
                 self._exact_near_vacancies(terms, level, g, vacancies.subset(on_level))
             layers.append(terms)
-            guess[sel] += cov * base
+            guess[sel] += base if unit_cov else cov * base
         damage = None
         if dmg is not None and dmg_h is not None:
             dflat, hflat = dmg.ravel(), dmg_h.ravel()
@@ -430,13 +450,15 @@ class LDOSModel:
         rows, cols = pix // grid.width, pix % grid.width
         px = grid.rows_m[rows, 0] + cols * grid.step_m[0]
         py = grid.rows_m[rows, 1] + cols * grid.step_m[1]
-        point, key, d2 = layer.neighbours(px, py, _NEIGHBOUR_RADIUS_M)
-        present = ~np.isin(key, layer.atom_keys(vacancies.x_m, vacancies.y_m))
-        point, d2 = point[present], d2[present]
+        missing = layer.atom_keys(vacancies.x_m, vacancies.y_m)
+        point, d2 = layer.neighbours(px, py, _NEIGHBOUR_RADIUS_M, exclude_keys=missing)
         terms.ex_pix = pix[point]
-        terms.ex_index = _EntryIndex(terms.ex_pix)
-        terms.ex_pos = pos[point]
-        terms.ex_d2 = d2.astype(_F32)
+        # ``pix`` is sorted and ``point`` non-decreasing (row-major matches), so is ex_pix.
+        terms.ex_index = _EntryIndex(terms.ex_pix, presorted=True)
+        ex_pos = terms.ex_pix if terms.idx is None else pos[point]
+        terms.ex_base_m = terms.base_m[ex_pos]
+        terms.ex_cov = terms.cov[ex_pos]
+        terms.ex_d2 = d2.astype(_F32, copy=False)
 
     def _feature_terms(self, grid: Grid, feats: Features, radius: float) -> _FeatureTerms | None:
         if feats.x_m.size == 0:
@@ -485,7 +507,8 @@ class LDOSModel:
                 h_raw = height[dst] - lay.base_m[src]
                 h = np.maximum(h_raw, hmin)
                 sh = lay.shells
-                amp = np.exp(-q[sh] * h[None, :])  # (S + 1, k); row 0 is the mean term
+                amp = np.multiply(-q[sh], h[None, :])  # (S + 1, k); row 0 is the mean term
+                np.exp(amp, out=amp)
                 amp *= lay.gamma if isinstance(src, slice) else np.take(lay.gamma, src, axis=1)
                 below = h_raw < hmin
                 any_below = bool(below.any())
@@ -494,22 +517,37 @@ class LDOSModel:
                 # is exactly exp(0) = 1).
                 if any_below:
                     amp[0] *= np.exp(alpha * (h - np.maximum(h_raw, hlow)))
+                # In place, the same products as r = sum(pref amp) + h sum(prefq amp) and
+                # dr = -h sum(dpref amp) (x * y == y * x and (-x) * y == -(x * y) exactly).
                 r = np.einsum("s,sk->k", pref[sh], amp)
-                r += h * np.einsum("s,sk->k", prefq[sh], amp)
-                dr = -h * np.einsum("s,sk->k", dpref[sh], amp)
+                part = np.einsum("s,sk->k", prefq[sh], amp)
+                part *= h
+                r += part
+                dr = np.einsum("s,sk->k", dpref[sh], amp)
+                dr *= h
+                np.negative(dr, out=dr)
                 if any_below:
                     dr = np.where(below, -(prefq[0] + dpref[0] * h) * amp[0], dr)
-                w = a * lay.cov[src]
-                rho[dst] += w * r
-                drho[dst] += w * dr
-                if lay.ex_index is not None and lay.ex_pos is not None and lay.ex_d2 is not None:
+                w = lay.cov[src] if a == 1.0 else a * lay.cov[src]  # 1 * x == x
+                r *= w
+                dr *= w
+                rho[dst] += r
+                drho[dst] += dr
+                if (
+                    lay.ex_index is not None
+                    and lay.ex_base_m is not None
+                    and lay.ex_cov is not None
+                    and lay.ex_d2 is not None
+                ):
                     out_pix, sel = lay.ex_index.active(act, act_pos)
-                    pos = lay.ex_pos[sel]
-                    he = height[out_pix] - lay.base_m[pos]
+                    he = height[out_pix]
+                    he -= lay.ex_base_m[sel]
                     k, dk = _atom_kernel(lay.ex_d2[sel], he, alpha)
-                    w_ex = (a * inv_rho_set) * lay.cov[pos]
+                    w_ex = (a * inv_rho_set) * lay.ex_cov[sel]
+                    k *= w_ex
+                    dk *= w_ex
                     groups = lay.ex_index.groups() if act is None else None
-                    _scatter_add(rho, drho, out_pix, w_ex * k, w_ex * dk, groups)
+                    _scatter_add(rho, drho, out_pix, k, dk, groups)
             if t.damage is not None:
                 src, dst = t.damage.select(act)
                 h_raw = height[dst] - t.damage.height_m[src]
@@ -525,8 +563,9 @@ class LDOSModel:
                 al = f.alpha_per_m[sel]
                 if blur_m <= 0.0:
                     k, dk = _atom_kernel(f.d2_m2[sel], hf, al)
-                    k *= a * f.weight[sel]
-                    dk *= a * f.weight[sel]
+                    w_f = a * f.weight[sel]
+                    k *= w_f
+                    dk *= w_f
                 else:
                     s0 = np.maximum(hf, hmin) / al
                     var = s0 + _F32(blur_m**2)
@@ -555,10 +594,13 @@ class LDOSModel:
         def newton_step(zs: np.ndarray, act: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
             """f = ln(I / I_set) (falls monotonically with z) and its Newton step."""
             rho, drho = self._rho(zs, act, terms, config.blur_m)
-            rho = np.maximum(rho, tiny)
+            np.maximum(rho, tiny, out=rho)
             f = np.log(rho)
-            slope = np.maximum(-drho / rho, min_slope)  # -df/dz > 0
-            return f, np.clip(f / slope, -_MAX_STEP_M, _MAX_STEP_M).astype(_F32, copy=False)
+            slope = np.negative(drho, out=drho)
+            slope /= rho
+            np.maximum(slope, min_slope, out=slope)  # -df/dz > 0
+            step = np.divide(f, slope, out=slope)
+            return f, np.clip(step, -_MAX_STEP_M, _MAX_STEP_M, out=step)
 
         solve_decreasing(z, newton_step, tol=_NEWTON_TOL_M, max_iter=_MAX_NEWTON_STEPS)
         return (z.astype(np.float64) - self.h_set_m).reshape(grid.shape)

@@ -16,6 +16,9 @@ from simulators.stm_tip import CANONICAL_GOOD, TipConfig
 if TYPE_CHECKING:
     from simulators.stm import STMSimulator
 
+_Rendered = tuple[int, np.ndarray, np.ndarray | None]
+"""First row rendered, ``(rows, W)`` float64 heights from it, float32 heights + noise or None."""
+
 
 class FrameScan:
     """One frame being scanned line by line in simulated time.
@@ -47,16 +50,22 @@ class FrameScan:
         cfg = sim.config
         rng = sim._noise_rng
         self._sigma_white = white_sigma_m(cfg.white_noise_m_per_sqrt_hz, dwell_s)
-        self._white = rng.standard_normal(shape_px, dtype=np.float32)
-        self._line_offset = rng.standard_normal(h_px) * cfg.line_noise_m
+        white = rng.standard_normal(shape_px, dtype=np.float32)
+        line_offset = rng.standard_normal(h_px) * cfg.line_noise_m
         flicker = flicker_series(rng, h_px * 2 * w_px, dwell_s, cfg.flicker_noise_m_per_decade)
         self._flicker = flicker.reshape(h_px, 2 * w_px)[:, :w_px]
-        # Every line's noise at once (the same element-wise arithmetic as line by line).
-        self._noise = self._sigma_white * self._white + self._line_offset[:, None] + self._flicker
+        # Every line's noise at once: sigma * white (float32) + line offset + flicker (float64),
+        # the same element-wise arithmetic as line by line, without temporary frames.
+        white *= self._sigma_white
+        self._noise = np.add(white, line_offset[:, None])
+        self._noise += self._flicker
         self._row_t = np.zeros(h_px)
         self._rows_m = np.zeros((h_px, 2))
         self._step_m = np.zeros(2)
-        self._cache: dict[int, tuple[int, np.ndarray]] = {}
+        # Per tip configuration: first row rendered, heights (float64) from that row on, and
+        # heights plus noise rounded to float32 (the lines as scanned), filled on first use.
+        self._cache: dict[int, _Rendered] = {}
+        self._crashed_lines: dict[int, np.ndarray] = {}  # per crashed tip configuration
         self._epoch = sim._epoch
         self._line_states: list[TipState] = []
         self._seen: list[TipState] = []
@@ -84,13 +93,36 @@ class FrameScan:
         self._step_m = grid.step_m
         self._cache.clear()
 
-    def _rendered(self, row: int, config: TipConfig) -> np.ndarray:
+    def _render_from(self, row: int, config: TipConfig) -> _Rendered:
+        """The cached rendering of ``config`` that covers ``row`` (rendered from ``row`` on if
+        there is none)."""
         hit = self._cache.get(config.id)
         if hit is None or hit[0] > row:
             grid = Grid(self._rows_m[row:], self._step_m, self.shape_px[1])
-            hit = (row, self._sim._ldos.render(grid, config))
+            hit = (row, self._sim._ldos.render(grid, config), None)
             self._cache[config.id] = hit
-        return hit[1][row - hit[0]]
+        return hit
+
+    def _rendered(self, row: int, config: TipConfig) -> np.ndarray:
+        first, heights, _ = self._render_from(row, config)
+        return heights[row - first]
+
+    def _scanned(self, row: int, config: TipConfig) -> np.ndarray:
+        """``(W,)`` float32: heights plus noise of ``row`` (tip not retracted, no tip change in
+        the line). Every remaining row is done at once, with the same element-wise sums and
+        rounding as row by row."""
+        if config.state is TipState.CRASHED:
+            crashed = self._crashed_lines.get(config.id)
+            if crashed is None:
+                crashed = self._crashed_values(config, slice(None))
+                crashed += self._noise  # float64 sums rounded to float32, as line by line
+                self._crashed_lines[config.id] = crashed
+            return crashed[row]
+        first, heights, lines = self._render_from(row, config)
+        if lines is None:
+            lines = (heights + self._noise[first:]).astype(np.float32)
+            self._cache[config.id] = (first, heights, lines)
+        return lines[row - first]
 
     def _line_values(self, row: int, config: TipConfig, retracted: bool) -> np.ndarray:
         w_px = self.shape_px[1]
@@ -98,9 +130,13 @@ class FrameScan:
         if retracted:
             return np.full(w_px, z_limit)
         if config.state is TipState.CRASHED:
-            # Feedback saturated: pinned below the limit, wandering with the 1/f noise.
-            return z_limit - config.crash_depth_m + 4.0 * self._flicker[row]
+            return self._crashed_values(config, row)
         return self._rendered(row, config)
+
+    def _crashed_values(self, config: TipConfig, rows: int | slice) -> np.ndarray:
+        """Feedback saturated: pinned below the limit, wandering with the 1/f noise (float32)."""
+        z_limit = self._sim.config.z_limit_m
+        return np.asarray(z_limit - config.crash_depth_m + 4.0 * self._flicker[rows])
 
     def next_line(self) -> np.ndarray:
         """Scan the next row: ``(W,)`` float32 metres; advances simulated time by a line."""
@@ -116,7 +152,12 @@ class FrameScan:
         retracted = sim._retracted
         first = sim._tip.config
         events = sim._pass_time(self.line_time_s)
-        if not events:
+        if not events and not retracted:
+            majority = first.state
+            if majority not in self._seen:
+                self._seen.append(majority)
+            line = self._scanned(row, first)
+        elif not events:
             majority = first.state
             if majority not in self._seen:
                 self._seen.append(majority)
@@ -161,7 +202,7 @@ class FrameScan:
         self._line_states.append(majority)
         if retracted:
             self._retracted_lines += 1
-        out = line.astype(np.float32)
+        out = line.astype(np.float32)  # a copy (the float32 lines of ``_scanned`` included)
         self.data[row] = out
         self._row_t[row] = t0
         self.lines_done = row + 1
@@ -218,8 +259,10 @@ class FrameScan:
             state = Counter(self._line_states).most_common(1)[0][0]
         else:
             state = sim.tip_state
-        x, y = grid.xy()
-        damaged = float(np.mean(sim._surface.damage_at(x, y) > 0.5)) if sim._surface.damage else 0.0
+        damaged = 0.0
+        if sim._surface.damage:
+            x, y = grid.xy()
+            damaged = float(np.mean(sim._surface.damage_at(x, y) > 0.5))
         extra: dict[str, object] = {
             "tip_changes": self._tip_changes,
             "apex_switches": self._apex_switches,

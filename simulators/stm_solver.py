@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+_SUBSET_RATIO = 4  # a second step over more than 1/4 of the pixels evaluates them all
+
 Evaluate = Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray]]
 """``evaluate(z, idx) -> (f, newton_step)`` at heights ``z`` of the pixels ``idx`` (None: all)."""
 
@@ -24,16 +26,21 @@ def solve_decreasing(z: np.ndarray, evaluate: Evaluate, *, tol: float, max_iter:
     pixel; the bracketed fallback handles kinks (step edges, the contact floor, damage).
     """
     # Plain Newton steps over the whole frame first: they settle almost every pixel.
-    act = np.arange(z.size)
-    for it in range(2):
-        zs = z if it == 0 else z[act]
-        _, step = evaluate(zs, None if it == 0 else act)
-        if it == 0:
-            z += step
-            act = np.nonzero(np.abs(step) > tol)[0]
-        else:
-            z[act] += step
-            act = act[np.abs(step) > tol]
+    _, step = evaluate(z, None)
+    z += step
+    moving = np.abs(step) > tol
+    if np.count_nonzero(moving) * _SUBSET_RATIO >= z.size:
+        # Most pixels still move: evaluating all of them is cheaper than gathering the
+        # subset, and each pixel's f and step are the same either way (pixels are independent).
+        _, step = evaluate(z, None)
+        np.add(z, step, out=z, where=moving)
+        moving &= np.abs(step) > tol
+        act = np.flatnonzero(moving)
+    else:
+        act = np.flatnonzero(moving)
+        _, step = evaluate(z[act], act)
+        z[act] += step
+        act = act[np.abs(step) > tol]
     # The few left keep a bracket (lo, f_lo > 0), (hi, f_hi < 0) around their root and
     # fall back on Illinois false position when a Newton step leaves it or stalls.
     n = act.size

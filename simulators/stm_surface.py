@@ -113,23 +113,43 @@ class Layer:
     )
 
     def neighbours(
-        self, x_m: np.ndarray, y_m: np.ndarray, radius_m: float
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Atoms of this layer within ``radius_m`` of each point, without any loop over atoms.
+        self,
+        x_m: np.ndarray,
+        y_m: np.ndarray,
+        radius_m: float,
+        *,
+        exclude_keys: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Atoms of this layer within ``radius_m`` of each point, without any loop over atoms,
+        leaving out the atoms whose keys (as :meth:`atom_keys` gives them) are ``exclude_keys``.
 
-        Returns ``(point index, atom key, squared distance)`` per pair; keys identify atoms as
-        :meth:`atom_keys` does.
+        Returns ``(point index, squared distance)`` per pair (``float32`` distances), ordered by
+        point, then by atom.
         """
         pts = np.stack([x_m - self.origin_m[0], y_m - self.origin_m[1]])
         cell0 = np.rint(np.linalg.solve(self.cell_m, pts)).astype(np.int64)  # (2, n)
         local = (pts - self.cell_m @ cell0).T.astype(np.float32)  # within half a cell
         st_x, st_y, st_key = self._stencil(radius_m)
-        d2 = (local[:, 0:1] - st_x[None, :]) ** 2 + (local[:, 1:2] - st_y[None, :]) ** 2
-        point, which = np.nonzero(d2 < np.float32(radius_m**2))
-        # _site_key is linear in the cell indices: the point's cell plus the stencil's offset.
-        cell_key = ((cell0[0] + 2**20) * 2**21 + (cell0[1] + 2**20)) * self.basis_m.shape[0]
-        key = cell_key[point] + st_key[which]
-        return point, key, d2[point, which]
+        # d2 = dx**2 + dy**2 (float32, (n, stencil)) without temporaries; x**2 is x * x.
+        d2 = local[:, 0:1] - st_x[None, :]
+        d2 *= d2
+        dy = local[:, 1:2] - st_y[None, :]
+        dy *= dy
+        d2 += dy
+        near = d2 < np.float32(radius_m**2)
+        if exclude_keys is not None and exclude_keys.size:
+            # _site_key is linear in the cell indices: the atom of (point p, stencil entry s)
+            # has key cell_key[p] + st_key[s]. Find the entry of each excluded key per point.
+            nb = self.basis_m.shape[0]
+            cell_key = ((cell0[0] + 2**20) * 2**21 + (cell0[1] + 2**20)) * nb
+            order = np.argsort(st_key)
+            sorted_keys = st_key[order]
+            want = exclude_keys[:, None] - cell_key[None, :]  # (excluded, n)
+            at = np.minimum(np.searchsorted(sorted_keys, want), sorted_keys.size - 1)
+            k, p = np.nonzero(sorted_keys[at] == want)
+            near[p, order[at[k, p]]] = False
+        flat = np.flatnonzero(near)  # row-major: by point, then atom
+        return flat // st_x.size, d2.ravel()[flat]
 
     def _stencil(self, radius_m: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Atom positions (float32 x, y) relative to a point's nearest cell origin, within reach
@@ -138,6 +158,8 @@ class Layer:
         if cached is not None:
             return cached
         a1, a2 = self.cell_m[:, 0], self.cell_m[:, 1]
+        # A point lies within half a diagonal of its nearest cell origin (``neighbours``).
+        half_diagonal = 0.5 * max(float(np.hypot(*(a1 + a2))), float(np.hypot(*(a1 - a2))))
         reach = radius_m + 0.5 * (float(np.hypot(*(a1 + a2))) + float(np.hypot(*(a1 - a2))))
         reach += float(np.max(np.hypot(*self.basis_m.T)))
         area = abs(float(a1[0] * a2[1] - a1[1] * a2[0]))
@@ -148,8 +170,11 @@ class Layer:
         nb = self.basis_m.shape[0]
         # Stencil of atom positions relative to the point's nearest cell origin: (O * nb, 2).
         stencil = ((self.cell_m @ off).T[:, None, :] + self.basis_m[None, :, :]).reshape(-1, 2)
+        o, b = np.divmod(np.arange(stencil.shape[0]), nb)
+        # Only atoms that some point of the cell can have within radius_m (1 pm to spare).
+        keep = np.hypot(stencil[:, 0], stencil[:, 1]) <= radius_m + half_diagonal + 1e-12
+        stencil, o, b = stencil[keep], o[keep], b[keep]
         st = stencil.astype(np.float32)
-        o, b = np.divmod(np.arange(st.shape[0]), nb)
         key = _site_key(off[0, o], off[1, o], b, nb) - (2**20 * 2**21 + 2**20) * nb
         out = (np.ascontiguousarray(st[:, 0]), np.ascontiguousarray(st[:, 1]), key)
         self._stencils[radius_m] = out
