@@ -221,8 +221,8 @@ class InstrumentDaemon(Pyro5.server.Daemon):
 
         The client first presents a one-time ticket it got over its authenticated Pyro5
         connection; then each request (a 4-byte length and a msgpack ``[method, args]``) gets a
-        reply of two 4-byte lengths, a msgpack ``{"ok": {"header", "last"}}`` or
-        ``{"error": ...}``, and the frame's raw bytes, sent straight from the array.
+        reply (:mod:`drivers.remote.channel`: a fixed binary part, a msgpack block, the frame's
+        raw bytes sent straight from the array) built by the service's ``frame_reply``.
         """
         service = self.frame_service
         try:
