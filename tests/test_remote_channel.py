@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -227,6 +228,10 @@ class TruthlessSTM(SimulatedSTM):
             frame = dataclasses.replace(frame, metadata={**frame.metadata, "notes": self.notes})
         return frame
 
+    def stream(self) -> Iterator[Frame]:
+        for part in super().stream():
+            yield dataclasses.replace(part, truth=None)
+
 
 def test_remote_frames_follow_commands_that_change_the_remembered_fields() -> None:
     local = TruthlessSTM(seed=7, shape_px=(32, 32), dwell_s=1e-4)
@@ -247,6 +252,22 @@ def test_remote_frames_follow_commands_that_change_the_remembered_fields() -> No
         served.notes = local.notes = [1, "two"]
         a, b = local.acquire(), remote.acquire()
         assert a.header() == b.header() and b.metadata["notes"] == [1, "two"]
+
+
+def test_streamed_parts_with_a_remembered_block_equal_local_ones() -> None:
+    local = TruthlessSTM(seed=9, shape_px=(32, 32), lines_per_chunk=8, dwell_s=1e-4)
+    served = TruthlessSTM(seed=9, shape_px=(32, 32), lines_per_chunk=8, dwell_s=1e-4)
+    with (
+        InstrumentServer(served, token=TOKEN) as server,
+        RemoteInstrument("127.0.0.1", server.port, token=TOKEN) as remote,
+    ):
+        for _ in range(2):
+            pairs = list(zip(local.stream(), remote.stream(), strict=True))
+            assert len(pairs) == 4
+            for a, b in pairs:
+                assert a.header() == b.header()
+                np.testing.assert_array_equal(a.data, b.data)  # NaN where not yet scanned
+            assert pairs[0][1].data is not pairs[1][1].data  # each part holds its own copy
 
 
 def test_bad_frame_channel_calls_get_error_replies_and_the_channel_goes_on() -> None:
