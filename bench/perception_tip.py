@@ -6,8 +6,9 @@
 1. Accuracy on held-out simulated frames (seeds never used in training; a set with the training
    parameters and a set with shifted ones), against the classical assessor on the same frames:
    good-vs-bad accuracy, macro-F1 over the five tip states, expected calibration error, and
-   mid-scan change detection (lines from the change to its detection), via
-   :func:`agent.perception.tip_eval.evaluate_all`.
+   mid-scan change detection (lines from the change to its detection), and the agent's decision
+   over consecutive frames of one tip at different places (``--vote-tips``; the rule policy's
+   ``bad_frames_to_act``), via :func:`agent.perception.tip_eval.evaluate_all`.
 2. Latency at batch 1 on ``--threads`` CPU threads (median of ``--repeats``): the network alone
    on a 256² frame, the whole assessor (checks, resampling, normalisation, network), the classical
    assessor, and a DeepSPM-sized VGG classifier (VGG-16 convolutions, two dense layers, ~42 M
@@ -46,7 +47,7 @@ from agent.perception.registry import WEIGHTS_DIR, resample_to_pixel_size  # noq
 from agent.perception.tasks import tip as tip_task  # noqa: E402
 from agent.perception.tip_data import STATES, TipRecipe, simulate  # noqa: E402
 from agent.perception.tip_eval import as_frame, evaluate_all  # noqa: E402
-from agent.perception.tip_net import TipModel, TipNetAssessor, normalise  # noqa: E402
+from agent.perception.tip_net import TipModel, TipNet, TipNetAssessor, normalise  # noqa: E402
 from bench._common import machine  # noqa: E402
 from drivers.frame import TipState  # noqa: E402
 
@@ -244,12 +245,73 @@ def load_or_train_vgg(
     return vgg, info
 
 
+def training_step_cpu(frames: int, steps: int, repeats: int) -> dict[str, Any]:
+    """CPU time (all threads of this process) per training step of ``tip_train`` (batch making
+    plus forward, backward and AdamW), the settings before issue 8's speed-up (2 torch threads,
+    contiguous tensors) against the shipped ones (1 thread, channels_last), alternating in this
+    process so that both see the same load; ``repeats`` rounds of ``steps`` steps each."""
+    import os
+
+    from agent.perception.tip_train import BatchMaker, _card_for, prepare
+
+    threads = torch.get_num_threads()
+    recipe = tip_task.train_recipe(frames)
+    data = prepare(simulate(recipe, progress=False), _card_for([]))
+    loss_fn = nn.CrossEntropyLoss()
+
+    def run(n_threads: int, channels_last: bool, seed: int) -> tuple[float, float]:
+        torch.set_num_threads(n_threads)
+        torch.manual_seed(seed)
+        maker = BatchMaker(data, np.random.default_rng(seed), 0.35)
+        net = TipNet()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        net = net.to(memory_format=fmt)  # type: ignore[call-overload]
+        opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+        total = batch = 0.0
+        for _ in range(steps):
+            c0 = time.process_time()
+            x, y_frame, y_recent = maker.batch(24)
+            batch += time.process_time() - c0
+            frame, recent = net.both(x.contiguous(memory_format=fmt))
+            loss = loss_fn(frame, y_frame) + loss_fn(recent, y_recent)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += time.process_time() - c0
+        return total / steps, batch / steps
+
+    load = [os.getloadavg()[0]]
+    runs: dict[str, list[tuple[float, float]]] = {"before": [], "now": []}
+    try:
+        for rep in range(repeats):
+            runs["before"].append(run(2, False, rep))
+            runs["now"].append(run(1, True, rep))
+    finally:
+        torch.set_num_threads(threads)
+    load.append(os.getloadavg()[0])
+    before = statistics.median(r[0] for r in runs["before"])
+    now = statistics.median(r[0] for r in runs["now"])
+    return {
+        "frames": frames,
+        "steps": steps,
+        "repeats": repeats,
+        "before_cpu_s_per_step": before,
+        "now_cpu_s_per_step": now,
+        "batch_cpu_s_per_step": statistics.median(r[1] for r in runs["now"]),
+        "ratio": before / now,
+        "load_average": load,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--frames", type=int, default=250, help="frames per test set (0: no accuracy part)"
     )
     parser.add_argument("--changes", type=int, default=100, help="mid-scan tip changes")
+    parser.add_argument(
+        "--vote-tips", type=int, default=50, help="tips per set for the agent's decision (0: skip)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--vgg-steps", type=int, default=300, help="0: skip VGG training")
@@ -258,6 +320,12 @@ def main() -> int:
     parser.add_argument("--out-dir", default="bench/out/tip_bench")
     parser.add_argument(
         "--only-train-vgg", action="store_true", help="train the VGG baseline, save it, stop"
+    )
+    parser.add_argument(
+        "--train-step-cpu",
+        type=int,
+        default=0,
+        help="also time this many training steps per round, before vs now (0: skip)",
     )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
@@ -284,6 +352,7 @@ def main() -> int:
             change_seed=tip_task.CHANGE_SEED0,
             out_dir=out,
             progress=progress,
+            vote_tips=args.vote_tips,
         )
         print("\n== accuracy on held-out frames (tip net vs classical, same frames) ==")
         for name, r in results["sets"].items():
@@ -301,6 +370,16 @@ def main() -> int:
                 f"(rejected by the net: {net['rejected_fraction']:.3f}, accuracy on the rest "
                 f"{net['accuracy_accepted']:.4f})"
             )
+            if "agent_decision" in r:
+                d = r["agent_decision"]
+                print(
+                    f"  agent decision (rule policy: act after {d['k']} consecutive bad frames; "
+                    f"{d['tips']} tips x {d['frames_per_tip']} frames at different places): "
+                    f"good-vs-bad {d['good_vs_bad_accuracy']:.4f} (single frame, same frames "
+                    f"{d['single_frame_good_vs_bad_accuracy']:.4f}); bad tips acted on "
+                    f"{d['bad_tips_acted_on']:.3f}, good tips acted on "
+                    f"{d['good_tips_acted_on']:.3f}"
+                )
         if "changes" in results:
             print("\n== mid-scan tip changes (made by the simulator) ==")
             for who, m in results["changes"].items():
@@ -348,6 +427,16 @@ def main() -> int:
             f"{comp['tipnet_accuracy']:.4f}; good-vs-bad: VGG "
             f"{comp['vgg_good_vs_bad_accuracy']:.4f}, tip net "
             f"{comp['tipnet_good_vs_bad_accuracy']:.4f}"
+        )
+    if args.train_step_cpu > 0:
+        step = training_step_cpu(60, args.train_step_cpu, 3)
+        results["training_step"] = step
+        print(
+            f"\n== CPU time per training step (batch 24; median of 3 rounds of {step['steps']}) "
+            f"==\n  before (2 threads, contiguous) {step['before_cpu_s_per_step']:.3f} s, now "
+            f"(1 thread, channels_last) {step['now_cpu_s_per_step']:.3f} s (of which batch "
+            f"making {step['batch_cpu_s_per_step']:.3f} s): {step['ratio']:.1f}x; load average "
+            f"{step['load_average'][0]:.1f}-{step['load_average'][1]:.1f}"
         )
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
     print(f"\nresults: {out / 'results.json'}")

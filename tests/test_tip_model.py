@@ -20,11 +20,13 @@ from agent.perception.tip_data import (
     VISIBLE_PIXELS,
     TipRecipe,
     TipSample,
+    same_tip_frames,
     shown_per_line,
     simulate,
+    state_for,
     stitch,
 )
-from agent.perception.tip_eval import as_frame
+from agent.perception.tip_eval import agent_rule, as_frame, score_votes
 from agent.perception.tip_net import (
     TipModel,
     TipNetAssessor,
@@ -36,6 +38,7 @@ from agent.perception.tip_net import (
 from agent.perception.tip_train import BatchMaker, Prepared, TrainConfig, train_model
 from drivers.errors import DataError, ModelError
 from drivers.frame import TipState
+from drivers.observation import TipEstimate
 
 # held-out seeds (training uses 10,000,000 + i), one frame per tip state, Au(111) at 16 nm
 HELDOUT = TipRecipe(seeds=(20_500_000, 20_500_010), size_nm=(16.0, 16.0), pairs=False)
@@ -176,14 +179,18 @@ def test_training_is_reproducible_by_seed() -> None:
         # 10 steps: the one length at which OneCycleLR's warm-up would be zero steps long
         config = TrainConfig(steps=10, batch=4, width=4, seed=3)
         train, val = _fake_samples(10, 0), _fake_samples(5, 1)
-        net_a, card_a, hist_a = train_model(train, val, config, progress=False)
-        net_b, _, hist_b = train_model(train, val, config, progress=False)
+        calib = _fake_samples(5, 2)
+        net_a, card_a, hist_a = train_model(train, val, config, progress=False, calib=calib)
+        net_b, _, hist_b = train_model(train, val, config, progress=False, calib=calib)
     finally:
         torch.set_num_threads(threads)
     assert hist_a["loss"] == hist_b["loss"]
     for a, b in zip(net_a.state_dict().values(), net_b.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert card_a.architecture["width"] == 4 and card_a.name == "tip"
+    # the frame temperature saw the extra calibration frames, the recent one only val's crops
+    assert (hist_a["validation"]["frames"], hist_a["validation"]["extra_frames"]) == (10, 5)
+    assert hist_a["train_cpu_s"] > 0
 
 
 def test_task_parsers_know_their_options() -> None:
@@ -192,7 +199,10 @@ def test_task_parsers_know_their_options() -> None:
     parser = argparse.ArgumentParser()
     tip_task.add_train_arguments(parser)
     args = parser.parse_args(["--steps", "5", "--seed", "2"])
-    assert (args.steps, args.seed, args.threads) == (5, 2, 2)
+    assert (args.steps, args.seed, args.threads) == (5, 2, 1)
+    parser = argparse.ArgumentParser()
+    tip_task.add_evaluate_arguments(parser)
+    assert parser.parse_args(["--vote-tips", "0"]).vote_tips == 0
 
 
 def test_pipeline_builds_the_tipnet_assessor_with_its_options() -> None:
@@ -206,7 +216,7 @@ def test_pipeline_builds_the_tipnet_assessor_with_its_options() -> None:
     assert isinstance(pipe.assessor, TipNetAssessor)
     assert pipe.assessor.model.reject_uncertainty == 0.2
     assert pipe.assessor.fallback.config.ghost_at == 0.3
-    assert pipe.versions()["assessor"].startswith("tipnet 1.1+")
+    assert pipe.versions()["assessor"].startswith("tipnet 1.2+")
     with pytest.raises(ConfigError, match="reject_uncertainty"):
         build_pipeline(
             {"assessor": "tipnet", "assessor_options": {"reject_uncertainty": 2}}, kind="stm"
@@ -296,3 +306,59 @@ def test_parallel_simulation_gives_the_same_frames() -> None:
         assert np.array_equal(a.data, b.data) and (a.label, a.sim_label) == (b.label, b.sim_label)
         assert (a.good_twin is None) == (b.good_twin is None)
     assert [s.sim_label for s in one] == [0, 1, 2, 3]
+
+
+def test_same_tip_frames_scan_one_tip_at_different_places() -> None:
+    recipe = TipRecipe(seeds=(25_900_000, 25_900_005), shape_px=(32, 32), size_nm=(2.0, 2.0))
+    seed = 25_900_001  # a double tip
+    frames = same_tip_frames(recipe, seed, 3)
+    assert [s.label for s in frames] == [STATES.index(state_for(seed))] * 3
+    assert all(s.seed == seed and s.good_twin is None for s in frames)
+    assert not np.array_equal(frames[0].data, frames[1].data)  # another patch of surface
+    again = same_tip_frames(recipe, seed, 3)
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(frames, again, strict=True))
+
+
+class _ScriptedAssessor:
+    """Says the scripted (state, uncertainty) for each frame in turn."""
+
+    name = "scripted"
+
+    def __init__(self, said: list[tuple[TipState, float]]) -> None:
+        self.said = list(said)
+
+    def assess(self, frame: object) -> TipEstimate:
+        state, uncertainty = self.said.pop(0)
+        probs = {s: (1.0 - uncertainty if s is state else uncertainty / 4) for s in TipState}
+        return TipEstimate(state, probs, uncertainty, self.name)
+
+
+def test_agent_decision_follows_the_rule_policy() -> None:
+    k, max_unc = agent_rule()
+    assert k >= 1 and 0 < max_unc <= 1
+    good, bad = STATES.index(TipState.GOOD), STATES.index(TipState.BLUNT)
+    data = np.zeros((32, 32), dtype=np.float32)
+
+    def tip(label: int) -> list[TipSample]:
+        return [TipSample(data, 0.0625, label, 0, "au111") for _ in range(3)]
+
+    G, B = TipState.GOOD, TipState.BLUNT
+    said = [
+        (B, 0.1), (B, 0.1), (G, 0.1),  # bad tip, two bad frames first: acts (right)
+        (B, 0.1), (G, 0.1), (B, 0.1),  # bad tip, a good frame breaks the run: no action (wrong)
+        (B, 0.9), (B, 0.1), (B, 0.1),  # bad tip, the unsure frame is skipped: acts (right)
+        (B, 0.1), (B, 0.1), (B, 0.1),  # good tip read bad twice: acts (wrong)
+        (G, 0.1), (B, 0.1), (B, 0.1),  # good tip, first frame good: no action (right)
+    ]  # fmt: skip
+    scored = score_votes(
+        [tip(bad), tip(bad), tip(bad), tip(good), tip(good)],
+        _ScriptedAssessor(said),  # type: ignore[arg-type]
+        k=2,
+        max_uncertainty=0.6,
+    )
+    assert scored["good_vs_bad_accuracy"] == pytest.approx(3 / 5)
+    assert scored["bad_tips_acted_on"] == pytest.approx(2 / 3)
+    assert scored["good_tips_acted_on"] == pytest.approx(1 / 2)
+    # single frames: 15 verdicts, right when bad on a bad tip or good on a good tip
+    assert scored["single_frame_good_vs_bad_accuracy"] == pytest.approx(8 / 15)
+    assert scored["undecided_tips"] == 0

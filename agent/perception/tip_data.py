@@ -51,6 +51,9 @@ VISIBLE_SIGMAS = 3.0
 """A pixel shows the tip when bad-tip and good-tip heights differ by more than this many σ."""
 VISIBLE_PIXELS = 16
 """A bad tip is visible once this many pixels show it (about one ghost adatom at 0.06 nm/px)."""
+SAME_TIP_STEP_M = 60e-9
+"""Stage move between two frames of one tip (:func:`same_tip_frames`; the rule policy's
+``move_step_m``): a fresh patch of surface each time."""
 
 
 def shown_per_line(bad: np.ndarray, good: np.ndarray, sigma_m: float) -> np.ndarray:
@@ -211,6 +214,55 @@ def sample(recipe: TipRecipe, seed: int) -> TipSample:
         sim_label=sim_label,
         noise_sigma_m=sigma,
     )
+
+
+def same_tip_frames(
+    recipe: TipRecipe, seed: int, count: int, step_m: float = SAME_TIP_STEP_M
+) -> list[TipSample]:
+    """``count`` frames of ONE tip (state ``state_for(seed)``, spontaneous changes off) at scan
+    positions ``step_m`` apart: one instrument scans, moves the stage (``MoveTo``), scans again,
+    as the agent does when it looks elsewhere before acting. Each label is the simulator's state
+    (the tip does not change; no good-tip twins, so no visibility relabelling)."""
+    from drivers.commands import MoveTo
+
+    rng = np.random.default_rng([seed, 8_103])
+    options = _options(recipe, rng)
+    size_m = float(rng.uniform(*recipe.size_nm)) * 1e-9
+    x_m, y_m = (float(v) for v in rng.uniform(-500e-9, 500e-9, 2))
+    angle = float(rng.uniform(0.0, 2.0 * np.pi))
+    instrument = open_instrument(
+        "sim:stm",
+        seed=seed,
+        initial_tip=str(state_for(seed)),
+        region=ScanRegion(x_m, y_m, size_m, size_m),
+        shape_px=recipe.shape_px,
+        **{"degradation_rate_per_s": 0.0, "bad_tip_change_rate_per_s": 0.0, **options},
+    )
+    out = []
+    try:
+        for i in range(count):
+            if i:
+                x_m += step_m * float(np.cos(angle))
+                y_m += step_m * float(np.sin(angle))
+                instrument.execute(MoveTo(x_m, y_m, source="evaluate"))
+            frame = instrument.acquire()
+            if frame.truth is None:
+                raise DataError(f"sim:stm seed {seed} returned a frame without ground truth")
+            label = STATES.index(frame.truth.tip_state)
+            out.append(
+                TipSample(
+                    data=frame.data.astype(np.float32),
+                    pixel_size_nm=size_m * 1e9 / recipe.shape_px[1],
+                    label=label,
+                    seed=seed,
+                    surface=str(options["surface"]),
+                    sim_label=label,
+                    noise_sigma_m=_sigma(options, frame.dwell_s),
+                )
+            )
+    finally:
+        instrument.close()
+    return out
 
 
 def _sigma(options: dict[str, Any], dwell_s: float) -> float:

@@ -26,6 +26,7 @@ false-alarm rate of a complete scan (checked every 16 lines, classical every 64)
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -35,7 +36,14 @@ from typing import Any
 import numpy as np
 
 from agent.perception.classical import ClassicalTipAssessor
-from agent.perception.tip_data import STATES, TipRecipe, TipSample, natural_changes, simulate
+from agent.perception.tip_data import (
+    STATES,
+    TipRecipe,
+    TipSample,
+    natural_changes,
+    same_tip_frames,
+    simulate,
+)
 from agent.perception.tip_net import TipModel, TipNetAssessor, expected_calibration_error
 from drivers.frame import Frame, ScanRegion, TipState
 
@@ -224,6 +232,77 @@ def score_changes(
     return out
 
 
+def agent_rule() -> tuple[int, float]:
+    """``(bad_frames_to_act, max_uncertainty)`` of the agent's rule policy (its defaults)."""
+    from policies.rule import RuleConfig
+
+    config = RuleConfig()
+    return config.bad_frames_to_act, config.max_uncertainty
+
+
+def vote_sequences(
+    recipe: TipRecipe, tips: int, frames_per_tip: int, *, progress: bool = True, desc: str = ""
+) -> list[list[TipSample]]:
+    """``tips`` tips (seeds of ``recipe`` in order, so the five states in turn), each scanned
+    ``frames_per_tip`` times at different places (:func:`tip_data.same_tip_frames`)."""
+    from tqdm import tqdm
+
+    first = recipe.seeds[0]
+    return [
+        same_tip_frames(recipe, seed, frames_per_tip)
+        for seed in tqdm(
+            range(first, first + tips), desc=desc or "same-tip frames", disable=not progress
+        )
+    ]
+
+
+def score_votes(
+    sequences: list[list[TipSample]],
+    assessor: TipNetAssessor,
+    *,
+    k: int,
+    max_uncertainty: float,
+) -> dict[str, Any]:
+    """The agent's decision on each tip from its consecutive frames, as the rule policy makes
+    it: frames whose assessment is more uncertain than ``max_uncertainty`` are skipped (they
+    neither count nor break a run); the first ``k`` others decide: *act* (bad tip) when all
+    ``k`` are assessed bad, *keep scanning* (good tip) otherwise; a tip with fewer than ``k``
+    usable frames counts as *keep scanning*. Scored against the tip's simulated state, next to
+    the single-frame good-vs-bad accuracy of the same assessor on the same frames."""
+    good = STATES.index(TipState.GOOD)
+    decided_bad, truth_bad, undecided = [], [], 0
+    single_right: list[bool] = []
+    by_state: dict[str, list[bool]] = {}
+    for frames in sequences:
+        tip_bad = frames[0].label != good
+        votes: list[bool] = []
+        for s in frames:
+            est = assessor.assess(as_frame(s.data, s.pixel_size_nm))
+            said_bad = est.state is not TipState.GOOD
+            single_right.append(said_bad == (s.label != good))
+            if est.uncertainty <= max_uncertainty and len(votes) < k:
+                votes.append(said_bad)
+        if len(votes) < k:
+            undecided += 1
+        act = len(votes) == k and all(votes)
+        decided_bad.append(act)
+        truth_bad.append(tip_bad)
+        by_state.setdefault(str(STATES[frames[0].label]), []).append(act == tip_bad)
+    d, t = np.array(decided_bad), np.array(truth_bad)
+    return {
+        "tips": len(sequences),
+        "frames_per_tip": len(sequences[0]) if sequences else 0,
+        "k": k,
+        "max_uncertainty": max_uncertainty,
+        "good_vs_bad_accuracy": float(np.mean(d == t)) if len(d) else 0.0,
+        "single_frame_good_vs_bad_accuracy": float(np.mean(single_right)) if single_right else 0.0,
+        "bad_tips_acted_on": float(np.mean(d[t])) if t.any() else 0.0,
+        "good_tips_acted_on": float(np.mean(d[~t])) if (~t).any() else 0.0,
+        "undecided_tips": undecided,
+        "accuracy_by_state": {k_: float(np.mean(v)) for k_, v in sorted(by_state.items())},
+    }
+
+
 def evaluate_all(
     directory: str | Path,
     *,
@@ -232,6 +311,8 @@ def evaluate_all(
     change_seed: int,
     out_dir: Path,
     progress: bool = True,
+    vote_tips: int = 0,
+    vote_seed_offset: int = 5_000_000,
 ) -> dict[str, Any]:
     model = TipModel.load(directory)
     assessor = TipNetAssessor(model, baseline=False)
@@ -255,6 +336,17 @@ def evaluate_all(
             "bad_tip_not_visible": sum(s.label != s.sim_label for s in samples),
             **scored,
         }
+        if vote_tips > 0:
+            k, max_unc = agent_rule()
+            vote_first = recipe.seeds[0] + vote_seed_offset
+            vote_recipe = dataclasses.replace(recipe, seeds=(vote_first, vote_first + vote_tips))
+            sequences = vote_sequences(
+                vote_recipe, vote_tips, k + 1, progress=progress, desc=f"same-tip frames {name}"
+            )
+            results["sets"][name]["agent_decision"] = {
+                "seeds": list(vote_recipe.seeds),
+                **score_votes(sequences, assessor, k=k, max_uncertainty=max_unc),
+            }
         if name == "heldout":
             good_frames = [s for s in samples if s.label == STATES.index(TipState.GOOD)][:50]
     if changes > 0:
@@ -292,6 +384,19 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
                     "rejected_fraction",
                 )
                 if k in m
+            }
+        if "agent_decision" in r:
+            m = r["agent_decision"]
+            out[f"{name}/agent_decision"] = {
+                key: round(float(m[key]), 4) if isinstance(m[key], float) else m[key]
+                for key in (
+                    "k",
+                    "tips",
+                    "good_vs_bad_accuracy",
+                    "single_frame_good_vs_bad_accuracy",
+                    "good_tips_acted_on",
+                    "bad_tips_acted_on",
+                )
             }
     for who, m in results.get("changes", {}).items():
         out[f"changes/{who}"] = {

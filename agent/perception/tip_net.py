@@ -54,7 +54,7 @@ from drivers.observation import TipEstimate
 log = logging.getLogger(__name__)
 
 NAME = "tip"
-VERSION = "1.1"
+VERSION = "1.2"
 STATES: tuple[TipState, ...] = tuple(TipState)
 TRAINED_PIXEL_NM = 0.0625  # 16 nm over 256 pixels
 PIXEL_RANGE_NM = (0.04, 0.1)

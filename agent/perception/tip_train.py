@@ -192,10 +192,12 @@ def train_model(
     *,
     progress: bool = True,
     device: str = "cpu",
+    calib: list[TipSample] | None = None,
 ) -> tuple[TipNet, ModelCard, dict[str, Any]]:
     """Train (on ``device``; the shipped weights are trained on the CPU), then fit the
-    temperatures on ``val``; returns the net (on the CPU), its card (no hash yet) and the history
-    (losses per step, validation numbers)."""
+    temperatures on ``val`` (the frame temperature on ``val`` and ``calib``, more calibration
+    frames over wider simulator parameters); returns the net (on the CPU), its card (no hash yet)
+    and the history (losses per step, validation numbers)."""
     from tqdm import tqdm
 
     torch.manual_seed(config.seed)
@@ -203,7 +205,9 @@ def train_model(
     base = _card_for(train)
     data = prepare(train, base)
     maker = BatchMaker(data, rng, config.change_fraction)
+    # channels_last: ~20 % less CPU per step for these small convolutions (docs/benchmarks.md)
     net = TipNet(width=config.width, dropout=config.dropout).to(device)
+    net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     # OneCycleLR divides by its warm-up length, 0.1 * steps - 1 steps: zero at exactly 10 steps
     pct_start = 0.1 if config.steps != 10 else 0.2
@@ -213,10 +217,11 @@ def train_model(
     loss_fn = nn.CrossEntropyLoss()
     history: dict[str, Any] = {"step": [], "loss": [], "frame_loss": [], "recent_loss": []}
     net.train()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     bar = tqdm(range(config.steps), desc="training tip", unit="step", disable=not progress)
     for step in bar:
         x, y_frame, y_recent = (t.to(device) for t in maker.batch(config.batch))
+        x = x.contiguous(memory_format=torch.channels_last)
         frame, recent = net.both(x)
         lf, lr_ = loss_fn(frame, y_frame), loss_fn(recent, y_recent)
         loss = lf + lr_
@@ -231,8 +236,11 @@ def train_model(
         if step % 10 == 0:
             bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
     history["train_s"] = time.perf_counter() - t0
+    history["train_cpu_s"] = time.process_time() - c0
     net.to("cpu").eval()
-    history["validation"] = calibrate(net, prepare(val, base), rng)
+    net = net.to(memory_format=torch.contiguous_format)
+    extra = prepare(calib, base) if calib else None
+    history["validation"] = calibrate(net, prepare(val, base), rng, extra)
     history["validation"].update(
         fit_watch_threshold(net, prepare(val, base), config.watch_false_alarm)
     )
@@ -265,11 +273,17 @@ def logits_on(net: TipNet, images: list[np.ndarray], *, recent: bool = False) ->
     return np.stack(out)
 
 
-def calibrate(net: TipNet, val: list[Prepared], rng: np.random.Generator) -> dict[str, Any]:
-    """Fit the frame and recent temperatures on held-out training seeds (full frames for the
-    frame read-out; change and pure crops for the recent one)."""
-    images = [normalise(p.image) for p in val]
-    labels = np.array([p.label for p in val])
+def calibrate(
+    net: TipNet,
+    val: list[Prepared],
+    rng: np.random.Generator,
+    extra: list[Prepared] | None = None,
+) -> dict[str, Any]:
+    """Fit the frame and recent temperatures on held-out training seeds (full frames of ``val``
+    and ``extra`` for the frame read-out; change and pure crops of ``val`` for the recent one)."""
+    frames = val + (extra or [])
+    images = [normalise(p.image) for p in frames]
+    labels = np.array([p.label for p in frames])
     frame_logits = logits_on(net, images)
     maker = BatchMaker(val, rng, change_fraction=0.5)
     crops, recent_labels = [], []
@@ -286,7 +300,8 @@ def calibrate(net: TipNet, val: list[Prepared], rng: np.random.Generator) -> dic
     acc = float(np.mean(frame_logits.argmax(1) == labels))
     recent_acc = float(np.mean(recent_logits.argmax(1) == np.array(recent_labels)))
     return {
-        "frames": len(val),
+        "frames": len(frames),
+        "extra_frames": len(extra or []),
         "frame_accuracy": acc,
         "recent_crops": len(crops),
         "recent_accuracy": recent_acc,
