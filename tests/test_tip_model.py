@@ -193,6 +193,25 @@ def test_training_is_reproducible_by_seed() -> None:
     assert hist_a["train_cpu_s"] > 0
 
 
+def test_recent_weight_scales_the_last_lines_loss() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train, val = _fake_samples(10, 0), _fake_samples(5, 1)
+        hist = {}
+        for w in (1.0, 3.0):
+            config = TrainConfig(steps=3, batch=4, width=4, seed=3, recent_weight=w)
+            hist[w] = train_model(train, val, config, progress=False)[2]
+    finally:
+        torch.set_num_threads(threads)
+    for w, h in hist.items():
+        total = np.array(h["frame_loss"]) + w * np.array(h["recent_loss"])
+        np.testing.assert_allclose(h["loss"], total, rtol=1e-6)
+    # same seed, same first batch and weights: only the weighting differs at step 0
+    assert hist[1.0]["recent_loss"][0] == hist[3.0]["recent_loss"][0]
+    assert hist[1.0]["loss"][0] != hist[3.0]["loss"][0]
+
+
 def test_task_parsers_know_their_options() -> None:
     import argparse
 
@@ -200,6 +219,9 @@ def test_task_parsers_know_their_options() -> None:
     tip_task.add_train_arguments(parser)
     args = parser.parse_args(["--steps", "5", "--seed", "2"])
     assert (args.steps, args.seed, args.threads) == (5, 2, 1)
+    assert (args.recent_weight, args.change_fraction) == (1.0, 0.35)  # the recipe of 1.2
+    args = parser.parse_args(["--recent-weight", "2", "--change-fraction", "0.5"])
+    assert (args.recent_weight, args.change_fraction) == (2.0, 0.5)
     parser = argparse.ArgumentParser()
     tip_task.add_evaluate_arguments(parser)
     assert parser.parse_args(["--vote-tips", "0"]).vote_tips == 0

@@ -66,6 +66,7 @@ class TrainConfig:
     width: int = 16
     dropout: float = 0.1
     change_fraction: float = 0.35
+    recent_weight: float = 1.0  # loss = frame loss + recent_weight * last-16-lines loss (1.2: 1.0)
     seed: int = 0
     reject_uncertainty: float = 0.3
     watch_false_alarm: float = WATCH_FALSE_ALARM
@@ -224,7 +225,7 @@ def train_model(
         x = x.contiguous(memory_format=torch.channels_last)
         frame, recent = net.both(x)
         lf, lr_ = loss_fn(frame, y_frame), loss_fn(recent, y_recent)
-        loss = lf + lr_
+        loss = lf + config.recent_weight * lr_
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

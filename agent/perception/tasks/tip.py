@@ -63,6 +63,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=24, help="batch size (default 24)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     parser.add_argument(
+        "--recent-weight",
+        type=float,
+        default=1.0,
+        help="weight of the last-16-lines read-out's loss beside the frame read-out's "
+        "(default 1.0, the recipe of 1.2)",
+    )
+    parser.add_argument(
+        "--change-fraction",
+        type=float,
+        default=0.35,
+        help="share of change crops (a tip change inside the crop) in the batches "
+        "(default 0.35, the recipe of 1.2)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -203,10 +217,12 @@ def train(args: argparse.Namespace) -> int:
         or args.calib_frames < 0
         or args.steps < 1
         or args.batch < 2
+        or args.recent_weight <= 0
+        or not 0 <= args.change_fraction <= 1
     ):
         raise ConfigError(
             "need --frames >= 10, --val-frames >= 5, --calib-frames >= 0, --steps >= 1, "
-            "--batch >= 2"
+            "--batch >= 2, --recent-weight > 0, 0 <= --change-fraction <= 1"
         )
     torch.set_num_threads(max(1, args.threads))
     t0 = time.perf_counter()
@@ -227,7 +243,13 @@ def train(args: argparse.Namespace) -> int:
             max(1, args.workers),
         )
     sim_s = time.perf_counter() - t0
-    config = TrainConfig(steps=args.steps, batch=args.batch, seed=args.seed)
+    config = TrainConfig(
+        steps=args.steps,
+        batch=args.batch,
+        seed=args.seed,
+        recent_weight=args.recent_weight,
+        change_fraction=args.change_fraction,
+    )
     net, card, history = train_model(train_set, val_set, config, progress=progress, calib=calib_set)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,7 +259,8 @@ def train(args: argparse.Namespace) -> int:
         "command": (
             f"scopepilot train tip --frames {args.frames} --val-frames {args.val_frames} "
             f"--calib-frames {args.calib_frames} --steps {args.steps} --batch {args.batch} "
-            f"--seed {args.seed}"
+            f"--seed {args.seed} --recent-weight {args.recent_weight:g} "
+            f"--change-fraction {args.change_fraction:g}"
         ),
         "data": recipe.to_json(),
         "calibration_data": calibration_recipe(args.calib_frames).to_json()
