@@ -7,6 +7,7 @@ drives a microscope (see :mod:`drivers.sim_base`); the STEM and SEM instruments 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,10 @@ class SimulatedSTM(SimulatedScanInstrument):
         sim: STMSimulator
         if cube is None:
             sim = STMSimulator(config, seed=seed)
+        elif not isinstance(cube, (str, os.PathLike)):
+            raise ConfigError(
+                f"cube must be a path to a Gaussian cube file or 'graphene', got {cube!r}"
+            )
         else:  # a DFT LDOS instead of the generated surface ("graphene" = the shipped cube)
             from simulators.stm_dft import GRAPHENE_CUBE, CubeSTMSimulator
 

@@ -94,7 +94,7 @@ class SimulatedScanInstrument:
         self._limits = limits
         self._envelope = SafetyEnvelope(limits)
         self._region = region
-        self._shape_px = (int(shape_px[0]), int(shape_px[1]))
+        self._shape_px = _shape(shape_px)
         self._dwell_s = float(dwell_s)
         self._chunk = lines_per_chunk
         self._id = instrument_id
@@ -283,3 +283,20 @@ class SimulatedScanInstrument:
     def simulator(self) -> Any:
         """The underlying simulator (tests and benchmarks only)."""
         return self._sim
+
+
+def _shape(shape_px: Any) -> tuple[int, int]:
+    """``shape_px`` as (rows, columns) of positive ints, or a ConfigError naming the value."""
+    try:
+        rows, cols = shape_px
+    except (TypeError, ValueError):
+        rows = cols = None
+    if _positive_whole(rows) and _positive_whole(cols):
+        return int(rows), int(cols)
+    raise ConfigError(f"shape_px must be two positive integers (rows, columns), got {shape_px!r}")
+
+
+def _positive_whole(n: Any) -> bool:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer, float, np.floating)):
+        return False
+    return bool(n >= 1) and float(n).is_integer()

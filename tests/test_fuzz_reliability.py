@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from agent.cli import _parse_sim_options
@@ -225,6 +225,13 @@ STM_OPTIONS = [f.name for f in dataclasses.fields(STMConfig)]
     ),
     raw=st.lists(st.text(max_size=12), max_size=2),
 )
+# values a CI run once found to escape as TypeError/KeyError/ValueError/IndexError
+@example(pairs=[("cube", "[]")], raw=[])
+@example(pairs=[("shape_px", "{}")], raw=[])
+@example(pairs=[("shape_px", ":")], raw=[])
+@example(pairs=[("shape_px", "0")], raw=[])
+@example(pairs=[("shape_px", "")], raw=[])
+@example(pairs=[("shape_px", "[1e309, 3]")], raw=[])
 def test_fuzzed_sim_options_open_an_instrument_or_say_why(
     pairs: list[tuple[str, str]], raw: list[str]
 ) -> None:
