@@ -90,6 +90,10 @@ class SimulatedScanInstrument:
             raise ConfigError(f"lines_per_chunk must be an int >= 1, got {lines_per_chunk!r}")
         if lines_per_chunk < 1:
             raise ConfigError(f"lines_per_chunk must be >= 1, got {lines_per_chunk!r}")
+        if not isinstance(limits, Limits):
+            raise ConfigError(f"limits must be a drivers.limits.Limits, got {limits!r}")
+        if isinstance(dwell_s, bool) or not isinstance(dwell_s, (int, float, np.number)):
+            raise ConfigError(f"dwell_s must be a number of seconds, got {dwell_s!r}")
         self._sim = sim
         self._limits = limits
         self._envelope = SafetyEnvelope(limits)

@@ -82,3 +82,25 @@ def test_dft_cube_option_images_the_graphene_lattice() -> None:
     period_m = 1.0 / np.hypot(fx, fy)
     # graphene row spacing a*sqrt(3)/2 = 2.13 Å, within one FFT bin of a 4 nm frame
     assert abs(period_m - 2.46e-10 * np.sqrt(3) / 2) < 0.1e-10
+
+
+@pytest.mark.parametrize("uri", ["sim:stm", "sim:stem", "sim:sem"])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("dwell_s", "x"),
+        ("dwell_s", None),
+        ("dwell_s", [1e-6]),
+        ("limits", "x"),
+        ("limits", {}),
+        ("shape_px", {}),
+        ("shape_px", 0),
+        ("shape_px", [float("inf"), 3]),
+        ("shape_px", [True, 3]),
+    ],
+)
+def test_malformed_driver_keywords_are_config_errors_naming_the_key(
+    uri: str, key: str, value: object
+) -> None:
+    with pytest.raises(ConfigError, match=key):
+        open_instrument(uri, **{key: value})
