@@ -315,3 +315,14 @@ def test_the_reply_layout_is_the_documented_one() -> None:
         3,
     )
     assert len(head) == 40 + block_size
+
+
+def test_the_constructor_fallback_builds_the_same_frames(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the decoder may not fill a Frame itself it calls Frame's constructor, same frames."""
+    monkeypatch.setattr(channel, "_TRUSTED_CONSTRUCTION", False)
+    encoder, decoder = ReplyEncoder(), ReplyDecoder()
+    _send(encoder, decoder, _frame(0))
+    got = _send(encoder, decoder, _frame(1))
+    want = _frame(1)
+    assert got.header() == want.header() and got.metadata == want.metadata
+    np.testing.assert_array_equal(got.data, want.data)
