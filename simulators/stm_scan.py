@@ -152,21 +152,14 @@ class FrameScan:
         retracted = sim._retracted
         first = sim._tip.config
         events = sim._pass_time(self.line_time_s)
-        if not events and not retracted:
+        if not events:
             majority = first.state
             if majority not in self._seen:
                 self._seen.append(majority)
-            line = self._scanned(row, first)
-        elif not events:
-            majority = first.state
-            if majority not in self._seen:
-                self._seen.append(majority)
-            values = self._line_values(row, first, retracted)
-            if values.dtype == np.float64:
-                line = values + self._noise[row]
-            else:  # float32 values (a crashed tip): add in float64, round back as ``+=`` does
-                line = values.copy()
-                line += self._noise[row]
+            if not retracted:
+                line = self._scanned(row, first)
+            else:
+                line = self._line_values(row, first, retracted) + self._noise[row]
         else:
             segments: list[tuple[int, TipConfig]] = [(0, first)]
             previous = first
