@@ -233,6 +233,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             config = plan.config
         pipeline = build_pipeline(config, kind=kind)
         versions = {"scopepilot": _package_version(), **pipeline.versions()}
+        for warning in pipeline.warnings():
+            print(f"warning: {warning}", file=sys.stderr)
         if plan is not None:  # before anything reaches the instrument
             plan.check_compatible(kind, versions)
         if scan:  # scan settings go through the instrument's envelope like any other command

@@ -115,6 +115,8 @@ class Pipeline:
     policy: Policy
     stages: tuple[FrameStage, ...] = ()
     early_abort: bool = False
+    policy_trained_on: str | None = None
+    """The tip assessor (``"name version"``) a trained tip policy learnt from, where it says."""
 
     def agent(self, instrument: Instrument, **options: Any) -> Agent:
         """An :class:`~agent.loop.Agent` on ``instrument`` with these parts; ``options`` are the
@@ -144,7 +146,25 @@ class Pipeline:
         }
         for stage in self.stages:  # absent when none run: older sessions resume unchanged
             out[stage.name] = label(stage)
+        if self.policy_trained_on is not None:
+            out["policy_trained_on"] = self.policy_trained_on
         return out
+
+    def warnings(self) -> list[str]:
+        """What a person starting this session should know before trusting it: a trained tip
+        policy fed by another tip assessor than the one it learnt from (its observations then
+        come from a different model; docs/benchmarks.md, Issue 4, measures one such pairing)."""
+        used = (
+            "none"
+            if self.assessor is None
+            else (f"{self.assessor.name} {getattr(self.assessor, 'version', '?')}")
+        )
+        if self.policy_trained_on is None or self.policy_trained_on == used:
+            return []
+        return [
+            f"policy {self.policy.name!r} was trained on tip estimates from "
+            f"{self.policy_trained_on}; this session's tip assessor is {used}"
+        ]
 
 
 TIPNET_POLICIES = ("rl", "rl-tip")
@@ -237,6 +257,18 @@ def build_pipeline(config: Mapping[str, Any], *, kind: str) -> Pipeline:
             f"early_abort needs a tip assessor that watches partial frames (tipnet), got "
             f"{tip_name!r}"
         )
+    trained_on = None
+    if policy_name in TIPNET_POLICIES and kind in SPM_KINDS:
+        from policies.rl import TIP_WEIGHTS, tip_policy_perception
+
+        policy_options = _options(config, "policy_options")
+        weights = policy_options.get("tip_weights" if policy_name == "rl" else "weights")
+        trained_on = tip_policy_perception(weights or TIP_WEIGHTS)
     return Pipeline(
-        assessor=assessor, quality=quality, policy=policy, stages=stages, early_abort=early_abort
+        assessor=assessor,
+        quality=quality,
+        policy=policy,
+        stages=stages,
+        early_abort=early_abort,
+        policy_trained_on=trained_on,
     )

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from drivers.commands import Capability, Command, MoveTo, SetDwell
-from drivers.errors import ConfigError, DataError
+from drivers.errors import ConfigError, DataError, ModelError
 from drivers.observation import Decision, Observation
 from policies.base import Policy, named_decision
 from policies.dose_features import (
@@ -46,6 +46,18 @@ from policies.tip_actions import (
 
 TIP_WEIGHTS = WEIGHTS_DIR / "rl_tip.pt"
 DOSE_WEIGHTS = WEIGHTS_DIR / "rl_dose.pt"
+
+
+def tip_policy_perception(weights: str | Path = TIP_WEIGHTS) -> str | None:
+    """The tip assessor (``"name version"``, e.g. ``"tipnet 1.1+577f79d8"``) whose estimates the
+    tip policy in ``weights`` was trained on, as its training recorded it; None when the file
+    does not say or cannot be read (loading the policy reports that)."""
+    try:
+        _, meta = load_policy(weights, kind="tip", obs_dim=OBS_DIM, n_actions=N_ACTIONS)
+    except (ConfigError, ModelError):
+        return None
+    value = meta.get("perception")
+    return value if isinstance(value, str) and value else None
 
 
 def _short(sha: str) -> str:

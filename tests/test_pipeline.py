@@ -68,3 +68,36 @@ def test_bad_config_names_the_key(config: dict[str, object], words: list[str]) -
         build_pipeline(config, kind="stm")
     for word in words:
         assert word in str(info.value)
+
+
+def test_a_tip_policy_fed_by_another_tip_model_is_flagged(tmp_path) -> None:
+    from policies.rl import TIP_WEIGHTS, tip_policy_perception
+    from policies.rl_net import load_policy, save_policy
+    from policies.tip_actions import N_ACTIONS, OBS_DIM
+
+    shipped = tip_policy_perception()
+    assert shipped is not None and shipped.startswith("tipnet ")
+    pipe = build_pipeline({"policy": "rl-tip"}, kind="stm")
+    used = f"{pipe.assessor.name} {pipe.assessor.version}"
+    assert pipe.versions()["policy_trained_on"] == shipped
+    assert bool(pipe.warnings()) == (shipped != used)
+
+    # the same network, its meta saying it learnt from the tip model this session uses: no warning
+    net, meta = load_policy(TIP_WEIGHTS, kind="tip", obs_dim=OBS_DIM, n_actions=N_ACTIONS)
+    matched = tmp_path / "matched.pt"
+    save_policy(matched, "tip", net, {**meta, "perception": used})
+    same = build_pipeline(
+        {"policy": "rl", "policy_options": {"tip_weights": str(matched)}}, kind="stm"
+    )
+    assert same.policy_trained_on == used and same.warnings() == []
+
+    other = tmp_path / "other.pt"
+    save_policy(other, "tip", net, {**meta, "perception": "tipnet 0.9+00000000"})
+    flagged = build_pipeline(
+        {"policy": "rl-tip", "policy_options": {"weights": str(other)}}, kind="stm"
+    )
+    (warning,) = flagged.warnings()
+    assert "tipnet 0.9+00000000" in warning and used in warning
+    # no tip, no tip policy pairing to check; the rule policy is not a trained one
+    assert build_pipeline({"policy": "rl"}, kind="stem").policy_trained_on is None
+    assert build_pipeline({"policy": "rule"}, kind="stm").warnings() == []
