@@ -17,6 +17,7 @@ median agent frame rates (target: with / without >= 0.95) and the frame rate the
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import resource
@@ -168,8 +169,13 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     try:
         one_run(inner, frames, 20, False, args.console_fps, workdir, spm)  # warm-up
-        order = list(itertools.chain.from_iterable([(False, True)] * args.repeats))
+        # ABBA order (without, with, with, without, ...): neither kind always runs right after
+        # the other, whose teardown (server thread, client process, store) may still be going on
+        pairs = [(False, True), (True, False)]
+        order = list(itertools.chain.from_iterable(pairs[i % 2] for i in range(args.repeats)))
         for console in tqdm(order, desc="runs", leave=False):
+            gc.collect()
+            time.sleep(0.2)  # let the previous run's threads and processes finish
             runs.append(
                 one_run(inner, frames, args.frames, console, args.console_fps, workdir, spm)
             )
@@ -200,11 +206,27 @@ def main() -> None:
         + ", ".join(f"{r['client_cpu_s']:.1f}" for r in runs if r["console"])
         + " s"
     )
+    cpu_without = float(np.median([v for v, r in zip(cpu, runs, strict=True) if not r["console"]]))
+    cpu_with = float(np.median([v for v, r in zip(cpu, runs, strict=True) if r["console"]]))
+    print(
+        f"  agent process CPU/frame, medians: {cpu_without:.1f} ms without, {cpu_with:.1f} ms "
+        f"with the console ({cpu_with / cpu_without:.3f}×)"
+    )
     print(f"  ratio agent speed with / without console (medians): {ratio:.3f} (target >= 0.95)")
     print(f"  machine: {machine()}")
     OUT.mkdir(exist_ok=True)
     out = OUT / "console_live.json"
-    out.write_text(json.dumps({"runs": runs, "ratio": ratio, "machine": machine()}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "runs": runs,
+                "ratio": ratio,
+                "cpu_ms_per_frame": {"without": cpu_without, "with": cpu_with},
+                "machine": machine(),
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 
