@@ -14,7 +14,12 @@ from drivers.protocol import CommandResult, Instrument, InstrumentInfo, Instrume
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    """The machine in words; names the cores this process may run on when it is pinned to fewer
+    (``taskset -c 2,3 ...`` gives "16 cores, pinned to 2")."""
+    cores = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    pinned = f", pinned to {usable}" if usable != cores else ""
+    return f"{platform.machine()}, {cores} cores{pinned}, Python {platform.python_version()}"
 
 
 class TimedInstrument:
