@@ -560,9 +560,10 @@ def test_replies_survive_sockets_that_take_a_few_bytes_at_a_time() -> None:
 
     pixels = np.arange(100, dtype=np.uint16)
     for head in (b"", b"header-bytes"):
-        sock = Trickle()
-        _send_parts(sock, head, pixels.data.cast("B"), gather=True)  # type: ignore[arg-type]
-        assert bytes(sock.sent) == head + pixels.tobytes()
+        for payload in (pixels.data.cast("B"), pixels.reshape(10, 10)):  # a view, an array
+            sock = Trickle()
+            _send_parts(sock, head, payload, gather=True)  # type: ignore[arg-type]
+            assert bytes(sock.sent) == head + pixels.tobytes()
 
 
 @pytest.fixture

@@ -16,12 +16,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drivers.commands import MoveTo, SetDwell
-from drivers.errors import CommandRejected, DataError, NotConnected
+from drivers.errors import (
+    CommandRejected,
+    CommunicationError,
+    DataError,
+    InstrumentError,
+    NotConnected,
+)
 from drivers.frame import Frame, ScanRegion
-from drivers.remote import InstrumentServer, RemoteInstrument, channel
+from drivers.remote import InstrumentServer, RemoteInstrument, channel, client
 from drivers.remote.channel import ERROR, FRAME, NO_FRAME, REPLY, ReplyDecoder, ReplyEncoder
 from drivers.remote.wire import decode_frame, encode_frame
 from drivers.sim import SimulatedSTM
+from tests.remote_support import CuttingRelay
 
 TOKEN = "test-token-0123"
 
@@ -45,11 +52,12 @@ def _frame(index: int = 0, **changes: Any) -> Frame:
 def _send(encoder: ReplyEncoder, decoder: ReplyDecoder, frame: Frame, row0: int = 0) -> Frame:
     """One reply through the encoder and the decoder, as the channel's two ends do."""
     head, payload = encoder.frame(frame, row0)
+    pixels = np.asarray(payload).tobytes()  # (an array or a byte view: what sendmsg takes)
     fields = REPLY.unpack_from(head)
-    assert fields[0] == FRAME and fields[4] == len(payload)
+    assert fields[0] == FRAME and fields[4] == len(pixels)
     layout = decoder.layout(bytes(head[REPLY.size :]), *fields[5:])
     buffer = layout.empty()
-    layout.target(buffer)[...] = np.frombuffer(payload, dtype=layout.dtype).reshape(
+    layout.target(buffer)[...] = np.frombuffer(pixels, dtype=layout.dtype).reshape(
         layout.rows, layout.shape[1]
     )
     return decoder.build(buffer, layout)
@@ -180,6 +188,38 @@ def test_any_per_frame_fields_give_a_checked_layout_or_a_data_error(
     assert layout.payload_bytes == rows * 4 * 2
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(0, 4),
+    st.integers(0, 4),
+    st.integers(0, 4),
+    st.booleans(),
+)
+def test_a_repeated_block_in_one_call_gives_what_layout_and_build_give(
+    index: int, time_s: float, lines_done: int, row0: int, rows: int, same_block: bool
+) -> None:
+    """``repeat`` (the one-read path) makes a frame only where layout() and build() would make
+    the same whole frame; anything else is left to them."""
+    encoder, decoder = ReplyEncoder(), ReplyDecoder()
+    _send(encoder, decoder, _frame(0))
+    block = _block(encoder.frame(_frame(1) if same_block else _frame(1, dwell_s=3e-4))[0])
+    data = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    fast = decoder.repeat(block, index, time_s, lines_done, row0, rows, data)
+    try:
+        layout = decoder.layout(block, index, time_s, lines_done, row0, rows)
+        full: Frame | None = decoder.build(data, layout) if rows == 3 else None
+    except DataError:
+        full = None
+    if fast is None:
+        assert full is None or not same_block  # only a new block or a part is left to them
+        return
+    assert full is not None and fast.data is data
+    assert fast.header() == full.header() and fast.metadata == full.metadata
+    assert vars(fast).keys() == vars(full).keys()
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=300), st.data())
 def test_any_block_gives_a_frame_or_a_data_error(block: bytes, data: st.DataObject) -> None:
@@ -268,6 +308,106 @@ def test_streamed_parts_with_a_remembered_block_equal_local_ones() -> None:
                 assert a.header() == b.header()
                 np.testing.assert_array_equal(a.data, b.data)  # NaN where not yet scanned
             assert pairs[0][1].data is not pairs[1][1].data  # each part holds its own copy
+
+
+class ScriptedSTM(SimulatedSTM):
+    """``acquire`` hands out ``script``'s frames in turn, raising the exceptions in it."""
+
+    def __init__(self, script: list[Frame | Exception], **options: Any) -> None:
+        super().__init__(**options)
+        self.script = list(script)
+
+    def acquire(self) -> Frame:
+        item = self.script.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+@pytest.mark.parametrize("scatter", [True, False], ids=["one-read", "two-reads"])
+def test_replies_that_differ_from_the_expected_one_arrive_whole(
+    scatter: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client reads a reply that repeats the remembered block with one call, into an array
+    made before it arrives; whatever else comes instead (a new block of the same size, another
+    pixel type or shape of the same byte count, a partial frame, a long error, no frame) gives
+    the frame a full decode gives, or the error, and the channel goes on. Without scattered
+    reads (TLS) the same frames arrive."""
+    monkeypatch.setattr(client, "_can_scatter", lambda sock: scatter)
+    repeated = 0
+    repeat = ReplyDecoder.repeat
+
+    def counting(self: ReplyDecoder, *args: Any) -> Frame | None:
+        nonlocal repeated
+        frame = repeat(self, *args)
+        repeated += frame is not None
+        return frame
+
+    monkeypatch.setattr(ReplyDecoder, "repeat", counting)
+    script: list[Frame | Exception] = [
+        _frame(0),
+        _frame(1),  # expected: read at once
+        _frame(2),
+        _frame(3, dwell_s=2e-4),  # a new block of the same size, same layout
+        _frame(4, dwell_s=2e-4),
+        _frame(5, dwell_s=2e-4, data=np.arange(6, dtype=np.uint32).reshape(3, 2) << 20),
+        _frame(6, data=np.arange(6, dtype=np.float32).reshape(3, 2)),  # a longer block
+        _frame(7, lines_done=2),  # part of a frame: fewer pixels
+        InstrumentError("the controller says: " + "x" * 3000),  # an error longer than a head
+        _frame(8),
+        _frame(9),
+    ]
+    served = ScriptedSTM(script, seed=1, shape_px=(16, 16))
+    frames = [f for f in script if isinstance(f, Frame)]
+    with (
+        InstrumentServer(served, token=TOKEN) as server,
+        RemoteInstrument("127.0.0.1", server.port, token=TOKEN) as remote,
+    ):
+        channel_socket: Any = None
+        for frame in frames:
+            if frame.frame_index == 8:
+                with pytest.raises(InstrumentError, match=r"x{3000}"):
+                    remote.acquire()
+                assert remote.latest_frame(after_index=7) is None  # a reply without a frame
+            got = remote.acquire()
+            channel_socket = channel_socket or remote._channel
+            expected = decode_frame(*encode_frame(frame))
+            assert got.header() == expected.header()
+            assert got.metadata == expected.metadata
+            np.testing.assert_array_equal(got.done_data, frame.done_data)
+            assert got.data.dtype == frame.data.dtype
+        assert remote._channel is channel_socket  # one channel throughout
+    assert repeated == (5 if scatter else 0)  # frames 1, 2, 4, 8 (7's block) and 9
+
+
+@pytest.mark.parametrize(
+    "cut_at", [20, 3000, 12000], ids=["in-head", "early-pixels", "late-pixels"]
+)
+def test_a_drop_inside_an_expected_reply_raises_and_the_next_call_reconnects(cut_at: int) -> None:
+    """A reply read at once into a new array (the remembered block) that breaks off is a
+    CommunicationError; the next acquire reconnects and no frame arrives twice or broken."""
+    local = TruthlessSTM(seed=4, shape_px=(64, 64), dwell_s=1e-4)
+    served = TruthlessSTM(seed=4, shape_px=(64, 64), dwell_s=1e-4)
+    with InstrumentServer(served, token=TOKEN) as server:
+        relay = CuttingRelay(server.port)
+        remote = RemoteInstrument("127.0.0.1", relay.port, token=TOKEN, sleep=lambda s: None)
+        try:
+            got = [remote.acquire() for _ in range(3)]
+            assert remote._decoder.whole is not None  # the next reply is read at once
+            relay.cut_after(cut_at)  # a 64² float32 reply is some 16.6 kB
+            with pytest.raises(CommunicationError, match="lost during acquire"):
+                remote.acquire()
+            got.append(remote.acquire())  # reconnects
+            assert remote.reconnects == 1
+        finally:
+            remote.close()
+            relay.close()
+    want = [local.acquire() for _ in range(5)]
+    del want[3]  # scanned by the server, lost on the way: never delivered
+    assert [f.frame_index for f in got] == [f.frame_index for f in want]
+    for a, b in zip(want, got, strict=True):
+        assert a.header() == b.header()
+        np.testing.assert_array_equal(a.data, b.data)
 
 
 def test_bad_frame_channel_calls_get_error_replies_and_the_channel_goes_on() -> None:

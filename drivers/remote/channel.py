@@ -79,13 +79,33 @@ class ReplyEncoder:
         self._packer = msgpack.Packer(use_bin_type=True)
         self._key: tuple[Any, ...] | None = None
         self._block = b""
+        # the pixel type of the last whole frame sent from its own array, and its wire name
+        self._native: np.dtype[Any] | None = None
+        self._name = ""
 
-    def frame(self, frame: Frame, row0: int = 0, last: bool = False) -> tuple[bytes, memoryview]:
-        """The reply's head (fixed part and block) and its pixels (a view, not a copy).
+    def frame(
+        self, frame: Frame, row0: int = 0, last: bool = False
+    ) -> tuple[bytes, memoryview | np.ndarray]:
+        """The reply's head (fixed part and block) and its pixels: the frame's own C-ordered
+        array when it can go as it is (a whole frame of a little-endian type already sent so),
+        else a byte view of the rows to send (of a converted copy where needed).
 
         Raises :class:`DataError` for a frame that cannot travel (a pixel type not on the wire,
         metadata msgpack cannot carry, a field out of the fixed part's range)."""
-        name, payload = _payload(frame, row0)
+        data = frame.data
+        payload: memoryview | np.ndarray
+        if (
+            row0 == 0
+            and data.dtype is self._native
+            and frame.lines_done == len(data)
+            and data.flags.c_contiguous
+        ):
+            name, payload, size = self._name, data, data.nbytes  # the usual frame: no view made
+        else:
+            name, payload = _payload(frame, row0)
+            size = len(payload)
+            if row0 == 0 and payload.obj is data:  # sent from its own array, unconverted
+                self._native, self._name = data.dtype, name
         metadata = frame.metadata
         try:
             packed_metadata = self._packer.pack(
@@ -126,7 +146,7 @@ class ReplyEncoder:
                 _LAST if last else 0,
                 0,
                 len(block),
-                len(payload),
+                size,
                 frame.frame_index,
                 frame.timestamp_s,
                 lines_done,
@@ -156,6 +176,16 @@ class _Fixed(NamedTuple):
     fields: dict[str, Any]  # a frame's fields in order (its data, metadata, per-frame ones stale)
 
 
+class WholeReply(NamedTuple):
+    """The reply a remembered block announces for a whole frame: its head (fixed part and
+    block) is ``head_size`` bytes and its pixels fill a new ``layout.shape`` array, so a client
+    can read both in one call (the array made before the reply arrives)."""
+
+    head_size: int
+    layout: FrameLayout  # what :meth:`ReplyDecoder.layout` returns for such a reply
+    payload_bytes: int
+
+
 class ReplyDecoder:
     """Checks the frame replies of one channel (client side); not thread-safe.
 
@@ -163,13 +193,16 @@ class ReplyDecoder:
     :meth:`build` makes the :class:`Frame` once they are in. A block is checked in full by
     :func:`~drivers.remote.wire.frame_layout` and :func:`~drivers.remote.wire.build_frame`
     the first time; while the same bytes come again its checked values are reused and only the
-    per-frame fields are checked (against the same bounds).
+    per-frame fields are checked (against the same bounds). :attr:`whole` says what a whole
+    frame's reply with the remembered block looks like (None while no block is remembered); it
+    is a guess to read by, never a check: every reply still goes through :meth:`layout`.
     """
 
     def __init__(self, *, max_bytes: int = MAX_FRAME_BYTES) -> None:
         self._max_bytes = max_bytes
         self._block = b""
         self._fixed: _Fixed | None = None
+        self.whole: WholeReply | None = None
         self._header: dict[str, Any] | None = None  # the block being checked in full
         self._pending_block = b""
         self._index, self._timestamp_s, self._lines_done = 0, 0.0, 0
@@ -213,8 +246,47 @@ class ReplyDecoder:
         layout = frame_layout(header, max_bytes=self._max_bytes)
         self._header = header
         self._fixed = None  # a block that failed (or differs) is not trusted again
+        self.whole = None
         self._pending_block = block
         return layout
+
+    def repeat(
+        self,
+        block: bytes,
+        index: int,
+        timestamp_s: float,
+        lines_done: int,
+        row0: int,
+        rows: int,
+        data: np.ndarray,
+    ) -> Frame | None:
+        """The whole frame of a reply that repeats the remembered block, holding ``data`` (its
+        pixels, already read; not copied), or None for any other reply (then :meth:`layout`
+        and :meth:`build` handle it, and name what is wrong). The same checks as
+        :meth:`layout`'s for a remembered block, in one call: what :attr:`whole` promised."""
+        fixed = self._fixed
+        if (
+            fixed is None
+            or not _TRUSTED_CONSTRUCTION
+            or block != self._block
+            or row0 != 0
+            or rows != lines_done
+            or lines_done != fixed.whole.shape[0]
+            or index < 0
+            or index > _MAX_FRAME_INDEX
+            or not math.isfinite(timestamp_s)
+        ):
+            return None
+        self._header = None
+        frame = object.__new__(Frame)  # (see build: the values are checked already)
+        fields = frame.__dict__
+        fields.update(fixed.fields)
+        fields["data"] = data
+        fields["frame_index"] = index
+        fields["timestamp_s"] = timestamp_s
+        fields["lines_done"] = lines_done
+        fields["metadata"] = dict(fixed.metadata)
+        return frame
 
     def build(self, data: np.ndarray, layout: FrameLayout) -> Frame:
         """The frame of the reply :meth:`layout` last checked, holding ``data`` (not copied)."""
@@ -250,4 +322,6 @@ class ReplyDecoder:
                 {name: getattr(frame, name) for name in _FRAME_FIELDS},
             )
             self._block = self._pending_block
+            whole = self._fixed.whole
+            self.whole = WholeReply(REPLY.size + len(self._block), whole, whole.payload_bytes)
         return frame

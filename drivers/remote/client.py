@@ -48,7 +48,7 @@ from drivers.errors import (
 )
 from drivers.frame import Frame, ScanRegion
 from drivers.protocol import CommandResult, InstrumentInfo, InstrumentState
-from drivers.remote.channel import ERROR, FRAME, NO_FRAME, REPLY, ReplyDecoder
+from drivers.remote.channel import ERROR, FRAME, NO_FRAME, REPLY, ReplyDecoder, WholeReply
 from drivers.remote.daemon import (
     FRAME_CHANNEL_MAGIC,
     PROTOCOL_VERSION,
@@ -189,6 +189,9 @@ class RemoteInstrument:
         self._scratch = memoryview(bytearray(1 << 16))  # a reply's fixed part, block, first pixels
         self._first_read = self._scratch[:_FIRST_READ_BYTES]
         self._decoder = ReplyDecoder(max_bytes=max_frame_bytes)
+        self._vector_reads = False  # whether the channel reads into several buffers at once
+        self._whole_for: WholeReply | None = None  # the expected reply _whole_head is cut for
+        self._whole_head = self._first_read
         self._closed = False
         self.reconnects = 0
         self._connect()
@@ -355,27 +358,57 @@ class RemoteInstrument:
                 if self._channel is None:
                     self._channel = self._open_channel()
                     self._decoder = ReplyDecoder(max_bytes=self._max_frame_bytes)
+                    self._vector_reads = _can_scatter(self._channel)
                 sock = self._channel
                 request = _REQUESTS.get(method) if not args else None
                 if request is None:
                     body = msgpack.packb([method, list(args)], use_bin_type=True)
                     request = struct.pack("!I", len(body)) + body
                 sock.sendall(request)
-                # one read usually brings the fixed part, the block and the first pixels; it is
-                # kept short, so that the pixels mostly land in the frame's array directly
+                decoder = self._decoder
+                streaming = method == "stream_next"  # later lines go into the same buffer
+                whole = None
+                if into is None and not streaming and self._vector_reads:
+                    whole = decoder.whole
                 head = self._scratch
-                got = sock.recv_into(self._first_read)
+                spill: np.ndarray | None = None  # the expected reply's pixels go here
+                if whole is None:
+                    # one read usually brings the fixed part, the block and the first pixels;
+                    # it is kept short, so that the pixels mostly land in the frame's array
+                    first = self._first_read
+                    got = sock.recv_into(first)
+                else:
+                    # a whole frame with the remembered block is expected: its array is made
+                    # while the server works, and one call reads the head into the scratch and
+                    # the pixels into the array (a reply that differs is handled below)
+                    if whole is not self._whole_for:
+                        self._whole_for, self._whole_head = whole, head[: whole.head_size]
+                    first = self._whole_head
+                    spill = np.empty(whole.layout.shape, whole.layout.native)
+                    got = sock.recvmsg_into([first, spill.data])[0]
                 if got < _REPLY_BYTES:
-                    got = _recv_at_least(sock, self._first_read, _REPLY_BYTES, got)
+                    got = _recv_at_least(sock, first, _REPLY_BYTES, got)
                 kind, flags, _, block_size, payload_size, index, time_s, lines, row0, rows = (
                     REPLY.unpack_from(head)
                 )
                 end = _REPLY_BYTES + block_size
-                if end > len(head):
+                spilled = 0  # pixel bytes read into spill
+                if spill is not None and whole is not None:
+                    if got > whole.head_size:
+                        spilled, got = got - whole.head_size, whole.head_size
+                    if kind != FRAME or end != got or payload_size != whole.payload_bytes:
+                        # not the reply expected: go on from one buffer of what was read
+                        if spilled:
+                            joined = bytearray(max(len(head), got + spilled))
+                            joined[:got] = head[:got]
+                            joined[got : got + spilled] = spill.data.cast("B")[:spilled]
+                            head, got, spilled = memoryview(joined), got + spilled, 0
+                        spill = None
+                if end > len(self._scratch):
                     raise DataError(f"frame reply block of {block_size} bytes")
                 if got < end:  # a large block: read exactly the rest of it
                     got = _recv_at_least(sock, head[:end], end, got)
-                early = got - end  # pixel bytes already read
+                early = got - end  # pixel bytes read into head
                 if kind != FRAME:
                     if payload_size or early:
                         raise DataError(f"a frame reply of kind {kind} carries pixels")
@@ -385,10 +418,18 @@ class RemoteInstrument:
                         raise DataError(f"frame reply of unknown kind {kind}")
                     reported = _unpack_error(head[_REPLY_BYTES:end])
                 else:
-                    decoder = self._decoder
-                    layout = decoder.layout(
-                        bytes(head[_REPLY_BYTES:end]), index, time_s, lines, row0, rows
-                    )
+                    block = bytes(head[_REPLY_BYTES:end])
+                    if spill is not None:
+                        # the reply expected (its sizes say so): all its pixels go into spill,
+                        # and the frame is made at once if it repeats the remembered block
+                        if spilled < payload_size:
+                            _recv_into(sock, spill.data.cast("B")[spilled:])
+                        frame = decoder.repeat(block, index, time_s, lines, row0, rows, spill)
+                        if frame is not None:
+                            if _BIG_ENDIAN:  # the wire is little-endian
+                                spill.byteswap(inplace=True)
+                            return frame, bool(flags & 1), spill
+                    layout = decoder.layout(block, index, time_s, lines, row0, rows)
                     if layout.payload_bytes != payload_size:
                         raise DataError(
                             f"frame reply carries {payload_size} bytes; its header needs "
@@ -404,15 +445,18 @@ class RemoteInstrument:
                     else:
                         buffer = into
                         target = layout.target(buffer)
-                    # the pixels are read before the frame is built: a client that leaves them in
-                    # the socket stalls the server's send (slower in 5 of 6 interleaved A/B runs)
                     if target.size:
                         view = target.data.cast("B")
-                        view[:early] = head[end:got]
-                        _recv_into(sock, view[early:])
+                        if spill is not None:  # a new block of the remembered one's size
+                            view[:] = spill.data.cast("B")  # (all its bytes are in)
+                        else:
+                            # the pixels are read before the frame is built: a client that
+                            # leaves them in the socket stalls the server's send (slower in 5
+                            # of 6 interleaved A/B runs)
+                            view[:early] = head[end:got]
+                            _recv_into(sock, view[early:])
                         if _BIG_ENDIAN:  # the wire is little-endian
                             target.byteswap(inplace=True)
-                    streaming = method == "stream_next"  # later lines go into the same buffer
                     frame = decoder.build(buffer.copy() if streaming else buffer, layout)
                     return frame, bool(flags & 1), buffer
             except (OSError, struct.error, ValueError, msgpack.UnpackException) as exc:
@@ -513,6 +557,11 @@ def _kernel_timeouts(sock: socket.socket, timeout_s: float) -> None:
     except OSError:
         return
     sock.settimeout(None)
+
+
+def _can_scatter(sock: socket.socket) -> bool:
+    """Whether ``sock`` can read into several buffers in one call (TLS sockets cannot)."""
+    return hasattr(sock, "recvmsg_into") and not isinstance(sock, ssl.SSLSocket)
 
 
 def _recv_at_least(sock: socket.socket, buffer: memoryview, needed: int, have: int = 0) -> int:

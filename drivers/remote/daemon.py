@@ -370,21 +370,25 @@ def _can_gather(sock: socket.socket) -> bool:
     return hasattr(sock, "sendmsg") and not hasattr(sock, "getpeercert")
 
 
-def _send_parts(sock: socket.socket, head: bytes, payload: Any, *, gather: bool) -> None:
-    """Send ``head`` then ``payload`` (bytes, or a memoryview of bytes) in as few system calls
-    as possible, without joining them (with ``gather``, one ``sendmsg`` takes both buffers; else
-    they are sent in turn)."""
+def _byte_view(payload: Any) -> memoryview:
     view = payload if type(payload) is memoryview else memoryview(payload)
-    if view.itemsize != 1 or view.ndim != 1:
-        view = view.cast("B")
+    return view.cast("B") if view.itemsize != 1 or view.ndim != 1 else view
+
+
+def _send_parts(sock: socket.socket, head: bytes, payload: Any, *, gather: bool) -> None:
+    """Send ``head`` then ``payload`` (bytes, a memoryview, or a C-ordered array) in as few
+    system calls as possible, without joining them (with ``gather``, one ``sendmsg`` takes both
+    buffers, the array as it is; else they are sent in turn)."""
     if not gather:
         sock.sendall(head)
+        view = _byte_view(payload)
         if len(view):
             sock.sendall(view)
         return
-    sent = sock.sendmsg([head, view])
-    if sent == len(head) + len(view):
+    sent = sock.sendmsg([head, payload])
+    if sent == len(head) + (len(payload) if type(payload) is bytes else payload.nbytes):
         return  # the usual case: the kernel took it all at once
+    view = _byte_view(payload)
     parts = [memoryview(head)[sent:], view] if sent < len(head) else [view[sent - len(head) :]]
     while parts and not len(parts[0]):
         parts.pop(0)

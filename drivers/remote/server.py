@@ -394,9 +394,12 @@ class InstrumentService:
             stream.close()
 
     def _publish(self, frame: Frame) -> None:
-        with self._latest_lock:  # (Condition's own methods are Python code, run per frame)
-            self._latest = frame
-            if self._latest_waiters:
+        # no lock per frame: an observer counts itself in _latest_waiters (under the lock)
+        # before it checks _latest, so it either sees this frame or is counted here and woken
+        # (the interpreter orders these plain reads and writes)
+        self._latest = frame
+        if self._latest_waiters:
+            with self._latest_lock:
                 self._latest_cond.notify_all()
 
     def close_streams(self) -> None:
