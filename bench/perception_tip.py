@@ -49,6 +49,7 @@ from agent.perception.tip_data import STATES, TipRecipe, simulate  # noqa: E402
 from agent.perception.tip_eval import as_frame, evaluate_all  # noqa: E402
 from agent.perception.tip_net import TipModel, TipNet, TipNetAssessor, normalise  # noqa: E402
 from bench._common import machine  # noqa: E402
+from drivers.errors import DataError  # noqa: E402
 from drivers.frame import TipState  # noqa: E402
 
 VGG_INPUT = 64
@@ -303,6 +304,138 @@ def training_step_cpu(frames: int, steps: int, repeats: int) -> dict[str, Any]:
     }
 
 
+def watch_curve(model: TipModel, changes: int, out_png: Path, progress: bool) -> dict[str, Any]:
+    """Detection within 16 lines against false alarms for the two mid-scan detectors, on the
+    bench's test changes (seeds from ``CHANGE_SEED0``, checked every 4 lines) and the first 40
+    good frames of the held-out set (checked every 16 lines, as the loop does): the line-change
+    detector with thresholds fitted (on the calibration scans, as ``tip_watch_fit`` does) for
+    false-alarm budgets from 0.5 % to 30 %, and the network's recent read-out at alarm
+    thresholds ``watch_p_bad`` from 0.5 to 0.9995. Nothing here is fitted on the test data."""
+    from tqdm import tqdm
+
+    from agent.perception import tip_watch
+    from agent.perception.tip_data import natural_changes, sample
+    from agent.perception.tip_eval import _change_recipe
+    from agent.perception.tip_watch_fit import DEFAULT_GOOD, calibration_scans, scan_maxima
+
+    calib, _ = calibration_scans(DEFAULT_GOOD, 0, progress=progress)
+    maxima = [scan_maxima(tip_watch.feature_scores(s.data)) for s in calib]
+    table = {n: [m[n] for m in maxima] for n in tip_watch.FEATURES}
+    recipe = tip_task.heldout_recipe(200)
+    found = natural_changes(
+        _change_recipe(recipe, tip_task.CHANGE_SEED0), count=changes, progress=progress
+    )
+    good = [sample(recipe, tip_task.HELDOUT_SEED0 + 5 * j) for j in range(40)]
+    look = tip_watch.LOOKBACK_LINES
+    index = STATES.index(TipState.GOOD)
+
+    def net_p_bad(data: np.ndarray, px: float, lines: list[int]) -> dict[int, float]:
+        out = {}
+        for n in lines:
+            window = data[max(0, n - 96) : n]
+            try:
+                probs = model.probabilities(model.prepare(window, px))[1]
+            except DataError:  # too few lines after resampling: watch() says nothing
+                out[n] = 0.0
+                continue
+            # an alarm needs a confident bad top state as well (TipNetAssessor.watch)
+            top = int(np.argmax(probs))
+            sure = 1.0 - float(probs[top]) <= model.reject_uncertainty and top != index
+            out[n] = 1.0 - float(probs[index]) if sure else 0.0
+        return out
+
+    runs = []
+    for c in tqdm(found, desc="changes (curve)", disable=not progress):
+        if c.visible_line is None:
+            continue
+        stop = min(c.data.shape[0], max(c.change_line, c.visible_line) + 64)
+        lines = list(range(16, stop + 1, 4))
+        runs.append(
+            (c, lines, tip_watch.feature_scores(c.data), net_p_bad(c.data, c.pixel_size_nm, lines))
+        )
+    good_runs = []
+    for s in tqdm(good, desc="good frames (curve)", disable=not progress):
+        lines = list(range(16, s.data.shape[0] + 1, 16))
+        good_runs.append(
+            (lines, tip_watch.feature_scores(s.data), net_p_bad(s.data, s.pixel_size_nm, lines))
+        )
+
+    def line_alarm(scores: dict[str, np.ndarray], n: int, limits: dict[str, float]) -> bool:
+        first = max(0, n - look + 1)
+        return any(float(scores[k][first : n + 1].max()) > v for k, v in limits.items())
+
+    def score(alarm: Any, every: int = 4) -> dict[str, float]:
+        within = early = 0
+        for c, lines, scores, p_bad in runs:
+            n = next((n for n in lines if n % every == 0 and alarm(scores, p_bad, n)), None)
+            if n is not None and n < c.change_line:
+                early += 1
+            elif n is not None and n - c.visible_line <= 16:
+                within += 1
+        alarmed = sum(
+            any(alarm(scores, p_bad, n) for n in lines) for lines, scores, p_bad in good_runs
+        )
+        return {
+            "within_16": within / len(runs),
+            "early_alarm": early / len(runs),
+            "good_frames_alarmed": alarmed / len(good_runs),
+        }
+
+    curve: dict[str, list[dict[str, float]]] = {"lines": [], "tipnet": []}
+    # runs' check lines are every 4 from 16, so "every 16" keeps 16, 32, ... as the loop does
+    for budget in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3):
+        limits = tip_watch.fit_thresholds(table, budget)["thresholds"]
+        row = score(lambda sc, pb, n, lim=limits: line_alarm(sc, n, lim))
+        curve["lines"].append({"budget": budget, **row})
+    # the loop looks every 16 lines (agent.loop.WATCH_EVERY_LINES): the shipped budget there
+    limits = tip_watch.fit_thresholds(table, 0.02)["thresholds"]
+    row = score(lambda sc, pb, n, lim=limits: line_alarm(sc, n, lim), every=16)
+    curve["lines_every_16"] = [{"budget": 0.02, **row}]
+    for p in (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.9995):
+        row = score(lambda sc, pb, n, p=p: pb[n] >= p)
+        curve["tipnet"].append({"watch_p_bad": p, **row})
+    plot_watch_curve(curve, model.watch_p_bad, out_png)
+    return {"changes": len(runs), "good_frames": len(good_runs), "curve": curve}
+
+
+def plot_watch_curve(
+    curve: dict[str, list[dict[str, float]]], shipped_p: float, path: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, key, label in (
+        (axes[0], "early_alarm", "changes with an alarm before the change"),
+        (axes[1], "good_frames_alarmed", "complete good frames alarmed (every 16 lines)"),
+    ):
+        for name, style in (("lines", "o-"), ("tipnet", "s--")):
+            rows = curve[name]
+            ax.plot(
+                [r[key] for r in rows],
+                [r["within_16"] for r in rows],
+                style,
+                label="line-change detector (budget)" if name == "lines" else "net recent read-out",
+            )
+            for r in rows:
+                tag = r.get("budget", r.get("watch_p_bad"))
+                ax.annotate(f"{tag:g}", (r[key], r["within_16"]), fontsize=6)
+        ax.axhline(0.95, color="k", lw=0.6, ls=":")
+        ax.set_xlabel(label)
+        ax.set_ylabel("detected within 16 lines of the visible change")
+        ax.set_ylim(0, 1)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(
+        f"mid-scan tip change, test changes (seeds 40,000,000+); shipped net p_bad {shipped_p:.4f}"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -311,6 +444,17 @@ def main() -> int:
     parser.add_argument("--changes", type=int, default=100, help="mid-scan tip changes")
     parser.add_argument(
         "--vote-tips", type=int, default=50, help="tips per set for the agent's decision (0: skip)"
+    )
+    parser.add_argument(
+        "--more-changes",
+        type=int,
+        default=40,
+        help="changes on the shifted parameters and from a bad tip (0: skip)",
+    )
+    parser.add_argument(
+        "--watch-curve",
+        action="store_true",
+        help="only the change detectors' detection against false alarms (docs/img/tip_watch.png)",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=100)
@@ -339,6 +483,14 @@ def main() -> int:
     model = TipModel.load(args.weights_dir)
     print(f"machine: {machine()}; torch threads {torch.get_num_threads()}")
     print(f"model: tip {model.card.version} sha256 {model.card.sha256[:12]}")
+    if args.watch_curve:
+        curve = watch_curve(model, args.changes, ROOT / "docs/img/tip_watch.png", progress)
+        (out / "watch_curve.json").write_text(json.dumps(curve, indent=2))
+        print(f"\n== mid-scan detection against false alarms ({curve['changes']} changes) ==")
+        for name, rows in curve["curve"].items():
+            for r in rows:
+                print(f"  {name:7s} " + "  ".join(f"{k} {v:.3f}" for k, v in r.items()))
+        return 0
 
     results: dict[str, Any] = {}
     if args.frames > 0:  # --frames 0: latency (and VGG) only
@@ -353,6 +505,7 @@ def main() -> int:
             out_dir=out,
             progress=progress,
             vote_tips=args.vote_tips,
+            more_changes=args.more_changes,
         )
         print("\n== accuracy on held-out frames (tip net vs classical, same frames) ==")
         for name, r in results["sets"].items():
@@ -394,6 +547,17 @@ def main() -> int:
                     f"{m['check_every_lines']} lines; {m['never_visible']} of {m['changes']} "
                     "changes never visible)"
                 )
+            for set_name, block in results.get("changes_more", {}).items():
+                print(f"  -- {set_name} --")
+                for who, m in block.items():
+                    print(
+                        f"  {who:10s} within 16 lines {m['detected_within_16_lines']:.3f}  "
+                        f"median {m['median_lines_to_detect']:.0f}  missed "
+                        f"{m['missed_within_64_lines']:.3f}  early alarm "
+                        f"{m['false_alarm_before_change']:.3f}  good frames alarmed "
+                        f"{m['good_frames_with_false_alarm']:.3f} of {m['good_frames']}  by new "
+                        f"state {m['within_16_by_new_state']}"
+                    )
     seed = tip_task.HELDOUT_SEED0
     one = TipRecipe(seeds=(seed, seed + 1), size_nm=(16.0, 16.0), pairs=False)
     frame_data = simulate(one, progress=False)[0].data  # 256², 0.0625 nm: no resampling

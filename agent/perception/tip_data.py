@@ -303,12 +303,25 @@ def natural_changes(
     max_seeds: int = 100_000,
     min_line: int = 16,
     progress: bool = True,
+    initial: TipState = TipState.GOOD,
 ) -> list[ChangeFrame]:
-    """``count`` frames that start with a good tip which the simulator itself degrades once
-    mid-scan (``degradation_rate_per_s``: a 256-line frame at 1 ms dwell takes 131 s), with the
-    change line from the ground truth (``lines_per_state`` of the first state). Seeds are taken
-    in order from ``recipe.seeds[0]``; frames with no change, several changes or a change before
-    ``min_line`` are skipped."""
+    """``count`` frames that start with an ``initial`` tip which the simulator itself changes
+    once mid-scan, with the change line from the ground truth (``lines_per_state`` of the first
+    state). A good tip degrades at ``degradation_rate_per_s`` (a 256-line frame at 1 ms dwell
+    takes 131 s); a bad one (``initial`` double/multiple or blunt: the states whose geometry
+    holds still until it changes) changes to another state at the same rate (the simulator's
+    ``bad_tip_change_rate_per_s``). Seeds are taken in order from ``recipe.seeds[0]``; frames
+    with no change, several changes or a change before ``min_line`` are skipped. Visibility is
+    judged against a scan of the same place by the ``initial`` tip that does not change."""
+    if initial not in (TipState.GOOD, TipState.MULTIPLE, TipState.BLUNT):
+        raise ConfigError(
+            f"natural_changes starts from good, multiple or blunt tips, got {initial}"
+        )
+    rates = (
+        {"degradation_rate_per_s": degradation_rate_per_s}
+        if initial is TipState.GOOD
+        else {"bad_tip_change_rate_per_s": degradation_rate_per_s}
+    )
     from tqdm import tqdm
 
     out: list[ChangeFrame] = []
@@ -324,14 +337,7 @@ def natural_changes(
         size_m = float(rng.uniform(*recipe.size_nm)) * 1e-9
         x_m, y_m = (float(v) for v in rng.uniform(-500e-9, 500e-9, 2))
         region = ScanRegion(x_m, y_m, size_m, size_m)
-        frame = _scan(
-            seed,
-            TipState.GOOD,
-            options,
-            region,
-            recipe.shape_px,
-            degradation_rate_per_s=degradation_rate_per_s,
-        )
+        frame = _scan(seed, initial, options, region, recipe.shape_px, **rates)
         seed += 1
         truth = frame.truth
         if (
@@ -343,9 +349,9 @@ def natural_changes(
         before, after = truth.tip_states
         lines = truth.extra.get("lines_per_state", {})
         change = int(lines.get(str(before), 0))
-        if before is not TipState.GOOD or change < min_line or change >= recipe.shape_px[0] - 16:
+        if before is not initial or change < min_line or change >= recipe.shape_px[0] - 16:
             continue
-        twin = _scan(seed - 1, TipState.GOOD, options, region, recipe.shape_px).data
+        twin = _scan(seed - 1, initial, options, region, recipe.shape_px).data
         shown = shown_per_line(frame.data, twin, _sigma(options, frame.dwell_s))
         reached = np.flatnonzero(np.cumsum(shown[change:]) >= VISIBLE_PIXELS)
         out.append(

@@ -26,6 +26,7 @@ false-alarm rate of a complete scan (checked every 16 lines, classical every 64)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -163,22 +164,46 @@ def score_changes(
     *,
     check_every: int = 4,
     progress: bool = True,
+    only: tuple[str, ...] = ("tipnet", "tipwatch", "classical"),
 ) -> dict[str, Any]:
+    """Mid-scan detection (see the module doc) on the same changes and good frames by those
+    of these detectors named in ``only``: the network's recent read-out alone (``tipnet``,
+    what ``watch`` did before the change detector), the assessor's ``watch`` with the model's
+    line-statistics change detector (``tipwatch``, when the model has one), that detector on
+    its own (``lines``: an alarm, whatever the state; for changes from a bad tip) and the
+    classical assessor. Good frames are checked every 16 lines (the agent's loop; classical
+    every 64)."""
     from tqdm import tqdm
 
-    def net_fires(frame: Frame) -> bool:
-        est = assessor.watch(frame)
-        return est is not None and est.state is not TipState.GOOD
+    model = assessor.model
+    recent_only = TipNetAssessor(copy.copy(model), baseline=False)
+    recent_only.model.change_detector = None
+
+    def watch_fires(watcher: TipNetAssessor) -> Any:
+        def fires(frame: Frame) -> bool:
+            est = watcher.watch(frame)
+            return est is not None and est.state is not TipState.GOOD
+
+        return fires
 
     def cls_fires(frame: Frame) -> bool:
         est = classical.assess(frame)
         return est.state is not TipState.GOOD and est.uncertainty <= CLASSICAL_MAX_UNCERTAINTY
 
-    out: dict[str, Any] = {}
-    for name, fires, step in (
-        ("tipnet", net_fires, check_every),
+    def lines_fire(frame: Frame) -> bool:
+        detector = model.change_detector
+        return detector is not None and detector.check(frame.done_data) is not None
+
+    detectors: list[tuple[str, Any, int]] = [
+        ("tipnet", watch_fires(recent_only), check_every),
+        ("tipwatch", watch_fires(assessor), check_every),
+        ("lines", lines_fire, check_every),
         ("classical", cls_fires, 4 * check_every),
-    ):
+    ]
+    out: dict[str, Any] = {}
+    for name, fires, step in detectors:
+        if name not in only or (name in ("tipwatch", "lines") and model.change_detector is None):
+            continue
         latencies: list[float] = []
         from_change: list[float] = []
         false_alarm = missed = invisible = 0
@@ -205,7 +230,9 @@ def score_changes(
             good_frames, desc=f"good frames ({name})", unit="frame", disable=not progress
         ):
             if (
-                detection_run(s.data, s.pixel_size_nm, None, fires, 16 if name == "tipnet" else 64)
+                detection_run(
+                    s.data, s.pixel_size_nm, None, fires, 16 if name != "classical" else 64
+                )
                 is not None
             ):
                 fa_frames += 1
@@ -313,6 +340,7 @@ def evaluate_all(
     progress: bool = True,
     vote_tips: int = 0,
     vote_seed_offset: int = 5_000_000,
+    more_changes: int = 0,
 ) -> dict[str, Any]:
     model = TipModel.load(directory)
     assessor = TipNetAssessor(model, baseline=False)
@@ -326,7 +354,7 @@ def evaluate_all(
         "sets": {},
     }
     plots: dict[str, Any] = {}
-    good_frames: list[TipSample] = []
+    good_of: dict[str, list[TipSample]] = {}
     for name, recipe in sets.items():
         samples = simulate(recipe, progress=progress, desc=f"simulating {name}")
         scored = score_set(samples, assessor, classical, progress=progress, desc=f"scoring {name}")
@@ -347,26 +375,69 @@ def evaluate_all(
                 "seeds": list(vote_recipe.seeds),
                 **score_votes(sequences, assessor, k=k, max_uncertainty=max_unc),
             }
-        if name == "heldout":
-            good_frames = [s for s in samples if s.label == STATES.index(TipState.GOOD)][:50]
+        good_of[name] = [s for s in samples if s.label == STATES.index(TipState.GOOD)][:50]
+    good_frames = good_of.get("heldout", [])
     if changes > 0:
         first = next(iter(sets.values()))
-        recipe = TipRecipe(
-            seeds=(change_seed, change_seed + 1),
-            surfaces=first.surfaces,
-            surface_weights=first.surface_weights,
-            size_nm=first.size_nm,
-            noise_scale=first.noise_scale,
-            drift_scale=first.drift_scale,
-            pairs=False,
+        found = natural_changes(
+            _change_recipe(first, change_seed), count=changes, progress=progress
         )
-        found = natural_changes(recipe, count=changes, progress=progress)
         results["changes"] = score_changes(
             found, good_frames, assessor, classical, progress=progress
         )
+    if changes > 0 and more_changes > 0:
+        # the same test on the shifted parameters (own seeds, its own good frames), and
+        # changes from a bad tip to another state (the line detector alone: a bad tip before
+        # the change is no false alarm of the network's read-out)
+        more: dict[str, Any] = {}
+        if "shifted" in sets:
+            found = natural_changes(
+                _change_recipe(sets["shifted"], change_seed + SHIFTED_CHANGE_OFFSET),
+                count=more_changes,
+                progress=progress,
+            )
+            more["shifted"] = score_changes(
+                found,
+                good_of["shifted"],
+                assessor,
+                classical,
+                progress=progress,
+                only=("tipnet", "tipwatch"),
+            )
+        from_bad: list[Any] = []
+        for i, state in enumerate((TipState.MULTIPLE, TipState.BLUNT)):
+            seed = change_seed + BAD_CHANGE_OFFSET + 500_000 * i
+            from_bad += natural_changes(
+                _change_recipe(first, seed),
+                count=more_changes // 2,
+                progress=progress,
+                initial=state,
+            )
+        more["bad_to_other"] = score_changes(
+            from_bad, [], assessor, classical, progress=progress, only=("lines",)
+        )
+        results["changes_more"] = more
     results["summary"] = summary(results)
     plot_results(plots, results, out_dir / "tip_eval.png")
     return results
+
+
+SHIFTED_CHANGE_OFFSET = 2_000_000
+"""Seeds of the mid-scan changes on the shifted parameters: the change seed plus this."""
+BAD_CHANGE_OFFSET = 4_000_000
+"""Seeds of changes from a bad tip (multiple, then blunt 500,000 later): change seed plus this."""
+
+
+def _change_recipe(like: TipRecipe, seed: int) -> TipRecipe:
+    return TipRecipe(
+        seeds=(seed, seed + 1),
+        surfaces=like.surfaces,
+        surface_weights=like.surface_weights,
+        size_nm=like.size_nm,
+        noise_scale=like.noise_scale,
+        drift_scale=like.drift_scale,
+        pairs=False,
+    )
 
 
 def summary(results: dict[str, Any]) -> dict[str, Any]:
@@ -398,17 +469,20 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
                     "bad_tips_acted_on",
                 )
             }
-    for who, m in results.get("changes", {}).items():
-        out[f"changes/{who}"] = {
-            k: m[k]
-            for k in (
-                "detected_within_16_lines",
-                "median_lines_to_detect",
-                "detected_within_16_lines_from_change",
-                "false_alarm_before_change",
-                "good_frames_with_false_alarm",
-            )
-        }
+    blocks = [("changes", results.get("changes", {}))]
+    blocks += [(f"changes_{k}", v) for k, v in results.get("changes_more", {}).items()]
+    for key, block in blocks:
+        for who, m in block.items():
+            out[f"{key}/{who}"] = {
+                k: m[k]
+                for k in (
+                    "detected_within_16_lines",
+                    "median_lines_to_detect",
+                    "detected_within_16_lines_from_change",
+                    "false_alarm_before_change",
+                    "good_frames_with_false_alarm",
+                )
+            }
     return out
 
 

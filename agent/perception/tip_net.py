@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from agent.perception import tip_watch
 from agent.perception.registry import (
     WEIGHTS_DIR,
     ModelCard,
@@ -47,6 +48,7 @@ from agent.perception.registry import (
     load_model,
     resample_to_pixel_size,
 )
+from agent.perception.tip_watch import LineChangeDetector
 from drivers.errors import DataError, ModelError
 from drivers.frame import Frame, TipState
 from drivers.observation import TipEstimate
@@ -169,20 +171,24 @@ class TipModel:
     they are missing, corrupt or do not match.
     """
 
-    def __init__(self, net: TipNet, card: ModelCard) -> None:
+    def __init__(
+        self, net: TipNet, card: ModelCard, change_detector: LineChangeDetector | None = None
+    ) -> None:
         self.net = net
         self.card = card
         self.reject_uncertainty = float(card.architecture.get("reject_uncertainty", 0.3))
         # a mid-scan alarm needs this much probability on the bad states (fitted on good-tip
         # calibration scans so that few of them would ever raise one, see tip_train)
         self.watch_p_bad = float(card.architecture.get("watch_p_bad", 0.0))
+        # the line-statistics change detector beside the weights (tip_watch.json), if fitted
+        self.change_detector = change_detector
 
     @classmethod
     def load(cls, directory: str | Path = WEIGHTS_DIR) -> TipModel:
         net, card = load_model(NAME, build, directory, version=VERSION)
         if not isinstance(net, TipNet):
             raise ModelError(f"model {NAME!r} did not build a TipNet")
-        return cls(net, card)
+        return cls(net, card, tip_watch.load(directory))
 
     @property
     def device(self) -> torch.device:
@@ -314,10 +320,23 @@ class TipNetAssessor:
 
     def watch(self, frame: Frame) -> TipEstimate | None:
         """The tip state during the last 16 completed lines of a (partial) frame, or None with
-        fewer than 16 lines or when the network is unsure (no grounds to abort): its top state's
-        uncertainty is above ``reject_uncertainty``, or the top state is bad but the bad states
-        together have less than the model's ``watch_p_bad`` (a scan is checked every few lines,
-        so one alarm must be rare on a good tip)."""
+        fewer than 16 lines or when there are no grounds to abort.
+
+        With the model's change detector (``tip_watch.json`` beside the weights, see
+        :mod:`agent.perception.tip_watch`): when the scanned lines show a tip change within
+        the last 16 line counts, the estimate is the most likely *bad* state of the network's
+        recent read-out, with the network's probabilities as they are and the uncertainty
+        the network's probability that the tip is still good (the detector says that
+        something changed, the network how sure it is that the result is bad; a policy that
+        ignores uncertain estimates re-judges the next frame). ``features`` name the detector's
+        feature, line count and score ratio.
+
+        Otherwise the network's recent read-out: None when its top state's uncertainty is
+        above ``reject_uncertainty``; a good state as it is. A bad top state is returned only
+        without a detector, and only when the bad states together have at least the model's
+        ``watch_p_bad`` (a scan is checked every few lines, so one alarm must be rare on a good
+        tip); with a detector the alarms are the detector's alone (the network's alarms on top
+        of them fired early more often than they added detections; docs/benchmarks.md)."""
         if frame.lines_done < MIN_LINES:
             return None
         done = frame.done_data
@@ -327,12 +346,36 @@ class TipNetAssessor:
             probs = self.model.probabilities(self.model.prepare(window, self._pixel_nm(frame)))[1]
         except DataError:
             return None
+        good = STATES.index(TipState.GOOD)
+        detector = self.model.change_detector
+        if detector is not None:
+            try:
+                alarm = detector.check(done)
+            except DataError:
+                alarm = None
+            if alarm is not None:
+                bad = [i for i in range(len(STATES)) if i != good]
+                state = STATES[max(bad, key=lambda i: float(probs[i]))]
+                return TipEstimate(
+                    state=state,
+                    probabilities={s: float(p) for s, p in zip(STATES, probs, strict=True)},
+                    uncertainty=float(probs[good]),
+                    source=f"{self.name} (tip change in the scanned lines: {alarm.feature})",
+                    features={
+                        "lines_done": float(frame.lines_done),
+                        "change_line": float(alarm.line),
+                        "change_ratio": float(alarm.ratio),
+                        **{f"change_{k}": v for k, v in alarm.scores.items()},
+                    },
+                )
         top = int(np.argmax(probs))
         uncertainty = 1.0 - float(probs[top])
         if uncertainty > self.model.reject_uncertainty:
             return None
-        p_bad = 1.0 - float(probs[STATES.index(TipState.GOOD)])
-        if STATES[top] is not TipState.GOOD and p_bad < self.model.watch_p_bad:
+        p_bad = 1.0 - float(probs[good])
+        if STATES[top] is not TipState.GOOD and (
+            detector is not None or p_bad < self.model.watch_p_bad
+        ):
             return None
         return TipEstimate(
             state=STATES[top],

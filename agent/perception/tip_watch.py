@@ -1,0 +1,314 @@
+"""Mid-scan tip-change detection from the scanned lines themselves (a sequential test).
+
+The tip network's recent read-out (:meth:`~agent.perception.tip_net.TipNetAssessor.watch`)
+judges the last 16 lines on their own; it has to decide *what* the tip is from a thin strip, and
+its alarm threshold must be high for good tips to pass whole scans without one. A tip change is
+easier to see as a *change*: the lines after it differ from the lines before in ways the surface
+does not explain. :class:`LineChangeDetector` tests that, line by line, on three statistics of the
+scanned lines (``(H, W)`` heights in metres, raw scan lines: no resampling, no network):
+
+- **offset** — the height step between consecutive lines, ``o_i = median_x(z_i - z_{i-1})``.
+  The median over the line ignores a step edge of the surface that crosses a few pixels; what
+  remains is the line noise of the instrument (white from line to line) plus the tip's own height
+  change: a second apex, a crash or an apex jump moves the apparent height of the *whole* line.
+  Score: ``|o_i - med| / sigma`` over a reference of the lines before (robust: median and MAD),
+  also for the sum of two consecutive steps (a change in mid-line splits its step in two).
+- **roughness** — the along-line high-pass scale of each line, ``log(MAD_x(z - blur_x(z)))``; a
+  blunt or crashed apex smooths the atomic corrugation, an unstable one adds streaks. Score: a
+  generalized-likelihood-ratio (GLR) test for a shift of its mean after a candidate change
+  ``p = 1 .. MAX_POST_LINES`` lines back against the reference lines before that candidate.
+- **outliers** — pixels of ``z_i - z_{i-1} - o_i`` beyond ``OUTLIER_SIGMAS`` times the reference
+  lines' robust scale: features that appear from one line to the next (the ghost of a new apex
+  over a defect, a streak). Score: the pixel count of the line (a fraction of the line width, so
+  that it does not depend on the frame size).
+
+Each statistic at line ``i`` only uses lines ``< i`` as its reference, so the score at a line
+count ``n`` depends on the first ``n`` lines only, and the detector is a pure function of the
+lines scanned so far (stateless: the agent's loop and its replay call it on the same lines and
+get the same answer). :meth:`LineChangeDetector.check` alarms when, within the last
+``lookback_lines`` lines, any statistic's score exceeds its threshold; the thresholds are fitted
+(:func:`fit_thresholds`) on complete scans without a change, to a fixed share of such scans that
+would ever alarm (the false-alarm budget), and stored in ``tip_watch.json`` beside the tip
+network's card (:func:`save` / :func:`load`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from drivers.errors import ConfigError, DataError, ModelError
+
+log = logging.getLogger(__name__)
+
+NAME = "tip_watch"
+VERSION = "1"
+FEATURES: tuple[str, ...] = ("offset", "roughness", "outliers")
+REF_LINES = 32
+"""Lines before a candidate change that form its reference."""
+MIN_REF_LINES = 8
+"""No score before this many reference lines exist."""
+MAX_POST_LINES = 16
+"""Longest run of lines after a candidate change the roughness test averages."""
+LOOKBACK_LINES = 16
+""":meth:`LineChangeDetector.check` looks at the scores of the last this many line counts (the
+agent's loop watches every 16 lines)."""
+HIGHPASS_SIGMA_PX = 2.0
+OUTLIER_SIGMAS = 5.0
+ROUGHNESS_FLOOR = 0.0
+"""Smallest robust spread of the log roughness a reference may have (natural log units)."""
+_TINY = 1e-18
+
+
+@dataclass(frozen=True)
+class ChangeAlarm:
+    """A detected change: the ``feature`` whose score crossed its threshold first (by line
+    count) and the line count ``line`` at which it did, the ``score`` there and the ratio
+    ``score / threshold``; ``scores`` holds every feature's highest score over the lookback."""
+
+    feature: str
+    line: int
+    score: float
+    ratio: float
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+def _robust_scale(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    med = np.median(x, axis=axis, keepdims=True)
+    out: np.ndarray = 1.4826 * np.median(np.abs(x - med), axis=axis)
+    return out
+
+
+def line_statistics(lines: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-line raw statistics of ``lines`` ``(H, W)`` metres (finite): ``offset`` ``(H,)``
+    (0 for the first line), ``roughness`` ``(H,)`` and ``residual`` ``(H, W)`` (line-to-line
+    difference minus its offset; row 0 is zero). :class:`DataError` on a bad array."""
+    z = np.asarray(lines, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] < 8:
+        raise DataError(f"the tip watch needs (lines, >= 8 pixels) heights, got {z.shape}")
+    if not np.all(np.isfinite(z)):
+        raise DataError("the tip watch got non-finite heights (NaN or inf) in its lines")
+    from scipy.ndimage import gaussian_filter1d
+
+    diff = np.zeros_like(z)
+    diff[1:] = z[1:] - z[:-1]
+    offset = np.median(diff, axis=1)
+    offset[0] = 0.0
+    residual = diff - offset[:, None]
+    high = z - gaussian_filter1d(z, HIGHPASS_SIGMA_PX, axis=1, mode="nearest")
+    roughness = np.log(_robust_scale(high, axis=1) + _TINY)
+    return {"offset": offset, "roughness": roughness, "residual": residual}
+
+
+def _reference(values: np.ndarray, k: int) -> np.ndarray:
+    return values[max(1, k - REF_LINES) : k]
+
+
+def feature_scores(lines: np.ndarray, *, first: int = 0) -> dict[str, np.ndarray]:
+    """Scores ``(H + 1,)`` per feature, indexed by the line count ``n`` (the score that the
+    first ``n`` lines give to their newest lines; 0 where there is no reference yet and for
+    ``n < first``). Only lines up to ``REF_LINES + MAX_POST_LINES + 2`` before ``first`` are
+    read, so a late ``first`` costs little and gives the same scores as a whole computation."""
+    z = np.asarray(lines)
+    h = z.shape[0] if z.ndim == 2 else 0
+    start = max(0, first - (REF_LINES + MAX_POST_LINES + 2))
+    tail = _tail_scores(z[start:] if h else z, max(first - start, 0))
+    out = {name: np.zeros(h + 1) for name in FEATURES}
+    for name in FEATURES:
+        out[name][start:] = tail[name]
+    return out
+
+
+def _tail_scores(lines: np.ndarray, first: int) -> dict[str, np.ndarray]:
+    stats = line_statistics(lines)
+    offset, rough, residual = stats["offset"], stats["roughness"], stats["residual"]
+    h = residual.shape[0]
+    out = {name: np.zeros(h + 1) for name in FEATURES}
+    n0 = max(first, MIN_REF_LINES + 2)
+    if n0 > h:
+        return out
+    # reference location and scale per candidate change line k: lines [k - REF_LINES, k)
+    # (offsets from line 1, the first has no predecessor)
+    k0 = max(MIN_REF_LINES + 1, n0 - MAX_POST_LINES - 1)
+    med_o = np.full(h + 1, np.nan)
+    sig_o = np.full(h + 1, np.nan)
+    med_r = np.full(h + 1, np.nan)
+    sig_r = np.full(h + 1, np.nan)
+    sig_res = np.full(h + 1, np.nan)
+    res_scale = _robust_scale(residual, axis=1)  # per line
+    for k in range(k0, h + 1):
+        ref_o = _reference(offset, k)
+        med_o[k] = np.median(ref_o)
+        sig_o[k] = max(float(_robust_scale(ref_o)), _TINY)
+        ref_r = rough[max(0, k - REF_LINES) : k]
+        med_r[k] = np.median(ref_r)
+        sig_r[k] = max(float(_robust_scale(ref_r)), ROUGHNESS_FLOOR, 1e-12)
+        sig_res[k] = max(float(np.median(_reference(res_scale, k))), _TINY)
+    csum = np.concatenate([[0.0], np.cumsum(rough)])
+    for n in range(n0, h + 1):
+        i = n - 1  # the newest line
+        score = abs(offset[i] - med_o[i]) / sig_o[i]
+        if i - 1 >= MIN_REF_LINES + 1:  # a change in mid-line splits its step over two lines
+            two = abs(offset[i] + offset[i - 1] - 2 * med_o[i - 1]) / (sig_o[i - 1] * np.sqrt(2))
+            score = max(score, two)
+        out["offset"][n] = score
+        out["outliers"][n] = float(np.mean(np.abs(residual[i]) > OUTLIER_SIGMAS * sig_res[i]))
+        p = np.arange(1, min(MAX_POST_LINES, n - MIN_REF_LINES - 1) + 1)
+        ks = n - p  # candidate change lines
+        nref = np.minimum(REF_LINES, ks)
+        shift = (csum[n] - csum[ks]) / p - med_r[ks]
+        out["roughness"][n] = float(
+            np.max(np.abs(shift) / (sig_r[ks] * np.sqrt(1.0 / p + 1.0 / nref)))
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class LineChangeDetector:
+    """Alarms on a tip change from the scanned lines (see the module doc).
+
+    ``thresholds``: per feature of :data:`FEATURES`, the score an alarm needs; ``fit``: how they
+    were fitted (command, data, false-alarm budget and the share of calibration scans that
+    alarm), stored for the record."""
+
+    thresholds: dict[str, float]
+    lookback_lines: int = LOOKBACK_LINES
+    fit: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.thresholds) - set(FEATURES)
+        if unknown or not self.thresholds:
+            raise ConfigError(
+                f"tip watch thresholds must name some of {FEATURES}, got {sorted(self.thresholds)}"
+            )
+        for name, value in self.thresholds.items():
+            if not (np.isfinite(value) and value > 0):
+                raise ConfigError(f"tip watch threshold {name!r} must be > 0, got {value!r}")
+        if self.lookback_lines < 1:
+            raise ConfigError(f"lookback_lines must be >= 1, got {self.lookback_lines}")
+
+    def scores(self, lines: np.ndarray) -> dict[str, np.ndarray]:
+        """Every feature's score per line count ``(H + 1,)`` (for fitting and plots)."""
+        return feature_scores(lines)
+
+    def check(self, lines: np.ndarray) -> ChangeAlarm | None:
+        """The first alarm among the last ``lookback_lines`` line counts of ``lines`` (the
+        lines scanned so far, ``(n, W)`` metres), or None. Fewer than ``MIN_REF_LINES + 2``
+        lines never alarm."""
+        z = np.asarray(lines)
+        n = z.shape[0] if z.ndim == 2 else 0
+        first = max(0, n - self.lookback_lines + 1)
+        scores = feature_scores(z, first=first)
+        best: ChangeAlarm | None = None
+        for name, limit in self.thresholds.items():
+            window = scores[name][first : n + 1]
+            over = np.flatnonzero(window > limit)
+            if len(over) and (best is None or first + int(over[0]) < best.line):
+                line = first + int(over[0])
+                value = float(scores[name][line])
+                best = ChangeAlarm(name, line, value, value / limit)
+        if best is None:
+            return None
+        top = {name: float(scores[name][first : n + 1].max()) for name in FEATURES}
+        return ChangeAlarm(best.feature, best.line, best.score, best.ratio, top)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": NAME,
+            "version": VERSION,
+            "features": list(FEATURES),
+            "thresholds": {k: float(v) for k, v in self.thresholds.items()},
+            "lookback_lines": self.lookback_lines,
+            "constants": _constants(),
+            "fit": self.fit,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> LineChangeDetector:
+        if not isinstance(obj, dict) or obj.get("name") != NAME:
+            raise ModelError(f"not a {NAME} file (expected an object with name {NAME!r})")
+        if obj.get("version") != VERSION or obj.get("constants") != _constants():
+            raise ModelError(
+                f"{NAME} file was fitted for version {obj.get('version')} / constants "
+                f"{obj.get('constants')}, this code is {VERSION} / {_constants()}: refit it"
+            )
+        try:
+            thresholds = {str(k): float(v) for k, v in dict(obj["thresholds"]).items()}
+            return cls(thresholds, int(obj["lookback_lines"]), dict(obj.get("fit", {})))
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+            raise ModelError(f"malformed {NAME} file: {exc}") from None
+
+
+def _constants() -> dict[str, float]:
+    return {
+        "ref_lines": REF_LINES,
+        "min_ref_lines": MIN_REF_LINES,
+        "max_post_lines": MAX_POST_LINES,
+        "highpass_sigma_px": HIGHPASS_SIGMA_PX,
+        "outlier_sigmas": OUTLIER_SIGMAS,
+        "roughness_floor": ROUGHNESS_FLOOR,
+    }
+
+
+def path_in(directory: str | Path) -> Path:
+    return Path(directory) / f"{NAME}.json"
+
+
+def load(directory: str | Path) -> LineChangeDetector | None:
+    """The detector stored in ``directory`` (``tip_watch.json``), None when there is none;
+    :class:`ModelError` when the file is unreadable or was fitted for other code."""
+    path = path_in(directory)
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path} is not readable JSON: {exc}") from None
+    return LineChangeDetector.from_json(obj)
+
+
+def save(detector: LineChangeDetector, directory: str | Path) -> Path:
+    path = path_in(directory)
+    path.write_text(json.dumps(detector.to_json(), indent=2) + "\n")
+    return path
+
+
+def fit_thresholds(
+    maxima: Mapping[str, Sequence[float] | np.ndarray], budget: float
+) -> dict[str, Any]:
+    """Thresholds from calibration scans without a tip change: ``maxima[feature]`` holds each
+    scan's highest score. Every feature gets the same upper quantile ``1 - alpha`` of its
+    maxima, with the largest ``alpha`` (bisection) at which at most ``budget`` of the scans
+    would alarm on any feature. Returns ``thresholds``, ``alpha`` and the achieved share."""
+    names = [n for n in FEATURES if n in maxima]
+    table = np.array([np.asarray(maxima[n], dtype=np.float64) for n in names])
+    if table.ndim != 2 or table.shape[1] == 0 or not 0 < budget < 1:
+        raise ConfigError(
+            f"fit_thresholds needs scan maxima for {FEATURES} and 0 < budget < 1, got "
+            f"{table.shape} and {budget}"
+        )
+
+    def at(alpha: float) -> tuple[np.ndarray, float]:
+        limits = np.quantile(table, 1.0 - alpha, axis=1)
+        return limits, float(np.mean(np.any(table > limits[:, None], axis=0)))
+
+    lo, hi = 0.0, budget
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if at(mid)[1] <= budget:
+            lo = mid
+        else:
+            hi = mid
+    limits, share = at(lo)
+    return {
+        "thresholds": {n: float(v) for n, v in zip(names, limits, strict=True)},
+        "alpha": lo,
+        "alarm_share": share,
+        "scans": int(table.shape[1]),
+    }

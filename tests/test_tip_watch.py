@@ -1,0 +1,162 @@
+"""The line-statistics tip-change detector (agent/perception/tip_watch.py): known answers on
+synthetic scans, statelessness, the threshold fit, its file, and its use by the tip watch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter1d
+
+from agent.perception import tip_watch
+from agent.perception.registry import WEIGHTS_DIR
+from agent.perception.tip_eval import as_frame
+from agent.perception.tip_net import TipModel, TipNetAssessor
+from agent.perception.tip_watch import (
+    FEATURES,
+    LineChangeDetector,
+    feature_scores,
+    fit_thresholds,
+)
+from drivers.errors import ConfigError, DataError, ModelError
+from drivers.frame import TipState
+
+PIXEL_NM = 0.0625
+
+
+def lattice_scan(seed: int, lines: int = 256, width: int = 256) -> np.ndarray:
+    """``(lines, width)`` metres: a 10 pm corrugated hexagonal-ish lattice with 2 pm line noise
+    and 1 pm white noise, like a good-tip STM frame at 0.0625 nm per pixel."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:lines, 0:width] * PIXEL_NM
+    a = 0.29
+    surface = 5e-12 * (
+        np.cos(2 * np.pi * x / a)
+        + np.cos(np.pi * (x + np.sqrt(3) * y) / a)
+        + np.cos(np.pi * (x - np.sqrt(3) * y) / a)
+    )
+    line_noise = 2e-12 * rng.standard_normal((lines, 1))
+    return surface + line_noise + 1e-12 * rng.standard_normal((lines, width))
+
+
+@pytest.fixture(scope="module")
+def shipped() -> LineChangeDetector:
+    detector = tip_watch.load(WEIGHTS_DIR)
+    assert detector is not None, "tip_watch.json is missing beside the tip weights"
+    return detector
+
+
+def first_alarm(detector: LineChangeDetector, scan: np.ndarray, every: int = 4) -> int | None:
+    for n in range(16, scan.shape[0] + 1, every):
+        if detector.check(scan[:n]) is not None:
+            return n
+    return None
+
+
+def test_shipped_detector_is_fitted_and_recorded(shipped: LineChangeDetector) -> None:
+    assert set(shipped.thresholds) == set(FEATURES)
+    fit = shipped.fit
+    assert fit["command"].startswith("python -m agent.perception.tip_watch_fit")
+    assert fit["good_scans_alarmed"] <= fit["false_alarm_budget"] == 0.02
+    assert TipModel.load().change_detector == shipped
+
+
+def test_a_height_step_is_detected_at_once_and_a_steady_scan_never(
+    shipped: LineChangeDetector,
+) -> None:
+    for seed in range(3):
+        scan = lattice_scan(seed)
+        assert first_alarm(shipped, scan) is None
+        stepped = scan.copy()
+        stepped[120:] += 60e-12  # a second apex 60 pm higher takes over at line 120
+        n = first_alarm(shipped, stepped)
+        assert n is not None and 120 < n <= 124
+        alarm = shipped.check(stepped[:n])
+        assert alarm is not None and alarm.feature == "offset" and alarm.line == 121
+
+
+def test_a_blunted_apex_is_detected_by_the_roughness(shipped: LineChangeDetector) -> None:
+    scan = lattice_scan(7)
+    blunt = scan.copy()
+    blunt[100:] = gaussian_filter1d(scan[100:], 3.0, axis=1) + 0.3e-12
+    n = first_alarm(shipped, blunt)
+    assert n is not None and 100 < n <= 116
+    alarm = shipped.check(blunt[:n])
+    assert alarm is not None and alarm.feature == "roughness"
+
+
+def test_scores_depend_only_on_the_lines_so_far() -> None:
+    scan = lattice_scan(3, lines=160)
+    scan[90:] += 60e-12
+    whole = feature_scores(scan)
+    for n in (40, 91, 130):
+        part = feature_scores(scan[:n], first=n - 15)
+        for name in FEATURES:
+            assert np.allclose(part[name][n - 15 :], whole[name][n - 15 : n + 1], rtol=1e-9)
+            assert np.all(part[name][: n - 15 - 64] == 0)  # lines long before were not scored
+    assert whole["offset"][91] > 10 and np.max(whole["offset"][:90]) < 6
+
+
+def test_fit_thresholds_meets_the_budget() -> None:
+    rng = np.random.default_rng(0)
+    maxima = {name: rng.gamma(3.0, 2.0, 400) for name in FEATURES}
+    for budget in (0.01, 0.02, 0.1):
+        fit = fit_thresholds(maxima, budget)
+        table = np.array([maxima[n] for n in FEATURES])
+        limits = np.array([fit["thresholds"][n] for n in FEATURES])
+        share = float(np.mean(np.any(table > limits[:, None], axis=0)))
+        assert share == pytest.approx(fit["alarm_share"]) and share <= budget
+        assert share >= budget - 3 / 400  # not needlessly strict
+    with pytest.raises(ConfigError):
+        fit_thresholds(maxima, 0.0)
+
+
+def test_detector_file_round_trip_and_bad_files(tmp_path: Path) -> None:
+    detector = LineChangeDetector({"offset": 10.0, "roughness": 12.0}, fit={"note": "test"})
+    path = tip_watch.save(detector, tmp_path)
+    assert tip_watch.load(tmp_path) == detector
+    obj = json.loads(path.read_text())
+    obj["constants"]["ref_lines"] = 99
+    path.write_text(json.dumps(obj))
+    with pytest.raises(ModelError, match="refit"):
+        tip_watch.load(tmp_path)
+    path.write_text("{")
+    with pytest.raises(ModelError, match="JSON"):
+        tip_watch.load(tmp_path)
+    assert tip_watch.load(tmp_path / "none") is None
+    with pytest.raises(ConfigError):
+        LineChangeDetector({"offset": -1.0})
+    with pytest.raises(ConfigError):
+        LineChangeDetector({"colour": 1.0})
+
+
+def test_bad_lines_are_data_errors(shipped: LineChangeDetector) -> None:
+    scan = lattice_scan(1, lines=40)
+    scan[30, 5] = np.nan
+    with pytest.raises(DataError, match="non-finite"):
+        shipped.check(scan)
+    with pytest.raises(DataError, match="lines"):
+        shipped.check(np.zeros((40, 4)))
+    assert shipped.check(lattice_scan(1, lines=9)) is None  # too few lines for a reference
+
+
+def test_the_watch_aborts_on_a_change_the_network_alone_does_not_flag() -> None:
+    """The assessor's watch with the detector names a bad state at the change; the same
+    network without it (its recent read-out and fitted ``watch_p_bad``) does not."""
+    model = TipModel.load()
+    assert model.change_detector is not None
+    without = TipModel(model.net, model.card)
+    scan = lattice_scan(11)
+    scan[150:] += 60e-12
+    flagged = []
+    for watcher in (TipNetAssessor(model), TipNetAssessor(without)):
+        seen = [watcher.watch(as_frame(scan, PIXEL_NM, n)) for n in range(144, 168, 4)]
+        flagged.append([e is not None and e.state is not TipState.GOOD for e in seen])
+    assert flagged[0][:2] == [False, False] and all(flagged[0][2:])  # 144, 148: before
+    assert not any(flagged[1])
+    est = TipNetAssessor(model).watch(as_frame(scan, PIXEL_NM, 156))
+    assert est is not None and est.features["change_line"] == 151
+    assert est.uncertainty == pytest.approx(est.probabilities[TipState.GOOD])
+    assert "tip change" in est.source
