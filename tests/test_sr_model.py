@@ -3,6 +3,7 @@ against trivial baselines (the raw frame, linear interpolation)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -119,6 +120,15 @@ def test_a_card_for_another_architecture_raises_model_error(tmp_path: Path) -> N
     shutil.copy(WEIGHTS_DIR / "sr.pt", tmp_path / "sr.pt")
     with pytest.raises(ModelError, match=r"wrong shape|does not match"):
         sr.load(tmp_path)
+
+
+def test_the_default_training_command_is_the_recipe_of_the_committed_model() -> None:
+    parser = argparse.ArgumentParser()
+    sr.add_train_arguments(parser)
+    defaults = parser.parse_args([])
+    card = read_card("sr")
+    assert sr.training_command(defaults) == card.training["command"]
+    assert card.training["steps_done"] == defaults.steps and not card.training["stopped_early"]
 
 
 def test_training_command_is_reproducible_by_seed(tmp_path: Path) -> None:

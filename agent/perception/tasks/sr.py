@@ -52,7 +52,7 @@ from agent.perception.tasks.stem_data import (
     simulate,
 )
 from agent.perception.tasks.stem_train import (
-    add_train_arguments as add_train_arguments,  # this task's `train` options
+    add_train_arguments as add_stem_train_arguments,
 )
 from agent.perception.tasks.stem_train import (
     fit,
@@ -66,7 +66,7 @@ from drivers.errors import DataError
 log = logging.getLogger(__name__)
 
 NAME = "sr"
-VERSION = "1"
+VERSION = "2"
 CHANNELS = ("haadf_over_mean", "sampled")
 WIDTHS = (32, 48, 64, 96)
 PIXEL_SIZE_RANGE_NM = (0.0125, 0.05)
@@ -87,6 +87,12 @@ TRAIN_PATTERNS: tuple[tuple[str, float], ...] = (
 )
 """(pattern, fraction) of training frames, drawn uniformly (full rasters three times as often)."""
 TRAIN_DWELL_S = (0.25e-6, 8e-6)
+TRAIN_DEFAULTS: dict[str, Any] = {"frames": 720, "steps": 10_000, "threads": 1}
+"""Where the defaults of ``scopepilot train sr`` differ from the shared STEM training options
+(the recipe of sr 2): 720 training frames (with 240 the validation loss stopped falling long
+before the training loss), 10,000 steps, one torch thread (a second thread only spin-waits on a
+shared 2-core machine). Simulating the 744 frames costs ~45 s of CPU and a step 70-110 ms (more
+on a busier machine): 13-19 minutes of CPU in all (docs/benchmarks.md)."""
 
 
 # ---------------------------------------------------------------------- model and inputs
@@ -219,6 +225,22 @@ def infer(image: np.ndarray, pixel_size_nm: float) -> dict[str, Any]:
 # ---------------------------------------------------------------------- training
 
 
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``scopepilot train sr``: the shared STEM options with the defaults of
+    :data:`TRAIN_DEFAULTS` (the recipe of the committed model)."""
+    add_stem_train_arguments(parser)
+    parser.set_defaults(**TRAIN_DEFAULTS)
+
+
+def training_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces a training run (recorded in the model card)."""
+    return (
+        f"scopepilot train sr --seed {args.seed} --frames {args.frames} "
+        f"--val-frames {args.val_frames} --steps {args.steps} --batch {args.batch} "
+        f"--crop {args.crop} --lr {args.lr} --threads {args.threads}"
+    )
+
+
 def train_recipe(seed: int, frames: int) -> StemRecipe:
     return StemRecipe(seed=seed, frames=frames, patterns=TRAIN_PATTERNS, dwell_s=TRAIN_DWELL_S)
 
@@ -329,9 +351,7 @@ def train(args: argparse.Namespace) -> int:
             "parameters": parameter_count(model),
         },
         training={
-            "command": f"scopepilot train sr --seed {args.seed} --frames {args.frames} "
-            f"--steps {args.steps} --batch {args.batch} --crop {crop} --lr {args.lr} "
-            f"--threads {args.threads}",
+            "command": training_command(args),
             "seed": args.seed,
             "recipe": recipe_json(train_recipe(args.seed, args.frames)),
             "loss": f"beta-NLL (beta={BETA}) of the clean image, Adam, warm-up + cosine lr",
