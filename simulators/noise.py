@@ -29,7 +29,7 @@ def standard_normal_f32(rng: np.random.Generator, n: int) -> np.ndarray:
 
     ``rng`` still determines the values (one integer drawn from it per call), but torch's
     vectorised Box–Muller sampler makes them about 2.5x faster than numpy's float32 ziggurat
-    (``bench/stm_noise.py``; see docs/decisions/0011-stm-noise-sampling.md). Its uniforms have
+    (``bench/stm_noise.py``; see docs/decisions/0012-stm-noise-sampling.md). Its uniforms have
     24 bits, so no draw lies beyond about 5.8 standard deviations, and its Mersenne Twister
     keeps 32 bits of the seed: there are 2**32 distinct outputs for a given ``n``.
     """
