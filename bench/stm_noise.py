@@ -7,8 +7,10 @@ Times what ``FrameScan`` draws per frame (``shape²`` white normals and the 1/f 
 
 - ``before``: numpy's float32 ziggurat, and the 1/f series as white noise filtered in the
   frequency domain (forward and inverse real FFT), as until session 5;
-- ``direct spectrum``: numpy's normals drawn straight into the frequency bins (no forward FFT);
-- ``now``: the same with torch's normal sampler (``simulators.noise.standard_normal_f32``).
+- ``now``: numpy's normals drawn straight into the frequency bins (no forward FFT), through
+  ``simulators.noise.flicker_series`` as ``FrameScan`` calls it;
+- ``torch normals``: the same with torch's normal sampler (tried in session 5 and not kept:
+  docs/decisions/0012-stm-noise-sampling.md).
 
 Prints the median CPU milliseconds per frame (``time.process_time``) of each round and the
 median ratio before / now. The whole-frame effect is ``bench/stm_paired_cpu.py``'s.
@@ -30,7 +32,7 @@ import numpy as np
 import scipy.fft
 
 from bench._common import machine
-from simulators.noise import flicker_series, standard_normal_f32
+from simulators.noise import flicker_series
 
 DWELL_S = 1e-3
 RMS_M = 1e-12
@@ -47,18 +49,25 @@ def _before(rng: np.random.Generator, shape: int) -> None:
     series *= np.float32(RMS_M)
 
 
-def _direct_numpy(rng: np.random.Generator, shape: int) -> None:
+def _now(rng: np.random.Generator, shape: int) -> None:
     rng.standard_normal((shape, shape), dtype=np.float32)
+    flicker_series(rng, 2 * shape * shape, DWELL_S, RMS_M)
+
+
+def _torch_normals(rng: np.random.Generator, shape: int) -> None:
+    import torch
+
+    def normals(n: int) -> np.ndarray:
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(int(rng.integers(2**63)))
+        return torch.randn(n, generator=gen, dtype=torch.float32).numpy()
+
+    normals(shape * shape)
     n = 2 * shape * shape
-    spec = rng.standard_normal(2 * (n // 2 + 1), dtype=np.float32).view(np.complex64)
+    spec = normals(2 * (n // 2 + 1)).view(np.complex64)
     spec *= _freq(n)
     series = scipy.fft.irfft(spec, n, overwrite_x=True)
     series *= np.float32(RMS_M)
-
-
-def _now(rng: np.random.Generator, shape: int) -> None:
-    standard_normal_f32(rng, shape * shape)
-    flicker_series(rng, 2 * shape * shape, DWELL_S, RMS_M)
 
 
 _SHAPES: dict[int, np.ndarray] = {}
@@ -90,7 +99,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    cases = {"before": _before, "direct spectrum": _direct_numpy, "now": _now}
+    cases = {"before": _before, "now": _now, "torch normals": _torch_normals}
     for fn in cases.values():  # warm up: imports (torch), plans, caches
         fn(np.random.default_rng(0), args.shape)
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())

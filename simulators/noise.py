@@ -3,7 +3,6 @@
 All functions take a ``numpy.random.Generator`` and never touch global random state. Times are
 simulated seconds; lengths are metres.
 
-- :func:`standard_normal_f32` — float32 standard normals, fast (torch's vectorised sampler).
 - :func:`white_sigma_m` — white measurement noise: per-pixel variance ``asd**2 / (2 * dwell_s)``
   (the amplitude spectral density integrated over the pixel bandwidth ``1 / (2 * dwell_s)``), so
   halving the dwell doubles the variance.
@@ -20,24 +19,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.fft
-
-_SEED_BOUND = 2**63
-
-
-def standard_normal_f32(rng: np.random.Generator, n: int) -> np.ndarray:
-    """``(n,)`` float32 standard normals from a torch generator seeded by one draw of ``rng``.
-
-    ``rng`` still determines the values (one integer drawn from it per call), but torch's
-    vectorised Box–Muller sampler makes them about 2.5x faster than numpy's float32 ziggurat
-    (``bench/stm_noise.py``; see docs/decisions/0012-stm-noise-sampling.md). Its uniforms have
-    24 bits, so no draw lies beyond about 5.8 standard deviations, and its Mersenne Twister
-    keeps 32 bits of the seed: there are 2**32 distinct outputs for a given ``n``.
-    """
-    import torch  # a core dependency; imported here so that importing simulators stays light
-
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(int(rng.integers(_SEED_BOUND)))  # torch keeps the low 32 bits
-    return np.asarray(torch.randn(n, generator=gen, dtype=torch.float32).numpy())
 
 
 def white_sigma_m(asd_m_per_sqrt_hz: float, dwell_s: float) -> float:
@@ -59,7 +40,7 @@ def flicker_series(
     noise has independent normal bins), without the forward transform.
     """
     n_bins = n_samples // 2 + 1
-    spec = standard_normal_f32(rng, 2 * n_bins).view(np.complex64)
+    spec = rng.standard_normal(2 * n_bins, dtype=np.float32).view(np.complex64)
     if rms_per_decade_m <= 0.0 or n_samples < 4:
         return np.zeros(n_samples, dtype=np.float32)
     spec *= _flicker_shape(n_samples, dt_s)

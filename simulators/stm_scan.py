@@ -9,7 +9,7 @@ import numpy as np
 
 from drivers.errors import CommandRejected
 from drivers.frame import Defect, GroundTruth, ScanRegion, TipState
-from simulators.noise import flicker_series, standard_normal_f32, white_sigma_m
+from simulators.noise import flicker_series, white_sigma_m
 from simulators.stm_grid import Grid
 from simulators.stm_tip import CANONICAL_GOOD, TipConfig
 
@@ -50,7 +50,7 @@ class FrameScan:
         cfg = sim.config
         rng = sim._noise_rng
         self._sigma_white = white_sigma_m(cfg.white_noise_m_per_sqrt_hz, dwell_s)
-        white = standard_normal_f32(rng, h_px * w_px).reshape(shape_px)
+        white = rng.standard_normal(shape_px, dtype=np.float32)
         line_offset = rng.standard_normal(h_px) * cfg.line_noise_m
         flicker = flicker_series(rng, h_px * 2 * w_px, dwell_s, cfg.flicker_noise_m_per_decade)
         self._flicker = flicker.reshape(h_px, 2 * w_px)[:, :w_px]
