@@ -225,6 +225,29 @@ def test_task_parsers_know_their_options() -> None:
     parser = argparse.ArgumentParser()
     tip_task.add_evaluate_arguments(parser)
     assert parser.parse_args(["--vote-tips", "0"]).vote_tips == 0
+    assert parser.parse_args([]).more_changes == 0
+
+
+def test_evaluate_passes_the_extra_change_sets_on(monkeypatch, tmp_path: Path) -> None:
+    import argparse
+
+    import agent.perception.tip_eval as tip_eval
+
+    seen: dict[str, object] = {}
+
+    def fake_evaluate_all(directory: object, **options: object) -> dict[str, object]:
+        seen.update(options)
+        return {"summary": {"changes": options["changes"]}}
+
+    monkeypatch.setattr(tip_eval, "evaluate_all", fake_evaluate_all)
+    parser = argparse.ArgumentParser()
+    tip_task.add_evaluate_arguments(parser)
+    args = parser.parse_args(
+        ["--changes", "6", "--more-changes", "4", "--vote-tips", "0", "--out-dir", str(tmp_path)]
+    )
+    assert tip_task.evaluate(args) == 0
+    assert (seen["changes"], seen["more_changes"], seen["vote_tips"]) == (6, 4, 0)
+    assert (tmp_path / "tip_metrics.json").is_file()
 
 
 def test_pipeline_builds_the_tipnet_assessor_with_its_options() -> None:

@@ -96,6 +96,13 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=250, help="frames per test set (250)")
     parser.add_argument("--changes", type=int, default=100, help="mid-scan changes (100)")
     parser.add_argument(
+        "--more-changes",
+        type=int,
+        default=0,
+        help="also this many mid-scan changes on the shifted parameters and as many from a bad "
+        "tip to another state (0: skip; needs --changes > 0)",
+    )
+    parser.add_argument(
         "--vote-tips",
         type=int,
         default=50,
@@ -325,6 +332,7 @@ def evaluate(args: argparse.Namespace) -> int:
         out_dir=out,
         progress=not args.quiet,
         vote_tips=args.vote_tips,
+        more_changes=args.more_changes,
     )
     (out / "tip_metrics.json").write_text(json.dumps(results, indent=2))
     if args.write_card:
