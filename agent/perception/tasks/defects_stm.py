@@ -1,0 +1,421 @@
+"""The ``defects_stm`` model: point defects in STM topographs (Au(111): vacancy, adatom;
+H:Si(100): dangling bond, vacancy, adatom), as a per-pixel class map and a defect list
+(position, class, confidence).
+
+It is the STM sibling of :mod:`agent.perception.tasks.defects` (HAADF-STEM) and shares its
+machinery: a :class:`~agent.perception.pixel_unet.PixelUNet` (smaller), class-weighted
+cross-entropy on random crops, one temperature fitted on validation frames, a detection
+threshold on ``1 - p(background)`` tuned on validation frames for the best F1, and the same
+region rule (position = probability-weighted centroid, class = the most probability mass,
+confidence = the peak temperature-scaled probability of that class). The input is the levelled
+topograph in Å (:func:`~agent.perception.tasks.defects_stm_data.model_input`) at 0.06 nm pixels
+(other pixel sizes are resampled). Reached with ``scopepilot train|evaluate|infer defects
+--sample stm``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from agent.perception.pixel_unet import PixelUNet
+from agent.perception.registry import (
+    WEIGHTS_DIR,
+    ModelCard,
+    check_image,
+    load_model,
+    resample_to_pixel_size,
+    save_model,
+    tiled_inference,
+)
+from agent.perception.tasks.defects import (
+    DefectResult,
+    DetectionSettings,
+    crop_batch,
+    fit_temperature,
+    settings_of,
+)
+from agent.perception.tasks.defects_stm_data import (
+    CLASSES,
+    PIXEL_SIZE_M,
+    StmDefectRecipe,
+    StmDefectSample,
+    class_of,
+    model_input,
+    simulate,
+)
+from agent.perception.tasks.stem_metrics import DetectionScore, PredictedDefect
+from agent.perception.tasks.stem_train import (
+    fit,
+    parameter_count,
+    save_loss_curve,
+    seed_everything,
+)
+from drivers.errors import DataError
+
+NAME = "defects_stm"
+VERSION = "1"
+CHANNELS = ("levelled_height_A",)
+WIDTHS = (16, 24, 32, 48)
+PIXEL_SIZE_RANGE_NM = (0.03, 0.12)
+TILE_PX = 512
+CLASS_WEIGHTS = (1.0, 3.0, 3.0, 3.0)
+MATCH_DISTANCE_M = 0.3e-9
+"""A detection matches a true defect within 0.3 nm."""
+MIN_REGION_PX = 3
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def build(card: ModelCard) -> PixelUNet:
+    arch = card.architecture
+    return PixelUNet(
+        int(arch.get("in_channels", 1)),
+        int(arch.get("out_channels", len(CLASSES))),
+        factor=int(arch.get("factor", 4)),
+        widths=tuple(int(w) for w in arch.get("widths", WIDTHS)),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(directory: str) -> tuple[nn.Module, ModelCard]:
+    return load_model(NAME, build, directory, version=VERSION)
+
+
+def load(directory: str | Path = WEIGHTS_DIR) -> tuple[nn.Module, ModelCard]:
+    """The trained model and its card (cached per directory); :class:`ModelError` when the
+    weights cannot be loaded."""
+    return _cached_model(str(Path(directory).resolve()))
+
+
+def class_probabilities(model: nn.Module, x: np.ndarray, temperature: float) -> np.ndarray:
+    """``(C, H, W)`` class probabilities of input ``x`` ``(1, H, W)``."""
+    h, w = x.shape[1:]
+    multiple = model.multiple() if isinstance(model, PixelUNet) else 32
+    tile = min(TILE_PX, -(-max(h, w) // multiple) * multiple)
+    logits = tiled_inference(model, x, tile=tile, overlap=32, batch_size=4)
+    z = torch.from_numpy(logits) / temperature
+    return torch.softmax(z, dim=0).numpy()
+
+
+def detect(prob: np.ndarray, settings: DetectionSettings) -> list[PredictedDefect]:
+    """Defects (pixel coordinates) of a probability map ``(C, H, W)``: the connected regions
+    where ``1 - p(background)`` exceeds the threshold."""
+    defect_p = 1.0 - prob[0]
+    labels, n = ndimage.label(defect_p > settings.threshold, structure=np.ones((3, 3)))
+    if n == 0:
+        return []
+    index = np.arange(1, n + 1)
+    sizes = ndimage.sum_labels(np.ones_like(defect_p), labels, index)
+    rows = ndimage.sum_labels(defect_p * np.arange(prob.shape[1])[:, None], labels, index)
+    cols = ndimage.sum_labels(defect_p * np.arange(prob.shape[2])[None, :], labels, index)
+    mass = ndimage.sum_labels(defect_p, labels, index)
+    per_class = np.stack([ndimage.sum_labels(prob[k], labels, index) for k in range(1, len(prob))])
+    peaks = np.stack([ndimage.maximum(prob[k], labels, index) for k in range(1, len(prob))])
+    out = []
+    for i in range(n):
+        if sizes[i] < MIN_REGION_PX:
+            continue
+        k = int(np.argmax(per_class[:, i]))
+        out.append(
+            PredictedDefect(
+                float(rows[i] / mass[i]),
+                float(cols[i] / mass[i]),
+                CLASSES[k + 1],
+                float(peaks[k, i]),
+            )
+        )
+    return out
+
+
+def find_defects(
+    image: Any,
+    pixel_size_nm: float,
+    *,
+    model: nn.Module | None = None,
+    card: ModelCard | None = None,
+) -> DefectResult:
+    """Point defects of a full ``(H, W)`` STM topograph (heights in metres) at
+    ``pixel_size_nm``.
+
+    Raises :class:`DataError` for bad input (wrong shape, NaN or infinite pixels, pixel size out
+    of range, heights not in metres) and :class:`ModelError` when the weights cannot be loaded.
+    """
+    if model is None or card is None:
+        model, card = load()
+    arr = check_image(image, min_size=8)
+    work = resample_to_pixel_size(arr, pixel_size_nm, card)
+    prob = class_probabilities(model, model_input(work), float(card.training.get("temperature", 1)))
+    settings = settings_of(card)
+    found = detect(prob, settings)
+    zoom = (arr.shape[0] / work.shape[0], arr.shape[1] / work.shape[1])
+    if zoom != (1.0, 1.0):
+        found = [
+            PredictedDefect(
+                (d.row_px + 0.5) * zoom[0] - 0.5,
+                (d.col_px + 0.5) * zoom[1] - 0.5,
+                d.kind,
+                d.confidence,
+            )
+            for d in found
+        ]
+    class_map = np.argmax(prob, axis=0).astype(np.uint8)
+    if class_map.shape != arr.shape:
+        from skimage.transform import resize
+
+        class_map = resize(
+            class_map, arr.shape, order=0, preserve_range=True, anti_aliasing=False
+        ).astype(np.uint8)
+    uncertain = [d.confidence < settings.uncertain_below for d in found]
+    n_uncertain = sum(uncertain)
+    limit = max(2.0, settings.reject_uncertain_fraction * len(found))
+    reject = n_uncertain > limit
+    reason = (
+        f"{n_uncertain} of {len(found)} defects are uncertain (confidence < "
+        f"{settings.uncertain_below:.2f}); more than {limit:.0f} allowed"
+        if reject
+        else ""
+    )
+    return DefectResult(found, uncertain, class_map, reject, reason)
+
+
+def infer(image: np.ndarray, pixel_size_nm: float) -> dict[str, Any]:
+    """JSON-able result of :func:`find_defects` (positions in pixels and nm)."""
+    _, card = load()
+    result = find_defects(image, pixel_size_nm)
+    counts = {c: 0 for c in CLASSES[1:]}
+    for d in result.defects:
+        counts[d.kind] += 1
+    return {
+        "model": NAME,
+        "version": card.version,
+        "weights_sha256": card.sha256,
+        "shape": list(result.class_map.shape),
+        "pixel_size_nm": float(pixel_size_nm),
+        "counts": counts,
+        "reject": result.reject,
+        "reason": result.reason,
+        "defects": [
+            {
+                "row_px": round(d.row_px, 2),
+                "col_px": round(d.col_px, 2),
+                "y_nm": round(d.row_px * pixel_size_nm, 4),
+                "x_nm": round(d.col_px * pixel_size_nm, 4),
+                "class": d.kind,
+                "confidence": round(d.confidence, 4),
+                "uncertain": u,
+            }
+            for d, u in zip(result.defects, result.uncertain, strict=True)
+        ],
+    }
+
+
+# ---------------------------------------------------------------------- training
+
+
+def train_recipe(seed: int, frames: int) -> StmDefectRecipe:
+    return StmDefectRecipe(seed=seed, frames=frames)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``scopepilot train defects --sample stm``."""
+    parser.add_argument("--seed", type=int, default=0, help="seeds data, crops and weights")
+    parser.add_argument("--frames", type=int, default=160, help="simulated 160² training frames")
+    parser.add_argument("--val-frames", type=int, default=16, help="validation frames")
+    parser.add_argument("--steps", type=int, default=2500, help="optimiser steps")
+    parser.add_argument("--batch", type=int, default=16, help="crops per step")
+    parser.add_argument("--crop", type=int, default=96, help="crop size in pixels")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--max-minutes", type=float, default=15.0, help="safety stop")
+    parser.add_argument("--out", default=str(WEIGHTS_DIR), help="weights directory")
+    parser.add_argument(
+        "--plots", default="bench/out/perception", help="directory of the loss-curve PNG"
+    )
+
+
+def stack_samples(samples: list[StmDefectSample]) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs ``(N, 1, H, W)`` and class masks ``(N, H, W) int64``."""
+    x = np.stack([model_input(s.image) for s in samples])
+    y = np.stack([s.class_mask for s in samples]).astype(np.int64)
+    return x, y
+
+
+def weighted_ce(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y, weight=torch.tensor(CLASS_WEIGHTS))
+
+
+def score_frames(
+    found: list[list[PredictedDefect]], samples: list[StmDefectSample]
+) -> DetectionScore:
+    """Detection and per-class counts of ``found`` (pixel coordinates of each sample) matched
+    within :data:`MATCH_DISTANCE_M`."""
+    score = DetectionScore(CLASSES[1:])
+    for f, s in zip(found, samples, strict=True):
+        score.add(
+            f, s.defects, [class_of(d.kind) for d in s.defects], MATCH_DISTANCE_M / s.pixel_size_m
+        )
+    return score
+
+
+def calibrate(
+    model: nn.Module, val: list[StmDefectSample]
+) -> tuple[float, DetectionSettings, dict[str, Any]]:
+    """The temperature (pixel NLL on validation frames), then the threshold with the best
+    validation F1. Returns ``(temperature, settings, validation scores)``."""
+    vx, vy = stack_samples(val)
+    multiple = model.multiple() if isinstance(model, PixelUNet) else 32
+    tile = -(-vx.shape[-1] // multiple) * multiple
+    logits = [
+        tiled_inference(model, vx[i], tile=tile, overlap=0, batch_size=1) for i in range(len(val))
+    ]
+    temperature = fit_temperature(logits, list(vy))
+    probs = [torch.softmax(torch.from_numpy(z) / temperature, 0).numpy() for z in logits]
+    best, best_f1 = DetectionSettings(), -1.0
+    for threshold in THRESHOLDS:
+        s = dataclasses.replace(DetectionSettings(), threshold=threshold)
+        f1 = score_frames([detect(p, s) for p in probs], val).detection.f1()
+        if f1 > best_f1:
+            best, best_f1 = s, f1
+    score = score_frames([detect(p, best) for p in probs], val)
+    return temperature, best, score.to_json()
+
+
+def train(args: argparse.Namespace) -> int:
+    """``scopepilot train defects --sample stm``: simulate, train, calibrate, save."""
+    seed_everything(args.seed, args.threads)
+    rng = np.random.default_rng(args.seed)
+    t0 = time.monotonic()
+    cpu0 = time.process_time()
+    recipe = train_recipe(args.seed, args.frames)
+    samples = simulate(recipe, desc="simulating training frames")
+    val = simulate(
+        train_recipe(args.seed + 1_000_003, args.val_frames), desc="simulating validation frames"
+    )
+    x, y = stack_samples(samples)
+    vx, vy = stack_samples(val)
+    crop = int(args.crop)
+    model = PixelUNet(1, len(CLASSES), widths=WIDTHS)
+    if crop % model.multiple() or crop > x.shape[-1]:
+        raise DataError(
+            f"--crop must be a multiple of {model.multiple()} and at most {x.shape[-1]}, got {crop}"
+        )
+    val_rng = np.random.default_rng(args.seed + 7)
+    val_batches = [crop_batch(vx, vy, val_rng, args.batch, crop) for _ in range(4)]
+    result = fit(
+        model,
+        steps=args.steps,
+        lr=args.lr,
+        next_batch=lambda step: crop_batch(x, y, rng, args.batch, crop),
+        loss_fn=weighted_ce,
+        val_batches=val_batches,
+        max_minutes=args.max_minutes,
+        desc="training defects_stm",
+    )
+    temperature, settings, val_score = calibrate(model, val)
+    card = ModelCard(
+        name=NAME,
+        version=VERSION,
+        task="segment point defects (vacancy, adatom, dangling bond) in STM topographs",
+        pixel_size_range_nm=PIXEL_SIZE_RANGE_NM,
+        trained_pixel_size_nm=PIXEL_SIZE_M * 1e9,
+        channels=CHANNELS,
+        input_size=(crop, crop),
+        architecture={
+            "kind": "PixelUNet",
+            "in_channels": 1,
+            "out_channels": len(CLASSES),
+            "factor": 4,
+            "widths": list(WIDTHS),
+            "classes": list(CLASSES),
+            "parameters": parameter_count(model),
+        },
+        training={
+            "command": f"scopepilot train defects --sample stm --seed {args.seed} "
+            f"--frames {args.frames} --val-frames {args.val_frames} --steps {args.steps} "
+            f"--batch {args.batch} --crop {crop} --lr {args.lr} --threads {args.threads}",
+            "seed": args.seed,
+            "val_frames": args.val_frames,
+            "steps": args.steps,
+            "batch": args.batch,
+            "crop": crop,
+            "lr": args.lr,
+            "threads": args.threads,
+            "recipe": recipe.to_json(),
+            "input": "plane + line-median levelled heights in Å, clipped to ±5",
+            "loss": f"cross-entropy with class weights {list(CLASS_WEIGHTS)}, Adam, "
+            "warm-up + cosine lr",
+            "steps_done": result.steps_done,
+            "stopped_early": result.stopped_early,
+            "train_seconds": round(time.monotonic() - t0, 1),
+            "train_cpu_seconds": round(time.process_time() - cpu0, 1),
+            "final_val_loss": result.val_loss[-1] if result.val_loss else None,
+            "temperature": temperature,
+            "threshold": settings.threshold,
+            "uncertain_below": settings.uncertain_below,
+            "reject_uncertain_fraction": settings.reject_uncertain_fraction,
+            "match_distance_nm": MATCH_DISTANCE_M * 1e9,
+            "validation": val_score,
+        },
+    )
+    out = Path(args.out)
+    saved = save_model(model, card, out)
+    plot = save_loss_curve(
+        result, Path(args.plots) / "defects_stm_loss.png", "defects_stm: weighted cross-entropy"
+    )
+    _cached_model.cache_clear()
+    print(
+        json.dumps(
+            {
+                "weights": str(out / f"{NAME}.pt"),
+                "loss_curve": str(plot),
+                "temperature": temperature,
+                "threshold": settings.threshold,
+                "validation_f1": val_score["detection"],
+                "steps": result.steps_done,
+                "seconds": saved.training["train_seconds"],
+                "cpu_seconds": saved.training["train_cpu_seconds"],
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=700_000, help="held-out seed")
+    parser.add_argument("--frames", type=int, default=16, help="held-out frames per condition")
+    parser.add_argument("--weights", default=str(WEIGHTS_DIR), help="weights directory")
+    parser.add_argument("--out", default="bench/out/perception", help="metrics JSON and plots")
+    parser.add_argument(
+        "--update-card", action="store_true", help="write the held-out metrics into the model card"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """``scopepilot evaluate defects --sample stm``: held-out metrics against a classical
+    baseline."""
+    from agent.perception.tasks.defects_stm_eval import evaluate_defects_stm, write_report
+
+    torch.set_num_threads(max(1, args.threads))
+    model, card = load(args.weights)
+    metrics = evaluate_defects_stm(model, card, seed=args.seed, frames=args.frames)
+    write_report(
+        metrics, Path(args.out), card, weights_dir=Path(args.weights) if args.update_card else None
+    )
+    print(json.dumps(metrics["summary"], indent=2))
+    return 0
