@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -284,7 +285,21 @@ def find_defects(
     prob = class_probabilities(model, model_input(work), float(card.training.get("temperature", 1)))
     settings = settings_of(card)
     found = detect(prob, settings, snr=image_snr(work))
-    zoom = (arr.shape[0] / work.shape[0], arr.shape[1] / work.shape[1])
+    return defect_result(arr.shape, work.shape, prob, found, settings)
+
+
+def defect_result(
+    shape: tuple[int, ...],
+    work_shape: tuple[int, ...],
+    prob: np.ndarray,
+    found: list[PredictedDefect],
+    settings: DetectionSettings,
+) -> DefectResult:
+    """The :class:`DefectResult` of the defects ``found`` in the probability map ``prob`` of an
+    image resampled from ``shape`` to ``work_shape``: positions and the class map back at the
+    input's pixels, the uncertain ones marked, and the frame rejected when too many are
+    uncertain (shared by the STEM and the STM model)."""
+    zoom = (shape[0] / work_shape[0], shape[1] / work_shape[1])
     if zoom != (1.0, 1.0):
         found = [
             PredictedDefect(
@@ -296,11 +311,11 @@ def find_defects(
             for d in found
         ]
     class_map = np.argmax(prob, axis=0).astype(np.uint8)
-    if class_map.shape != arr.shape:
+    if class_map.shape != tuple(shape[:2]):
         from skimage.transform import resize
 
         class_map = resize(
-            class_map, arr.shape, order=0, preserve_range=True, anti_aliasing=False
+            class_map, shape[:2], order=0, preserve_range=True, anti_aliasing=False
         ).astype(np.uint8)
     uncertain = [d.confidence < settings.uncertain_below for d in found]
     n_uncertain = sum(uncertain)
@@ -318,12 +333,25 @@ def find_defects(
 def infer(image: np.ndarray, pixel_size_nm: float) -> dict[str, Any]:
     """JSON-able result of :func:`find_defects` (positions in pixels and nm)."""
     _, card = load()
-    result = find_defects(image, pixel_size_nm)
-    counts = {c: 0 for c in DEFECT_CLASSES[1:]}
+    return defects_json(
+        NAME, card, find_defects(image, pixel_size_nm), pixel_size_nm, DEFECT_CLASSES[1:]
+    )
+
+
+def defects_json(
+    name: str,
+    card: ModelCard,
+    result: DefectResult,
+    pixel_size_nm: float,
+    classes: Sequence[str],
+) -> dict[str, Any]:
+    """``scopepilot infer``'s JSON of ``result`` (positions in pixels and nm, counts per class of
+    ``classes``) from the model ``name`` with ``card``."""
+    counts = {c: 0 for c in classes}
     for d in result.defects:
         counts[d.kind] += 1
     return {
-        "model": NAME,
+        "model": name,
         "version": card.version,
         "weights_sha256": card.sha256,
         "shape": list(result.class_map.shape),

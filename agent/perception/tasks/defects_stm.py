@@ -42,6 +42,8 @@ from agent.perception.tasks.defects import (
     DefectResult,
     DetectionSettings,
     crop_batch,
+    defect_result,
+    defects_json,
     fit_temperature,
     settings_of,
 )
@@ -157,66 +159,13 @@ def find_defects(
     prob = class_probabilities(model, model_input(work), float(card.training.get("temperature", 1)))
     settings = settings_of(card)
     found = detect(prob, settings)
-    zoom = (arr.shape[0] / work.shape[0], arr.shape[1] / work.shape[1])
-    if zoom != (1.0, 1.0):
-        found = [
-            PredictedDefect(
-                (d.row_px + 0.5) * zoom[0] - 0.5,
-                (d.col_px + 0.5) * zoom[1] - 0.5,
-                d.kind,
-                d.confidence,
-            )
-            for d in found
-        ]
-    class_map = np.argmax(prob, axis=0).astype(np.uint8)
-    if class_map.shape != arr.shape:
-        from skimage.transform import resize
-
-        class_map = resize(
-            class_map, arr.shape, order=0, preserve_range=True, anti_aliasing=False
-        ).astype(np.uint8)
-    uncertain = [d.confidence < settings.uncertain_below for d in found]
-    n_uncertain = sum(uncertain)
-    limit = max(2.0, settings.reject_uncertain_fraction * len(found))
-    reject = n_uncertain > limit
-    reason = (
-        f"{n_uncertain} of {len(found)} defects are uncertain (confidence < "
-        f"{settings.uncertain_below:.2f}); more than {limit:.0f} allowed"
-        if reject
-        else ""
-    )
-    return DefectResult(found, uncertain, class_map, reject, reason)
+    return defect_result(arr.shape, work.shape, prob, found, settings)
 
 
 def infer(image: np.ndarray, pixel_size_nm: float) -> dict[str, Any]:
     """JSON-able result of :func:`find_defects` (positions in pixels and nm)."""
     _, card = load()
-    result = find_defects(image, pixel_size_nm)
-    counts = {c: 0 for c in CLASSES[1:]}
-    for d in result.defects:
-        counts[d.kind] += 1
-    return {
-        "model": NAME,
-        "version": card.version,
-        "weights_sha256": card.sha256,
-        "shape": list(result.class_map.shape),
-        "pixel_size_nm": float(pixel_size_nm),
-        "counts": counts,
-        "reject": result.reject,
-        "reason": result.reason,
-        "defects": [
-            {
-                "row_px": round(d.row_px, 2),
-                "col_px": round(d.col_px, 2),
-                "y_nm": round(d.row_px * pixel_size_nm, 4),
-                "x_nm": round(d.col_px * pixel_size_nm, 4),
-                "class": d.kind,
-                "confidence": round(d.confidence, 4),
-                "uncertain": u,
-            }
-            for d, u in zip(result.defects, result.uncertain, strict=True)
-        ],
-    }
+    return defects_json(NAME, card, find_defects(image, pixel_size_nm), pixel_size_nm, CLASSES[1:])
 
 
 # ---------------------------------------------------------------------- training
