@@ -67,7 +67,7 @@ def test_cube_units_follow_the_sign_of_the_counts() -> None:
     assert bohr.axes_m[0, 0] == pytest.approx(0.5 * BOHR_M)
     assert angstrom.axes_m[0, 0] == pytest.approx(0.5 * ANGSTROM_M)
     assert angstrom.origin_m[2] == pytest.approx(1.0 * ANGSTROM_M)
-    assert angstrom.positions_m[0].tolist() == pytest.approx([1e-11, 2e-11, 3e-11])
+    assert angstrom.positions_m[0].tolist() == pytest.approx([1e-11, 2e-11, 3e-11], rel=1e-9, abs=0)
     # z is the fastest index
     assert bohr.data[0, 0, 1] == pytest.approx(0.2)
     assert bohr.data[0, 1, 0] == pytest.approx(0.5)
