@@ -101,3 +101,14 @@ def test_a_tip_policy_fed_by_another_tip_model_is_flagged(tmp_path) -> None:
     # no tip, no tip policy pairing to check; the rule policy is not a trained one
     assert build_pipeline({"policy": "rl"}, kind="stem").policy_trained_on is None
     assert build_pipeline({"policy": "rule"}, kind="stm").warnings() == []
+
+
+def test_the_tip_watch_detector_is_recorded_with_the_versions() -> None:
+    from agent.perception import tip_watch
+    from agent.perception.registry import WEIGHTS_DIR
+
+    detector = tip_watch.load(WEIGHTS_DIR)
+    assert detector is not None
+    versions = build_pipeline({"assessor": "tipnet"}, kind="stm").versions()
+    assert versions["tip_watch"] == detector.label
+    assert "tip_watch" not in build_pipeline({}, kind="stm").versions()  # classical: no watch

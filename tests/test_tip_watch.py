@@ -117,6 +117,11 @@ def test_detector_file_round_trip_and_bad_files(tmp_path: Path) -> None:
     detector = LineChangeDetector({"offset": 10.0, "roughness": 12.0}, fit={"note": "test"})
     path = tip_watch.save(detector, tmp_path)
     assert tip_watch.load(tmp_path) == detector
+    # the label recorded in sessions names the fitted thresholds, not the fit's notes
+    assert tip_watch.load(tmp_path).label == detector.label
+    refit = LineChangeDetector({"offset": 10.0, "roughness": 12.5}, fit={"note": "test"})
+    assert refit.label != detector.label and refit.label.startswith(f"{tip_watch.VERSION}+")
+    assert LineChangeDetector(detector.thresholds, fit={}).label == detector.label
     obj = json.loads(path.read_text())
     obj["constants"]["ref_lines"] = 99
     path.write_text(json.dumps(obj))

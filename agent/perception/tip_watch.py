@@ -34,6 +34,7 @@ network's card (:func:`save` / :func:`load`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -217,6 +218,16 @@ class LineChangeDetector:
             return None
         top = {name: float(scores[name][first : n + 1].max()) for name in FEATURES}
         return ChangeAlarm(best.feature, best.line, best.score, best.ratio, top)
+
+    @property
+    def label(self) -> str:
+        """``"<version>+<digest>"``: the code version and a short digest of the thresholds and
+        lookback, recorded in a session's versions (a refit detector judges scans differently)."""
+        fitted = json.dumps(
+            {"thresholds": self.to_json()["thresholds"], "lookback": self.lookback_lines},
+            sort_keys=True,
+        )
+        return f"{VERSION}+{hashlib.sha256(fitted.encode()).hexdigest()[:8]}"
 
     def to_json(self) -> dict[str, Any]:
         return {
