@@ -135,7 +135,7 @@ def test_score_counts_matches_within_the_radius_and_by_class() -> None:
         defects=(Defect(0.0, 0.0, "vacancy", 10.0, 10.0), Defect(0.0, 0.0, "adatom", 30.0, 30.0)),
         surface="au111",
     )
-    radius_px = defects_stm.MATCH_DISTANCE_M / sample.pixel_size_m  # 5 px
+    radius_px = defects_stm.MATCH_DISTANCE_M / sample.pixel_size_m  # 1.7 px
     found = [
         PredictedDefect(10.0 + 0.9 * radius_px, 10.0, "vacancy", 0.9),  # inside: right class
         PredictedDefect(30.0, 30.0 + 1.1 * radius_px, "adatom", 0.9),  # outside the radius

@@ -5,7 +5,7 @@ surfaces alternating, at a lower defect density than training (0.05 nm⁻² agai
 Conditions: ``heldout`` (256² at 0.06 nm, noise ×0.5–2 as in training), ``noisy`` (white and
 line noise ×3–4, outside the training range) and ``coarse`` (192² at 0.085 nm: resampled to
 the trained pixel size before the network, a scan size the network never saw). A detection
-matches a true defect within 0.3 nm; per-class F1 counts a match only when the class is right.
+matches a true defect within 1 Å; per-class F1 counts a match only when the class is right.
 
 The baseline (:class:`LatticeResidualFinder`) removes the lattice and the terraces by keeping
 only the strongest Fourier components, smooths the residual and takes its extrema above a
