@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,16 +155,23 @@ def evaluate_defects(
 
 
 def write_report(
-    metrics: dict[str, Any], out: Path, card: ModelCard, *, weights_dir: Path | None = None
+    metrics: dict[str, Any],
+    out: Path,
+    card: ModelCard,
+    *,
+    weights_dir: Path | None = None,
+    stem: str = "defects",
+    plot_example: Callable[[Any, Path], None] | None = None,
 ) -> Path:
-    """``defects_eval.json`` and ``defects_example.png`` in ``out``; with ``weights_dir`` the
-    held-out summary is also written into the model card there."""
+    """``<stem>_eval.json`` and ``<stem>_example.png`` (drawn by ``plot_example``, by default
+    this module's STEM figure) in ``out``; with ``weights_dir`` the held-out summary is also
+    written into the model card there."""
     out.mkdir(parents=True, exist_ok=True)
     body = {k: v for k, v in metrics.items() if k != "example"}
-    path = out / "defects_eval.json"
+    path = out / f"{stem}_eval.json"
     path.write_text(json.dumps(body, indent=2) + "\n")
     if metrics["example"]:
-        _plot_example(metrics["example"], out / "defects_example.png")
+        (plot_example or _plot_example)(metrics["example"], out / f"{stem}_example.png")
     if weights_dir is not None:
         updated = dataclasses.replace(
             card, metrics={"held_out": metrics["summary"], "seed": metrics["seed"]}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from agent.perception.registry import ModelCard, resample_to_pixel_size
-from agent.perception.tasks import defects_stm
+from agent.perception.tasks import defects_eval, defects_stm
 from agent.perception.tasks.defects_stm_data import (
     CLASSES,
     PIXEL_SIZE_M,
@@ -218,20 +217,14 @@ def write_report(
 ) -> Path:
     """``defects_stm_eval.json`` and ``defects_stm_example.png`` in ``out``; with
     ``weights_dir`` the held-out summary is also written into the model card there."""
-    out.mkdir(parents=True, exist_ok=True)
-    body = {k: v for k, v in metrics.items() if k != "example"}
-    path = out / "defects_stm_eval.json"
-    path.write_text(json.dumps(body, indent=2) + "\n")
-    if metrics["example"]:
-        _plot_example(metrics["example"], out / "defects_stm_example.png")
-    if weights_dir is not None:
-        updated = dataclasses.replace(
-            card, metrics={"held_out": metrics["summary"], "seed": metrics["seed"]}
-        )
-        (weights_dir / f"{card.name}.json").write_text(
-            json.dumps(updated.to_json(), indent=2) + "\n"
-        )
-    return path
+    return defects_eval.write_report(
+        metrics,
+        out,
+        card,
+        weights_dir=weights_dir,
+        stem="defects_stm",
+        plot_example=_plot_example,
+    )
 
 
 def _plot_example(example: dict[str, Any], path: Path) -> None:
