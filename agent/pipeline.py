@@ -149,7 +149,7 @@ class Pipeline:
         model = getattr(self.assessor, "model", None)
         detector = getattr(model, "change_detector", None)
         if detector is not None:  # the mid-scan watch's fitted detector (tipnet)
-            out["tip_watch"] = f"{detector.label}"
+            out["tip_watch"] = detector.label
         if self.policy_trained_on is not None:
             out["policy_trained_on"] = self.policy_trained_on
         return out

@@ -587,15 +587,19 @@ def train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- evaluation
 
 
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=600_000, help="held-out seed")
-    parser.add_argument("--frames", type=int, default=24, help="held-out frames per condition")
+def add_evaluate_arguments(
+    parser: argparse.ArgumentParser, *, seed: int = 600_000, frames: int = 24, threads: int = 2
+) -> None:
+    """The options of ``scopepilot evaluate defects`` (the defaults given are the STEM
+    model's; the STM model passes its own)."""
+    parser.add_argument("--seed", type=int, default=seed, help="held-out seed")
+    parser.add_argument("--frames", type=int, default=frames, help="held-out frames per condition")
     parser.add_argument("--weights", default=str(WEIGHTS_DIR), help="weights directory")
     parser.add_argument("--out", default="bench/out/perception", help="metrics JSON and plots")
     parser.add_argument(
         "--update-card", action="store_true", help="write the held-out metrics into the model card"
     )
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=threads, help="torch CPU threads")
 
 
 def evaluate(args: argparse.Namespace) -> int:

@@ -131,18 +131,10 @@ def evaluate_defects(
         }
     summary: dict[str, Any] = {"baseline": dataclasses.asdict(baseline)}
     for condition, r in results.items():
-        f_net = r["network"]["detection"]["f1"]
-        f_cls = r["classical"]["detection"]["f1"]
         summary[condition] = {
-            "f1": f_net,
-            "classical_f1": f_cls,
-            "f1_ratio_vs_classical": f_net / f_cls if f_cls > 0 else None,
-            "per_class_f1": {c: v["f1"] for c, v in r["network"]["per_class"].items()},
-            "classical_per_class_f1": {c: v["f1"] for c, v in r["classical"]["per_class"].items()},
-            "detection_confidence_ece": r["network"]["confidence_ece"],
+            **detection_summary(r),
             "pixel_ece": r["pixel_ece"],
-            "reject_rate": r["reject_rate"],
-            "target_f1_0_95_met": bool(f_net >= 0.95),
+            "target_f1_0_95_met": bool(r["network"]["detection"]["f1"] >= 0.95),
         }
     summary["ms_per_256px_frame"] = 1e3 * float(np.median(seconds))
     return {
@@ -151,6 +143,23 @@ def evaluate_defects(
         "example": example,
         "seed": seed,
         "card": {"name": card.name, "version": card.version, "sha256": card.sha256},
+    }
+
+
+def detection_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The summary figures of one condition's ``result`` (``network`` and ``classical`` scores
+    as ``DetectionScore.to_json``, ``reject_rate``): F1 of both, their ratio, per-class F1,
+    the network's detection-confidence ECE and the reject rate (STEM and STM evaluations)."""
+    f_net = result["network"]["detection"]["f1"]
+    f_cls = result["classical"]["detection"]["f1"]
+    return {
+        "f1": f_net,
+        "classical_f1": f_cls,
+        "f1_ratio_vs_classical": f_net / f_cls if f_cls > 0 else None,
+        "per_class_f1": {c: v["f1"] for c, v in result["network"]["per_class"].items()},
+        "classical_per_class_f1": {c: v["f1"] for c, v in result["classical"]["per_class"].items()},
+        "detection_confidence_ece": result["network"]["confidence_ece"],
+        "reject_rate": result["reject_rate"],
     }
 
 

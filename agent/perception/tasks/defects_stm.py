@@ -47,6 +47,9 @@ from agent.perception.tasks.defects import (
     fit_temperature,
     settings_of,
 )
+from agent.perception.tasks.defects import (
+    add_evaluate_arguments as add_stem_evaluate_arguments,
+)
 from agent.perception.tasks.defects_stm_data import (
     CLASSES,
     MASK_RADIUS_M,
@@ -58,6 +61,9 @@ from agent.perception.tasks.defects_stm_data import (
     simulate,
 )
 from agent.perception.tasks.stem_metrics import DetectionScore, PredictedDefect
+from agent.perception.tasks.stem_train import (
+    add_train_arguments as add_stem_train_arguments,
+)
 from agent.perception.tasks.stem_train import (
     fit,
     parameter_count,
@@ -177,21 +183,24 @@ def train_recipe(seed: int, frames: int) -> StmDefectRecipe:
     return StmDefectRecipe(seed=seed, frames=frames)
 
 
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "frames": 160,
+    "val_frames": 16,
+    "batch": 16,
+    "crop": 96,
+    "threads": 1,
+    "max_minutes": 15.0,
+}
+"""Where ``scopepilot train defects --sample stm`` differs from the shared STEM training
+options (:func:`agent.perception.tasks.stem_train.add_train_arguments`): 160 frames of 160²,
+16 validation frames, 16 crops of 96² per step, one torch thread, a 15-minute safety stop."""
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``scopepilot train defects --sample stm``."""
-    parser.add_argument("--seed", type=int, default=0, help="seeds data, crops and weights")
-    parser.add_argument("--frames", type=int, default=160, help="simulated 160² training frames")
-    parser.add_argument("--val-frames", type=int, default=16, help="validation frames")
-    parser.add_argument("--steps", type=int, default=2500, help="optimiser steps")
-    parser.add_argument("--batch", type=int, default=16, help="crops per step")
-    parser.add_argument("--crop", type=int, default=96, help="crop size in pixels")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--max-minutes", type=float, default=15.0, help="safety stop")
-    parser.add_argument("--out", default=str(WEIGHTS_DIR), help="weights directory")
-    parser.add_argument(
-        "--plots", default="bench/out/perception", help="directory of the loss-curve PNG"
-    )
+    """The options of ``scopepilot train defects --sample stm``: the shared training options
+    with :data:`TRAIN_DEFAULTS`."""
+    add_stem_train_arguments(parser)
+    parser.set_defaults(**TRAIN_DEFAULTS)
 
 
 def stack_samples(samples: list[StmDefectSample]) -> tuple[np.ndarray, np.ndarray]:
@@ -348,14 +357,8 @@ def train(args: argparse.Namespace) -> int:
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=700_000, help="held-out seed")
-    parser.add_argument("--frames", type=int, default=16, help="held-out frames per condition")
-    parser.add_argument("--weights", default=str(WEIGHTS_DIR), help="weights directory")
-    parser.add_argument("--out", default="bench/out/perception", help="metrics JSON and plots")
-    parser.add_argument(
-        "--update-card", action="store_true", help="write the held-out metrics into the model card"
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    """The options of ``scopepilot evaluate defects --sample stm`` (its own held-out seed)."""
+    add_stem_evaluate_arguments(parser, seed=700_000, frames=16, threads=1)
 
 
 def evaluate(args: argparse.Namespace) -> int:

@@ -190,17 +190,9 @@ def evaluate_defects_stm(
         "match_distance_nm": defects_stm.MATCH_DISTANCE_M * 1e9,
     }
     for condition, r in results.items():
-        f_net = r["network"]["detection"]["f1"]
-        f_cls = r["classical"]["detection"]["f1"]
         summary[condition] = {
             "true_defects": r["true_defects"],
-            "f1": f_net,
-            "classical_f1": f_cls,
-            "f1_ratio_vs_classical": f_net / f_cls if f_cls > 0 else None,
-            "per_class_f1": {c: v["f1"] for c, v in r["network"]["per_class"].items()},
-            "classical_per_class_f1": {c: v["f1"] for c, v in r["classical"]["per_class"].items()},
-            "detection_confidence_ece": r["network"]["confidence_ece"],
-            "reject_rate": r["reject_rate"],
+            **defects_eval.detection_summary(r),
         }
     summary["cpu_ms_per_frame_median"] = 1e3 * float(np.median(seconds))
     return {

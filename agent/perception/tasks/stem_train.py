@@ -47,7 +47,7 @@ class FitResult:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``scopepilot train sr`` and ``scopepilot train defects``."""
     parser.add_argument("--seed", type=int, default=0, help="seeds data, crops and weights")
-    parser.add_argument("--frames", type=int, default=240, help="simulated 256² training frames")
+    parser.add_argument("--frames", type=int, default=240, help="simulated training frames")
     parser.add_argument("--val-frames", type=int, default=24, help="validation frames")
     parser.add_argument("--steps", type=int, default=2500, help="optimiser steps")
     parser.add_argument("--batch", type=int, default=8, help="crops per step")
