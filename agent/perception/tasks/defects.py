@@ -108,12 +108,15 @@ def load(directory: str | Path = WEIGHTS_DIR) -> tuple[nn.Module, ModelCard]:
     return _cached_model(str(Path(directory).resolve()))
 
 
-def class_probabilities(model: nn.Module, x: np.ndarray, temperature: float) -> np.ndarray:
-    """``(C, H, W)`` class probabilities of input ``x`` ``(1, H, W)``."""
+def class_probabilities(
+    model: nn.Module, x: np.ndarray, temperature: float, *, overlap: int = 64
+) -> np.ndarray:
+    """``(C, H, W)`` class probabilities of input ``x`` ``(1, H, W)`` (tiles of at most
+    :data:`TILE_PX` overlapping by ``overlap`` pixels)."""
     h, w = x.shape[1:]
     multiple = model.multiple() if isinstance(model, PixelUNet) else 32
     tile = min(TILE_PX, -(-max(h, w) // multiple) * multiple)
-    logits = tiled_inference(model, x, tile=tile, overlap=64, batch_size=4)
+    logits = tiled_inference(model, x, tile=tile, overlap=overlap, batch_size=4)
     z = torch.from_numpy(logits) / temperature
     return torch.softmax(z, dim=0).numpy()
 
@@ -195,7 +198,7 @@ def detect(
 ) -> list[PredictedDefect]:
     """Defects of a probability map ``(C, H, W)`` (pixel coordinates) of a frame whose
     signal-to-noise ratio is ``snr`` (:func:`image_snr`)."""
-    found = _regions(prob, settings.threshold)
+    found = regions(prob, settings.threshold)
     if not found:
         return []
     rows, cols, kinds, peak, mean_p, size = (np.asarray(v) for v in zip(*found, strict=True))
@@ -210,11 +213,12 @@ def detect(
     ]
 
 
-def _regions(
-    prob: np.ndarray, threshold: float
+def regions(
+    prob: np.ndarray, threshold: float, classes: Sequence[str] = DEFECT_CLASSES
 ) -> list[tuple[float, float, str, float, float, float]]:
     """(row, col, class, peak class probability, mean defect probability, size) of each
-    region where ``1 - p(lattice) > threshold``."""
+    region where ``1 - p(background) > threshold`` (channel 0 is the background, the others
+    ``classes[1:]``); regions under :data:`MIN_REGION_PX` pixels are dropped."""
     defect_p = 1.0 - prob[0]
     labels, n = ndimage.label(defect_p > threshold, structure=np.ones((3, 3)))
     if n == 0:
@@ -235,7 +239,7 @@ def _regions(
             (
                 float(rows[i] / mass[i]),
                 float(cols[i] / mass[i]),
-                DEFECT_CLASSES[k + 1],
+                classes[k + 1],
                 float(peaks[k, i]),
                 float(mass[i] / sizes[i]),
                 float(sizes[i]),
@@ -472,10 +476,12 @@ def calibrate(
     )
     features, correct = [], []
     for prob, s in zip(probs, val, strict=True):
-        regions = _regions(prob, settings.threshold)
-        if not regions:
+        found_regions = regions(prob, settings.threshold)
+        if not found_regions:
             continue
-        rows, cols, kinds, peak, mean_p, size = (np.asarray(v) for v in zip(*regions, strict=True))
+        rows, cols, kinds, peak, mean_p, size = (
+            np.asarray(v) for v in zip(*found_regions, strict=True)
+        )
         found = [
             PredictedDefect(float(r), float(c), str(k), 1.0)
             for r, c, k in zip(rows, cols, kinds, strict=True)

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import nn
 
 from agent.perception.pixel_unet import PixelUNet
@@ -45,10 +44,14 @@ from agent.perception.tasks.defects import (
     defect_result,
     defects_json,
     fit_temperature,
+    regions,
     settings_of,
 )
 from agent.perception.tasks.defects import (
     add_evaluate_arguments as add_stem_evaluate_arguments,
+)
+from agent.perception.tasks.defects import (
+    class_probabilities as stem_class_probabilities,
 )
 from agent.perception.tasks.defects_stm_data import (
     CLASSES,
@@ -77,12 +80,10 @@ VERSION = "2"
 CHANNELS = ("levelled_height_A",)
 WIDTHS = (16, 24, 32, 48)
 PIXEL_SIZE_RANGE_NM = (0.03, 0.12)
-TILE_PX = 512
 CLASS_WEIGHTS = (1.0, 3.0, 3.0, 3.0)
 MATCH_DISTANCE_M = 1e-10
 """A detection matches a true defect within 1 Å (the issue's criterion; version 1 used 0.3 nm).
 The detection threshold is tuned on validation frames at this distance."""
-MIN_REGION_PX = 3
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -108,43 +109,19 @@ def load(directory: str | Path = WEIGHTS_DIR) -> tuple[nn.Module, ModelCard]:
 
 
 def class_probabilities(model: nn.Module, x: np.ndarray, temperature: float) -> np.ndarray:
-    """``(C, H, W)`` class probabilities of input ``x`` ``(1, H, W)``."""
-    h, w = x.shape[1:]
-    multiple = model.multiple() if isinstance(model, PixelUNet) else 32
-    tile = min(TILE_PX, -(-max(h, w) // multiple) * multiple)
-    logits = tiled_inference(model, x, tile=tile, overlap=32, batch_size=4)
-    z = torch.from_numpy(logits) / temperature
-    return torch.softmax(z, dim=0).numpy()
+    """``(C, H, W)`` class probabilities of input ``x`` ``(1, H, W)`` (the STEM model's tiling,
+    with 32-pixel overlaps)."""
+    return stem_class_probabilities(model, x, temperature, overlap=32)
 
 
 def detect(prob: np.ndarray, settings: DetectionSettings) -> list[PredictedDefect]:
     """Defects (pixel coordinates) of a probability map ``(C, H, W)``: the connected regions
-    where ``1 - p(background)`` exceeds the threshold."""
-    defect_p = 1.0 - prob[0]
-    labels, n = ndimage.label(defect_p > settings.threshold, structure=np.ones((3, 3)))
-    if n == 0:
-        return []
-    index = np.arange(1, n + 1)
-    sizes = ndimage.sum_labels(np.ones_like(defect_p), labels, index)
-    rows = ndimage.sum_labels(defect_p * np.arange(prob.shape[1])[:, None], labels, index)
-    cols = ndimage.sum_labels(defect_p * np.arange(prob.shape[2])[None, :], labels, index)
-    mass = ndimage.sum_labels(defect_p, labels, index)
-    per_class = np.stack([ndimage.sum_labels(prob[k], labels, index) for k in range(1, len(prob))])
-    peaks = np.stack([ndimage.maximum(prob[k], labels, index) for k in range(1, len(prob))])
-    out = []
-    for i in range(n):
-        if sizes[i] < MIN_REGION_PX:
-            continue
-        k = int(np.argmax(per_class[:, i]))
-        out.append(
-            PredictedDefect(
-                float(rows[i] / mass[i]),
-                float(cols[i] / mass[i]),
-                CLASSES[k + 1],
-                float(peaks[k, i]),
-            )
-        )
-    return out
+    where ``1 - p(background)`` exceeds the threshold, each with its peak class probability as
+    confidence."""
+    return [
+        PredictedDefect(row, col, kind, peak)
+        for row, col, kind, peak, _, _ in regions(prob, settings.threshold, CLASSES)
+    ]
 
 
 def find_defects(
