@@ -146,10 +146,9 @@ class Pipeline:
         }
         for stage in self.stages:  # absent when none run: older sessions resume unchanged
             out[stage.name] = label(stage)
-        model = getattr(self.assessor, "model", None)
-        detector = getattr(model, "change_detector", None)
-        if detector is not None:  # the mid-scan watch's fitted detector (tipnet)
-            out["tip_watch"] = detector.label
+        watch = getattr(self.assessor, "watch_version", None)
+        if watch is not None:  # the mid-scan watch's fitted detector (tipnet)
+            out["tip_watch"] = watch
         if self.policy_trained_on is not None:
             out["policy_trained_on"] = self.policy_trained_on
         return out

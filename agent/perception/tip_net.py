@@ -271,6 +271,10 @@ class TipNetAssessor:
         self.fallback = fallback
         self.baseline = baseline
         self.version = f"{model.card.version}+{model.card.sha256[:8]}"
+        # the mid-scan change detector's label (its fitted thresholds are not part of the
+        # network's version), recorded in a session's versions as ``tip_watch``; None without
+        detector = model.change_detector
+        self.watch_version = None if detector is None else detector.label
 
     def _pixel_nm(self, frame: Frame) -> tuple[float, float]:
         return (abs(frame.pixel_size_m[0]) * 1e9, abs(frame.pixel_size_m[1]) * 1e9)
