@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -106,9 +106,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     run.add_argument(
         "--perception",
         help="frame stages run and recorded on every frame, comma-separated: sr (recovered "
-        "image + uncertainty), defects (defect list) or none (default: sr,defects on STEM, "
-        "none elsewhere; the models judge HAADF-STEM at 0.0125-0.05 nm pixels and record a "
-        "rejection for other frames)",
+        "image + uncertainty), defects (defect list; the STEM model on STEM/SEM, the STM model "
+        "on STM/AFM) or none (default: sr,defects on STEM; defects on STM when the scan's "
+        "pixels are 0.03-0.12 nm, as the default 256 px over 16 nm; none elsewhere; frames "
+        "outside a model's pixel sizes are recorded as rejected)",
     )
     run.add_argument(
         "--no-sr-image",
@@ -163,13 +164,46 @@ def _stage_names(given: str | None, default: Sequence[str]) -> tuple[str, ...]:
     return () if names == ("none",) else names
 
 
+def _stage_options(
+    stages: Sequence[str], kind: str, *, no_sr_image: bool
+) -> dict[str, dict[str, Any]]:
+    """The ``perception_options`` ``run`` stores: the sr image left out with ``--no-sr-image``;
+    the defects model for ``kind`` named, so that the session rebuilds with the model that ran
+    whatever later defaults say."""
+    from agent.perception.stages import defects_sample
+
+    options: dict[str, dict[str, Any]] = {}
+    if no_sr_image and "sr" in stages:
+        options["sr"] = {"record": "none"}
+    if "defects" in stages:
+        options["defects"] = {"sample": defects_sample(kind)}
+    return options
+
+
+def _planned_pixel_nm(instrument: Any, scan: Mapping[str, Any]) -> float | None:
+    """The pixel size (nm, along x) of the frames ``run`` will ask for: the command-line
+    ``scan`` settings over the instrument's current scan; None when unknown."""
+    try:
+        state = instrument.state()
+    except ScopePilotError:
+        return None
+    region = scan.get("region", state.scan_region)
+    shape = scan.get("shape_px", state.shape_px)
+    return float(region.width_m) / int(shape[1]) * 1e9
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from agent.gate import Mode
     from agent.loop import AgentConfig, Step
     from agent.perception.stages import default_stages
-    from agent.pipeline import build_pipeline, default_assessor, default_policy_options
+    from agent.pipeline import (
+        build_pipeline,
+        default_assessor,
+        default_policy_options,
+        recorded_config,
+    )
     from agent.recorder import SessionRecorder
     from agent.session import Session
     from agent.summary import format_summary, summarize
@@ -204,7 +238,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         kind = instrument.info().kind
         assessor = args.assessor or default_assessor(kind, args.policy)
-        stages = _stage_names(args.perception, default_stages(kind))
+        pixel_nm = _planned_pixel_nm(instrument, scan)
+        stages = _stage_names(args.perception, default_stages(kind, pixel_size_nm=pixel_nm))
         early_abort = args.early_abort
         if early_abort is None:
             early_abort = assessor == "tipnet" and kind in SPM_KINDS
@@ -216,9 +251,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "assessor_options": {},
             "quality": "snr",
             "perception": list(stages),
-            "perception_options": {"sr": {"record": "none"}}
-            if args.no_sr_image and "sr" in stages
-            else {},
+            "perception_options": _stage_options(stages, kind, no_sr_image=args.no_sr_image),
             "early_abort": early_abort,
             "frames": args.frames,
             "seed": args.seed,
@@ -230,7 +263,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "lockstep": not args.free_running,
         }
         if plan is not None:  # the stored session config, exactly as the first part ran
-            config = plan.config
+            config = recorded_config(plan.config, plan.versions)
         pipeline = build_pipeline(config, kind=kind)
         versions = {"scopepilot": _package_version(), **pipeline.versions()}
         for warning in pipeline.warnings():

@@ -17,7 +17,9 @@ and ``--resume`` rebuild exactly the same perception and policy from that mappin
                       :data:`agent.perception.stages.STAGES`: ``sr``, ``defects``); absent:
                       none (``scopepilot run`` stores the default for the instrument kind,
                       :func:`~agent.perception.stages.default_stages`)
-``perception_options`` keyword options per stage name (e.g. ``{"sr": {"record": "none"}}``)
+``perception_options`` keyword options per stage name (e.g. ``{"sr": {"record": "none"}}``;
+                      ``{"defects": {"sample": "stm"}}`` picks the defects model, absent: the
+                      one for the instrument kind, :func:`~agent.perception.stages.defects_sample`)
 ``early_abort``       true: while an SPM scan streams, the tip assessor's ``watch`` judges the
                       latest lines and a tip change aborts the scan (the assessor must have
                       ``watch``: ``tipnet``); absent: false
@@ -216,6 +218,36 @@ def _name(config: Mapping[str, Any], key: str, default: str) -> str:
     return value
 
 
+def recorded_config(config: Mapping[str, Any], versions: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded session's ``config`` such that :func:`build_pipeline` rebuilds what ran, given
+    the session's recorded ``versions`` (replay and ``--resume`` call this).
+
+    Sessions recorded before the ``defects`` stage chose its model by instrument kind ran the
+    STEM model on every instrument and stored no choice: where the recorded ``defects`` version
+    does not name the STM model, the stage gets ``sample: "stem"`` (a session whose versions do
+    not mention the stage keeps the default for its kind).
+    """
+    from agent.perception.stages import STM_DEFECTS_MODEL
+
+    out = dict(config)
+    names = out.get("perception")
+    ran = versions.get("defects")
+    if not isinstance(names, list) or "defects" not in names or not isinstance(ran, str):
+        return out
+    if STM_DEFECTS_MODEL in ran:
+        return out
+    options = out.get("perception_options")
+    if options is not None and not isinstance(options, Mapping):
+        return out  # build_pipeline names the malformed value
+    options = dict(options or {})
+    defects = options.get("defects") or {}
+    if not isinstance(defects, Mapping) or "sample" in defects:
+        return out
+    options["defects"] = {**defects, "sample": "stem"}
+    out["perception_options"] = options
+    return out
+
+
 def build_pipeline(config: Mapping[str, Any], *, kind: str) -> Pipeline:
     """Perception and policy for a session on an instrument of ``kind`` from ``config``.
 
@@ -249,7 +281,7 @@ def build_pipeline(config: Mapping[str, Any], *, kind: str) -> Pipeline:
     if names is None:
         names = []
     stage_options = _options(config, "perception_options")
-    stages = build_stages(names, stage_options)
+    stages = build_stages(names, stage_options, kind=kind)
     early_abort = config.get("early_abort", False)
     if not isinstance(early_abort, bool):
         raise ConfigError(

@@ -2,7 +2,8 @@
 
 ``replay_session(S, R, overrides={...})`` reads the frames of the session store ``S`` in order,
 rebuilds perception and policy with :func:`agent.pipeline.build_pipeline` from S's stored
-configuration updated by ``overrides`` (``policy``, ``policy_options``, ``assessor``,
+configuration (as :func:`agent.pipeline.recorded_config` reads it: the models that ran) updated
+by ``overrides`` (``policy``, ``policy_options``, ``assessor``,
 ``assessor_options``, ``quality``), and decides on every frame exactly as the agent loop does
 (:meth:`agent.loop.Agent._decide_on`): a frame with problems is not assessed and not acted on,
 a policy exception becomes a no-action decision, the tip history holds the last
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from agent.perception.stages import run_stages
-from agent.pipeline import Pipeline, build_pipeline
+from agent.pipeline import Pipeline, build_pipeline, recorded_config
 from agent.recorder import SessionRecorder
 from agent.session import Session
 from drivers.errors import ConfigError, DataError, ScopePilotError
@@ -175,7 +176,7 @@ def replay_session(
         raise ConfigError(f"replay output {out_path} is the source session; choose another path")
     info = session_instrument(session)
     kind = info.kind
-    config = replay_config(session.config, overrides)
+    config = replay_config(recorded_config(session.config, session.versions), overrides)
     # nothing streams in a replay: a recorded early abort is judged by the assessor's watch on
     # the recorded lines (_watched_tip), whatever the assessor
     config["early_abort"] = False

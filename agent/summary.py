@@ -250,23 +250,40 @@ def summarize(
 
 def _defect_counts(perception: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """Defects found per class over the frames the defects stage judged (None: it never ran).
-    ``per_class`` counts defects on frames whose result was not rejected; ``rejected`` frames
-    (model unsure, pixel size out of range, ...) are counted apart."""
-    judged = [
-        p["defects_summary"] for p in perception if isinstance(p.get("defects_summary"), dict)
-    ]
+
+    ``per_class`` counts defects on frames whose result was not rejected and whose tip the tip
+    assessor did not judge bad; ``rejected`` frames (model unsure, pixel size out of range, ...)
+    are counted apart, and so are frames with a bad tip verdict (``bad_tip_frames``, with
+    ``bad_tip_defects`` found on them): a multiple tip images each defect more than once and a
+    blunt or crashed one hides them, so those lists say more about the tip than the sample.
+    """
+    judged = [p for p in perception if isinstance(p.get("defects_summary"), dict)]
     if not judged:
         return None
     per_class: Counter[str] = Counter()
-    kept = [s for s in judged if not s.get("reject")]
-    for s in kept:
-        per_class.update({k: int(v) for k, v in (s.get("counts") or {}).items()})
+    rejected = bad_frames = bad_defects = uncertain = 0
+    for p in judged:
+        s = p["defects_summary"]
+        if s.get("reject"):
+            rejected += 1
+            continue
+        counts = {k: int(v) for k, v in (s.get("counts") or {}).items()}
+        tip = p.get("tip")
+        if isinstance(tip, Mapping) and tip.get("state", "good") != "good":
+            bad_frames += 1
+            bad_defects += sum(counts.values())
+            continue
+        per_class.update(counts)
+        uncertain += int(s.get("uncertain", 0))
+    counted = len(judged) - rejected - bad_frames
     return {
         "frames": len(judged),
-        "rejected_frames": len(judged) - len(kept),
+        "rejected_frames": rejected,
+        "bad_tip_frames": bad_frames,
+        "bad_tip_defects": bad_defects,
         "per_class": dict(per_class),
-        "uncertain": sum(int(s.get("uncertain", 0)) for s in kept),
-        "per_frame_mean": sum(per_class.values()) / len(kept) if kept else None,
+        "uncertain": uncertain,
+        "per_frame_mean": sum(per_class.values()) / counted if counted else None,
     }
 
 
@@ -323,6 +340,11 @@ def format_summary(summary: Mapping[str, Any]) -> str:
             f"defects           {shown}  ({defects['frames']} frames judged, "
             f"{defects['rejected_frames']} rejected; {defects['uncertain']} uncertain)"
         )
+        if defects.get("bad_tip_frames"):
+            lines.append(
+                f"                  not counted: {defects['bad_tip_defects']} found on "
+                f"{defects['bad_tip_frames']} frames with a bad tip verdict"
+            )
     sr = summary.get("sr")
     if sr:
         median = sr["relative_uncertainty_median"]

@@ -191,7 +191,10 @@ def test_run_on_stem_records_the_stages_by_default(
     assert "defects " in printed and "1/1 frames recovered" in printed
     session = Session(out)
     assert session.config["perception"] == ["sr", "defects"]
-    assert session.config["perception_options"] == {"sr": {"record": "none"}}
+    assert session.config["perception_options"] == {
+        "sr": {"record": "none"},
+        "defects": {"sample": "stem"},  # the model for the kind, stored (see recorded_config)
+    }
     assert {"sr", "defects"} <= set(session.versions)
     none = tmp_path / "none.zarr"
     assert main([*argv, "--out", str(none), "--perception", "none"]) == 0

@@ -9,7 +9,9 @@ stores beside the event (:meth:`agent.recorder.SessionRecorder.append_array`). T
   uncertainty; the image is recorded as float16 (``record="float16"``, the default; float32
   when the intensities exceed float16's range) or not at all (``record="none"``);
 - ``defects`` (:class:`DefectsStage`): the defects model's defect list (position in pixels and
-  nm, class, confidence, ``uncertain``) and the counts per class.
+  nm, class, confidence, ``uncertain``) and the counts per class; the HAADF-STEM model
+  (``defects``) or the STM-topograph model (``defects_stm``), chosen by the instrument kind
+  (:func:`defects_sample`) or the stage option ``sample``.
 
 The reject option: a frame the model cannot judge (pixel size outside the model card's range,
 NaN pixels, ...) or judges with too much uncertainty is recorded with ``reject: true`` and the
@@ -126,35 +128,76 @@ class SrStage:
         return StageOutput({"sr": fields}, arrays)
 
 
+DEFECT_SAMPLES = ("stem", "stm")
+"""Values of the ``defects`` stage option ``sample``: which defects model runs."""
+STM_DEFECTS_MODEL = "defects_stm"
+"""Card name of the STM defects model; its stage version starts with it."""
+
+
+def defects_sample(kind: str) -> str:
+    """The defects model for an instrument of ``kind``: ``"stm"`` (STM topographs, trained at
+    0.06 nm pixels) on the scanning probes (:data:`agent.pipeline.SPM_KINDS`), ``"stem"``
+    (HAADF-STEM, 0.025 nm) on the others."""
+    from agent.pipeline import SPM_KINDS  # agent.pipeline imports this module
+
+    return "stm" if kind in SPM_KINDS else "stem"
+
+
 class DefectsStage:
     """The ``defects`` model on each frame: the defect list and counts per class.
 
+    ``sample`` picks the model: ``"stem"`` (the default) the HAADF-STEM model (classes vacancy,
+    substitution, adatom), ``"stm"`` the STM-topograph model (vacancy, adatom, dangling_bond;
+    frame data are heights in metres). :func:`build_stages` sets it from the instrument kind
+    unless the session's ``perception_options`` give it.
+
     ``fields["defects"]`` is the list (``row_px``, ``col_px``, ``y_nm``, ``x_nm`` from the
     frame's top-left pixel, ``class``, ``confidence``, ``uncertain``) that the console draws;
-    ``fields["defects_summary"]`` holds ``model``, ``ran``, ``reject``, ``reason``, ``counts``
-    (per class, all defects) and ``uncertain`` (how many are below the card's confidence bar).
+    ``fields["defects_summary"]`` holds ``model``, ``sample``, ``ran``, ``reject``, ``reason``,
+    ``counts`` (per class, all defects) and ``uncertain`` (how many are below the card's
+    confidence bar).
+
+    ``version`` (recorded in the session's ``versions`` and as ``model``): the STEM model's is
+    ``"<card version>+<sha256[:8]>"`` as in sessions recorded before the STM model existed (so
+    that they resume), the STM model's ``"defects_stm <card version>+<sha256[:8]>"``.
     """
 
     name = "defects"
 
-    def __init__(self, *, weights_dir: str | None = None) -> None:
+    def __init__(self, *, sample: str = "stem", weights_dir: str | None = None) -> None:
+        if sample not in DEFECT_SAMPLES:
+            raise ConfigError(
+                f"defects stage option sample must be one of {', '.join(DEFECT_SAMPLES)}, "
+                f"got {sample!r}"
+            )
         from agent.perception.registry import WEIGHTS_DIR
-        from agent.perception.tasks import defects
-        from agent.perception.tasks.stem_data import DEFECT_CLASSES
 
-        self._defects = defects
-        self._classes = tuple(DEFECT_CLASSES[1:])
-        self._model, self._card = defects.load(weights_dir or WEIGHTS_DIR)
-        self.version = f"{self._card.version}+{self._card.sha256[:8]}"
+        self.sample = sample
+        if sample == "stm":
+            from agent.perception.tasks import defects_stm
+            from agent.perception.tasks.defects_stm_data import CLASSES
+
+            self._find: Callable[..., Any] = defects_stm.find_defects
+            self._classes = tuple(CLASSES[1:])
+            self._model, self._card = defects_stm.load(weights_dir or WEIGHTS_DIR)
+            prefix = f"{self._card.name} "
+        else:
+            from agent.perception.tasks import defects
+            from agent.perception.tasks.stem_data import DEFECT_CLASSES
+
+            self._find = defects.find_defects
+            self._classes = tuple(DEFECT_CLASSES[1:])
+            self._model, self._card = defects.load(weights_dir or WEIGHTS_DIR)
+            prefix = ""
+        self.version = f"{prefix}{self._card.version}+{self._card.sha256[:8]}"
 
     def run(self, frame: Frame) -> StageOutput:
         try:
-            result = self._defects.find_defects(
-                frame.data, _pixel_nm(frame), model=self._model, card=self._card
-            )
+            result = self._find(frame.data, _pixel_nm(frame), model=self._model, card=self._card)
         except ScopePilotError as exc:
             out = _rejected("defects_summary", self.version, exc)
-            return StageOutput({"defects": [], **out.fields})
+            summary = {**out.fields["defects_summary"], "sample": self.sample}
+            return StageOutput({"defects": [], "defects_summary": summary})
         py, px = (abs(float(v)) * 1e9 for v in frame.pixel_size_m)
         counts = dict.fromkeys(self._classes, 0)
         listed = []
@@ -173,6 +216,7 @@ class DefectsStage:
             )
         summary = {
             "model": self.version,
+            "sample": self.sample,
             "ran": True,
             "reject": bool(result.reject),
             "reason": result.reason,
@@ -186,19 +230,37 @@ STAGES: dict[str, Callable[..., FrameStage]] = {"sr": SrStage, "defects": Defect
 """Frame stage factories by name; each takes that stage's ``perception_options`` as keywords."""
 
 
-def default_stages(kind: str) -> tuple[str, ...]:
-    """The stages ``scopepilot run`` uses on an instrument of ``kind`` unless told otherwise:
-    sr and defects on STEM (the models are trained on HAADF-STEM at 0.0125–0.05 nm pixels;
-    on SEM and SPM frames they would only reject, so they run there only when asked)."""
-    return ("sr", "defects") if kind == "stem" else ()
+def default_stages(kind: str, *, pixel_size_nm: float | None = None) -> tuple[str, ...]:
+    """The stages ``scopepilot run`` uses on an instrument of ``kind`` scanning pixels of
+    ``pixel_size_nm`` (None: not known) unless told otherwise.
+
+    STEM: sr and defects (both models are trained on HAADF-STEM at 0.0125–0.05 nm pixels;
+    frames outside that are recorded as rejected). STM: defects (the STM model) when the pixels
+    are inside the STM model card's ``pixel_size_range_nm`` (0.03–0.12 nm; the default
+    ``sim:stm`` scan, 256² over 16 nm, is 0.0625 nm), none otherwise: there it would only reject.
+    SEM and AFM: none (no model is trained on their images; they run when asked and reject).
+    """
+    if kind == "stem":
+        return ("sr", "defects")
+    if kind == "stm" and pixel_size_nm is not None:
+        from agent.perception.registry import read_card
+
+        low, high = read_card(STM_DEFECTS_MODEL).pixel_size_range_nm
+        if low <= pixel_size_nm <= high:
+            return ("defects",)
+    return ()
 
 
 def build_stages(
-    names: Sequence[str], options: Mapping[str, Mapping[str, Any]]
+    names: Sequence[str],
+    options: Mapping[str, Mapping[str, Any]],
+    *,
+    kind: str | None = None,
 ) -> tuple[FrameStage, ...]:
-    """The stages ``names`` (in order) with their ``options``; :class:`ConfigError` for an
-    unknown or repeated name, options of a stage not asked for, or an option a stage does not
-    take."""
+    """The stages ``names`` (in order) with their ``options`` on an instrument of ``kind``
+    (the ``defects`` stage's model follows it, :func:`defects_sample`, unless its options give
+    ``sample``; None: the STEM model); :class:`ConfigError` for an unknown or repeated name,
+    options of a stage not asked for, or an option a stage does not take."""
     if isinstance(names, str) or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"perception must be a list of stage names, got {names!r}")
     known = ", ".join(sorted(STAGES))
@@ -215,6 +277,8 @@ def build_stages(
         opts = options.get(name) or {}
         if not isinstance(opts, Mapping):
             raise ConfigError(f"perception_options[{name!r}] must be a mapping, got {opts!r}")
+        if name == "defects" and kind is not None and "sample" not in opts:
+            opts = {**opts, "sample": defects_sample(kind)}
         try:
             stages.append(STAGES[name](**opts))
         except TypeError as exc:  # an unknown keyword

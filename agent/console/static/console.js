@@ -130,7 +130,7 @@ function drawFrame() {
   let drawn = 0;
   if ($("show-defects").checked) {
     ctx.lineWidth = 2 * k;
-    const colours = {vacancy: "#ffcc00", substitution: "#33ccff", adatom: "#ff66cc"};
+    const colours = {vacancy: "#ffcc00", substitution: "#33ccff", adatom: "#ff66cc", dangling_bond: "#66ff66"};
     for (const d of header.defects || []) {
       ctx.strokeStyle = colours[d.class] || "#ffcc00";
       ctx.setLineDash(d.uncertain ? [3 * k, 3 * k] : []);  // dashed: below the confidence bar
