@@ -132,7 +132,9 @@ def test_a_clean_surface_gets_an_empty_list(tmp_path: Path) -> None:
     (p,) = [e["payload"] for e in session.events("perception")]
     assert session.frame(0).truth.defects == ()  # type: ignore[union-attr]
     assert p["defects_summary"]["ran"] and not p["defects_summary"]["reject"]
-    assert len(p["defects"]) <= 1
+    assert p["defects"] == [] and p["defects_summary"]["counts"] == dict.fromkeys(
+        ("vacancy", "adatom", "dangling_bond"), 0
+    )
 
 
 def test_summary_and_console_show_the_stm_classes(
