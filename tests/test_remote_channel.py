@@ -24,7 +24,7 @@ from drivers.errors import (
     NotConnected,
 )
 from drivers.frame import Frame, ScanRegion
-from drivers.remote import InstrumentServer, RemoteInstrument, channel, client
+from drivers.remote import InstrumentServer, RemoteInstrument, channel, reader
 from drivers.remote.channel import ERROR, FRAME, NO_FRAME, REPLY, ReplyDecoder, ReplyEncoder
 from drivers.remote.wire import decode_frame, encode_frame
 from drivers.sim import SimulatedSTM
@@ -324,6 +324,16 @@ class ScriptedSTM(SimulatedSTM):
         return item
 
 
+def _reader(remote: RemoteInstrument) -> reader.FrameReader:
+    frame_reader = remote._reader
+    assert frame_reader is not None  # opened by the first frame call
+    return frame_reader
+
+
+def _channel_socket(remote: RemoteInstrument) -> Any:
+    return _reader(remote).sock
+
+
 @pytest.mark.parametrize("scatter", [True, False], ids=["one-read", "two-reads"])
 def test_replies_that_differ_from_the_expected_one_arrive_whole(
     scatter: bool, monkeypatch: pytest.MonkeyPatch
@@ -333,7 +343,7 @@ def test_replies_that_differ_from_the_expected_one_arrive_whole(
     pixel type or shape of the same byte count, a partial frame, a long error, no frame) gives
     the frame a full decode gives, or the error, and the channel goes on. Without scattered
     reads (TLS) the same frames arrive."""
-    monkeypatch.setattr(client, "_can_scatter", lambda sock: scatter)
+    monkeypatch.setattr(reader, "_can_scatter", lambda sock: scatter)
     repeated = 0
     repeat = ReplyDecoder.repeat
 
@@ -370,13 +380,13 @@ def test_replies_that_differ_from_the_expected_one_arrive_whole(
                     remote.acquire()
                 assert remote.latest_frame(after_index=7) is None  # a reply without a frame
             got = remote.acquire()
-            channel_socket = channel_socket or remote._channel
+            channel_socket = channel_socket or _channel_socket(remote)
             expected = decode_frame(*encode_frame(frame))
             assert got.header() == expected.header()
             assert got.metadata == expected.metadata
             np.testing.assert_array_equal(got.done_data, frame.done_data)
             assert got.data.dtype == frame.data.dtype
-        assert remote._channel is channel_socket  # one channel throughout
+        assert _channel_socket(remote) is channel_socket  # one channel throughout
     assert repeated == (5 if scatter else 0)  # frames 1, 2, 4, 8 (7's block) and 9
 
 
@@ -393,7 +403,7 @@ def test_a_drop_inside_an_expected_reply_raises_and_the_next_call_reconnects(cut
         remote = RemoteInstrument("127.0.0.1", relay.port, token=TOKEN, sleep=lambda s: None)
         try:
             got = [remote.acquire() for _ in range(3)]
-            assert remote._decoder.whole is not None  # the next reply is read at once
+            assert _reader(remote).decoder.whole is not None  # the next reply is read at once
             relay.cut_after(cut_at)  # a 64² float32 reply is some 16.6 kB
             with pytest.raises(CommunicationError, match="lost during acquire"):
                 remote.acquire()
@@ -417,7 +427,7 @@ def test_bad_frame_channel_calls_get_error_replies_and_the_channel_goes_on() -> 
         RemoteInstrument("127.0.0.1", server.port, token=TOKEN) as remote,
     ):
         assert remote.acquire().complete
-        channel_socket = remote._channel
+        channel_socket = _channel_socket(remote)
         with pytest.raises(CommandRejected, match="does not take 0 arguments"):
             remote._frame_call("stream_next")
         served.notes = object()  # metadata msgpack cannot carry
@@ -425,7 +435,7 @@ def test_bad_frame_channel_calls_get_error_replies_and_the_channel_goes_on() -> 
             remote.acquire()
         served.notes = None
         assert remote.acquire().complete
-        assert remote._channel is channel_socket  # the same channel served all of them
+        assert _channel_socket(remote) is channel_socket  # the same channel served all of them
 
 
 def test_a_server_speaking_another_protocol_is_refused_clearly(

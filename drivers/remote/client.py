@@ -21,7 +21,6 @@ import os
 import socket
 import ssl
 import struct
-import sys
 import threading
 import time
 import uuid
@@ -48,13 +47,13 @@ from drivers.errors import (
 )
 from drivers.frame import Frame, ScanRegion
 from drivers.protocol import CommandResult, InstrumentInfo, InstrumentState
-from drivers.remote.channel import ERROR, FRAME, NO_FRAME, REPLY, ReplyDecoder, WholeReply
 from drivers.remote.daemon import (
     FRAME_CHANNEL_MAGIC,
     PROTOCOL_VERSION,
     TICKET_BYTES,
     enable_tls,
 )
+from drivers.remote.reader import FrameReader, FrameReply, ReportedError
 from drivers.remote.server import SERVICE_NAME
 from drivers.remote.wire import MAX_FRAME_BYTES
 
@@ -63,17 +62,12 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "SCOPEPILOT_TOKEN"
 TOKEN_FILE_ENV = "SCOPEPILOT_TOKEN_FILE"
 TLS_CA_ENV = "SCOPEPILOT_TLS_CA"
-_BIG_ENDIAN = sys.byteorder == "big"
 #: Frame-channel requests without arguments, ready to send (a 4-byte length, then msgpack).
 _REQUESTS = {
     method: struct.pack("!I", len(body)) + body
     for method in ("acquire",)
     for body in [msgpack.packb([method, []], use_bin_type=True)]
 }
-#: The first read of a frame reply: its fixed part, a usual block (a few hundred bytes) and the
-#: first pixels, which are copied once more; the rest is read into the frame's array.
-_FIRST_READ_BYTES = 4096
-_REPLY_BYTES = REPLY.size
 
 _ERRORS: dict[str, type[ScopePilotError]] = {
     cls.__name__: cls
@@ -185,13 +179,7 @@ class RemoteInstrument:
                 raise ConfigError(f"cannot use {str(ca)!r} as the TLS CA file: {exc}") from None
         self._lock = threading.RLock()
         self._proxy: Pyro5.client.Proxy | None = None
-        self._channel: socket.socket | None = None
-        self._scratch = memoryview(bytearray(1 << 16))  # a reply's fixed part, block, first pixels
-        self._first_read = self._scratch[:_FIRST_READ_BYTES]
-        self._decoder = ReplyDecoder(max_bytes=max_frame_bytes)
-        self._vector_reads = False  # whether the channel reads into several buffers at once
-        self._whole_for: WholeReply | None = None  # the expected reply _whole_head is cut for
-        self._whole_head = self._first_read
+        self._reader: FrameReader | None = None  # the frame channel, opened on first use
         self._closed = False
         self.reconnects = 0
         self._connect()
@@ -258,10 +246,10 @@ class RemoteInstrument:
             return
 
     def _drop_channel(self) -> None:
-        if self._channel is not None:
+        if self._reader is not None:
             with contextlib.suppress(OSError):
-                self._channel.close()
-            self._channel = None
+                self._reader.sock.close()
+            self._reader = None
 
     def _drop(self) -> None:
         self._drop_channel()
@@ -342,10 +330,9 @@ class RemoteInstrument:
 
     def _frame_call(
         self, method: str, *args: Any, into: np.ndarray | None = None
-    ) -> tuple[Frame, bool, np.ndarray] | None:
-        """Call a frame method over the frame channel: the reply's pixels are received straight
-        into the frame's array (``into``, the buffer of a streamed scan, when given; a streamed
-        frame holds a copy). Returns the frame, whether it ends its scan, and the array, or None
+    ) -> FrameReply | None:
+        """Call a frame method over the frame channel (:class:`FrameReader` reads the reply).
+        Returns the frame, whether it ends its scan, and the array its pixels are in, or None
         when there is no frame."""
         with self._lock:
             if self._closed:
@@ -355,110 +342,18 @@ class RemoteInstrument:
             try:
                 if self._proxy is None:
                     self._reconnect()
-                if self._channel is None:
-                    self._channel = self._open_channel()
-                    self._decoder = ReplyDecoder(max_bytes=self._max_frame_bytes)
-                    self._vector_reads = _can_scatter(self._channel)
-                sock = self._channel
+                if self._reader is None:
+                    self._reader = FrameReader(
+                        self._open_channel(), max_bytes=self._max_frame_bytes
+                    )
                 request = _REQUESTS.get(method) if not args else None
                 if request is None:
                     body = msgpack.packb([method, list(args)], use_bin_type=True)
                     request = struct.pack("!I", len(body)) + body
-                sock.sendall(request)
-                decoder = self._decoder
-                streaming = method == "stream_next"  # later lines go into the same buffer
-                whole = None
-                if into is None and not streaming and self._vector_reads:
-                    whole = decoder.whole
-                head = self._scratch
-                spill: np.ndarray | None = None  # the expected reply's pixels go here
-                if whole is None:
-                    # one read usually brings the fixed part, the block and the first pixels;
-                    # it is kept short, so that the pixels mostly land in the frame's array
-                    first = self._first_read
-                    got = sock.recv_into(first)
-                else:
-                    # a whole frame with the remembered block is expected: its array is made
-                    # while the server works, and one call reads the head into the scratch and
-                    # the pixels into the array (a reply that differs is handled below)
-                    if whole is not self._whole_for:
-                        self._whole_for, self._whole_head = whole, head[: whole.head_size]
-                    first = self._whole_head
-                    spill = np.empty(whole.layout.shape, whole.layout.native)
-                    got = sock.recvmsg_into([first, spill.data])[0]
-                if got < _REPLY_BYTES:
-                    got = _recv_at_least(sock, first, _REPLY_BYTES, got)
-                kind, flags, _, block_size, payload_size, index, time_s, lines, row0, rows = (
-                    REPLY.unpack_from(head)
-                )
-                end = _REPLY_BYTES + block_size
-                spilled = 0  # pixel bytes read into spill
-                if spill is not None and whole is not None:
-                    if got > whole.head_size:
-                        spilled, got = got - whole.head_size, whole.head_size
-                    if kind != FRAME or end != got or payload_size != whole.payload_bytes:
-                        # not the reply expected: go on from one buffer of what was read
-                        if spilled:
-                            joined = bytearray(max(len(head), got + spilled))
-                            joined[:got] = head[:got]
-                            joined[got : got + spilled] = spill.data.cast("B")[:spilled]
-                            head, got, spilled = memoryview(joined), got + spilled, 0
-                        spill = None
-                if end > len(self._scratch):
-                    raise DataError(f"frame reply block of {block_size} bytes")
-                if got < end:  # a large block: read exactly the rest of it
-                    got = _recv_at_least(sock, head[:end], end, got)
-                early = got - end  # pixel bytes read into head
-                if kind != FRAME:
-                    if payload_size or early:
-                        raise DataError(f"a frame reply of kind {kind} carries pixels")
-                    if kind == NO_FRAME:
-                        return None
-                    if kind != ERROR:
-                        raise DataError(f"frame reply of unknown kind {kind}")
-                    reported = _unpack_error(head[_REPLY_BYTES:end])
-                else:
-                    block = bytes(head[_REPLY_BYTES:end])
-                    if spill is not None:
-                        # the reply expected (its sizes say so): all its pixels go into spill,
-                        # and the frame is made at once if it repeats the remembered block
-                        if spilled < payload_size:
-                            _recv_into(sock, spill.data.cast("B")[spilled:])
-                        frame = decoder.repeat(block, index, time_s, lines, row0, rows, spill)
-                        if frame is not None:
-                            if _BIG_ENDIAN:  # the wire is little-endian
-                                spill.byteswap(inplace=True)
-                            return frame, bool(flags & 1), spill
-                    layout = decoder.layout(block, index, time_s, lines, row0, rows)
-                    if layout.payload_bytes != payload_size:
-                        raise DataError(
-                            f"frame reply carries {payload_size} bytes; its header needs "
-                            f"{layout.payload_bytes}"
-                        )
-                    if early > payload_size:
-                        raise DataError(
-                            f"frame reply is longer than the {payload_size} bytes announced"
-                        )
-                    if into is None:
-                        buffer = layout.empty()
-                        target = buffer if layout.rows == buffer.shape[0] else layout.target(buffer)
-                    else:
-                        buffer = into
-                        target = layout.target(buffer)
-                    if target.size:
-                        view = target.data.cast("B")
-                        if spill is not None:  # a new block of the remembered one's size
-                            view[:] = spill.data.cast("B")  # (all its bytes are in)
-                        else:
-                            # the pixels are read before the frame is built: a client that
-                            # leaves them in the socket stalls the server's send (slower in 5
-                            # of 6 interleaved A/B runs)
-                            view[:early] = head[end:got]
-                            _recv_into(sock, view[early:])
-                        if _BIG_ENDIAN:  # the wire is little-endian
-                            target.byteswap(inplace=True)
-                    frame = decoder.build(buffer.copy() if streaming else buffer, layout)
-                    return frame, bool(flags & 1), buffer
+                self._reader.sock.sendall(request)
+                return self._reader.read(streaming=method == "stream_next", into=into)
+            except ReportedError as exc:  # read whole: the channel stays in step and is kept
+                reported = exc.error
             except (OSError, struct.error, ValueError, msgpack.UnpackException) as exc:
                 self._drop()
                 raise CommunicationError(
@@ -468,7 +363,6 @@ class RemoteInstrument:
             except DataError:
                 self._drop_channel()  # its framing can no longer be trusted; Pyro5's can
                 raise
-        # an error the server reported, read whole: the channel stays in step and is kept
         raise_remote_error(reported)
 
     def acquire(self) -> Frame:
@@ -557,39 +451,6 @@ def _kernel_timeouts(sock: socket.socket, timeout_s: float) -> None:
     except OSError:
         return
     sock.settimeout(None)
-
-
-def _can_scatter(sock: socket.socket) -> bool:
-    """Whether ``sock`` can read into several buffers in one call (TLS sockets cannot)."""
-    return hasattr(sock, "recvmsg_into") and not isinstance(sock, ssl.SSLSocket)
-
-
-def _recv_at_least(sock: socket.socket, buffer: memoryview, needed: int, have: int = 0) -> int:
-    """Read into ``buffer`` from ``have`` until it holds at least ``needed`` bytes; return how
-    many it holds (it may hold more: whatever arrived in the same reads)."""
-    while have < needed:
-        n = sock.recv_into(buffer[have:])
-        if n == 0:
-            raise ConnectionError("the server closed the connection in the middle of a reply")
-        have += n
-    return have
-
-
-def _unpack_error(block: memoryview) -> Any:
-    """The error mapping an error reply carries (raise_remote_error checks its shape)."""
-    try:
-        return msgpack.unpackb(block, raw=False)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise DataError(f"malformed error reply: {exc}") from None
-
-
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ConnectionError("the server closed the connection in the middle of a reply")
-        got += n
 
 
 def open_remote(rest: str, **options: Any) -> RemoteInstrument:
