@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from agent.cli import main
 from agent.perception.registry import WEIGHTS_DIR, file_sha256, read_card
@@ -160,3 +161,20 @@ def test_infer_cli_shows_array_shapes_and_saves_whole_arrays(
     assert np.asarray(saved["sigma"]).shape == (128, 128)
     assert main(args) == 0
     assert "pass --out" in json.loads(capsys.readouterr().out)["sigma"]
+
+
+def test_fine_tuning_starts_from_the_given_weights_and_records_them(tmp_path: Path) -> None:
+    args = ["--frames", "3", "--val-frames", "2", "--batch", "2", "--threads", "1"]
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    assert (
+        main(["train", "sr", *args, "--steps", "3", "--out", str(base), "--plots", str(base)]) == 0
+    )
+    # learning rate 0: the fine-tuned weights must be exactly the starting ones
+    fine = ["--steps", "1", "--lr", "0", "--seed", "5", "--init", str(base)]
+    assert main(["train", "sr", *args, *fine, "--out", str(tuned), "--plots", str(tuned)]) == 0
+    start = torch.load(base / "sr.pt", weights_only=True)
+    end = torch.load(tuned / "sr.pt", weights_only=True)
+    assert all(torch.equal(start[k], end[k]) for k in start)
+    card = read_card("sr", tuned)
+    assert card.training["init"]["sha256"] == read_card("sr", base).sha256
+    assert card.training["command"].endswith(f"--init {base}")

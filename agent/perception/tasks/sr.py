@@ -40,9 +40,11 @@ from agent.perception.registry import (
     check_image,
     load_model,
     resample_to_pixel_size,
+    run_batches,
     save_model,
     tiled_inference,
 )
+from agent.perception.tasks.sr_quantiles import median, percentiles
 from agent.perception.tasks.stem_data import (
     PIXEL_SIZE_M,
     StemRecipe,
@@ -114,8 +116,10 @@ def model_inputs(image: np.ndarray) -> tuple[np.ndarray, float]:
     scale it was divided by."""
     scale = image_scale(image)
     sampled = np.isfinite(image)
-    x = np.where(sampled, image / scale, 0.0).astype(np.float32)
-    return np.stack([x, sampled.astype(np.float32)]), scale
+    x = np.zeros((2, *image.shape), np.float32)
+    np.divide(image, scale, out=x[0], where=sampled)
+    x[1] = sampled
+    return x, scale
 
 
 def split_output(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,12 +151,26 @@ def load(directory: str | Path = WEIGHTS_DIR) -> tuple[nn.Module, ModelCard]:
     return _cached_model(str(Path(directory).resolve()))
 
 
-def run_network(model: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``x`` ``(2, H, W)`` -> (mean, log-variance) ``(H, W)`` in normalised units."""
+def network_output(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """The raw network output ``(2, H, W) float32`` of an input ``x`` ``(2, H, W)``.
+
+    A frame that is exactly one tile (square, a multiple of the network's size step, at most
+    :data:`TILE_PX`) runs in one pass; anything else goes through overlapping tiles blended by
+    :func:`~agent.perception.registry.tiled_inference`. For a one-tile frame both give the same
+    values up to float rounding (the blend multiplies the tile's output by a weight and divides by
+    the same weight).
+    """
     h, w = x.shape[1:]
     multiple = model.multiple() if isinstance(model, PixelUNet) else 32
     tile = min(TILE_PX, -(-max(h, w) // multiple) * multiple)
-    out = tiled_inference(model, x, tile=tile, overlap=64, batch_size=4)
+    if h == w == tile:
+        return run_batches(model, x[None], batch_size=1)[0].numpy()
+    return tiled_inference(model, x, tile=tile, overlap=64, batch_size=4)
+
+
+def run_network(model: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` ``(2, H, W)`` -> (mean, log-variance) ``(H, W)`` in normalised units."""
+    out = network_output(model, x)
     return out[0], np.clip(out[1], *LOGVAR_RANGE)
 
 
@@ -185,8 +203,9 @@ def recover(
 
         mean = resize(mean, arr.shape, order=1, preserve_range=True)
         sigma = resize(sigma, arr.shape, order=1, preserve_range=True)
-    span = float(np.percentile(mean, 99.9) - np.percentile(mean, 0.1))
-    relative = float(np.median(sigma) / span) if span > 0 else math.inf
+    low, high = percentiles(mean, (0.1, 99.9))
+    span = float(high - low)
+    relative = median(sigma) / span if span > 0 else math.inf
     limit = float(card.training.get("reject_relative_sigma", 0.05))
     reject = not relative <= limit
     reason = (
@@ -229,6 +248,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``scopepilot train sr``: the shared STEM options with the defaults of
     :data:`TRAIN_DEFAULTS` (the recipe of the committed model)."""
     add_stem_train_arguments(parser)
+    parser.add_argument(
+        "--init",
+        default=None,
+        help="fine-tune: start from the sr model in this weights directory (its card's SHA-256 "
+        "is checked and recorded) instead of random weights",
+    )
     parser.set_defaults(**TRAIN_DEFAULTS)
 
 
@@ -238,6 +263,7 @@ def training_command(args: argparse.Namespace) -> str:
         f"scopepilot train sr --seed {args.seed} --frames {args.frames} "
         f"--val-frames {args.val_frames} --steps {args.steps} --batch {args.batch} "
         f"--crop {args.crop} --lr {args.lr} --threads {args.threads}"
+        + (f" --init {args.init}" if getattr(args, "init", None) else "")
     )
 
 
@@ -304,6 +330,16 @@ def train(args: argparse.Namespace) -> int:
     del samples
     crop = int(args.crop)
     model = PixelUNet(2, 2, widths=WIDTHS)
+    init: dict[str, Any] | None = None
+    if getattr(args, "init", None):
+        start, start_card = load_model(NAME, build, args.init, version=VERSION, device="cpu")
+        model.load_state_dict(start.state_dict())  # copied into the contiguous parameters
+        init = {
+            "weights": str(args.init),
+            "sha256": start_card.sha256,
+            "command": start_card.training.get("command"),
+            "steps_done": start_card.training.get("steps_done"),
+        }
     if crop % model.multiple():
         raise DataError(f"--crop must be a multiple of {model.multiple()}, got {crop}")
     val_rng = np.random.default_rng(args.seed + 7)
@@ -361,6 +397,7 @@ def train(args: argparse.Namespace) -> int:
             "final_val_loss": result.val_loss[-1] if result.val_loss else None,
             "temperature": temperature,
             "reject_relative_sigma": 0.05,
+            **({"init": init} if init else {}),
         },
     )
     out = Path(args.out)
