@@ -159,7 +159,9 @@ class AgentResult:
 
 WATCH_EVERY_LINES = 16
 """With ``early_abort``, the tip assessor's ``watch`` judges a streaming scan once per this many
-new lines (the tip network's recent read-out covers the last 16 lines)."""
+new lines (the tip network's recent read-out covers the last 16 lines), unless the assessor
+states its own interval as ``watch_every_lines`` (the tip network with its line-change detector
+looks every 4 lines: a change is reported when it is seen, not at the next multiple of 16)."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,8 @@ class EarlyAbort:
 
 
 class _ScanWatcher:
-    """One scan's watch: every :data:`WATCH_EVERY_LINES` lines the assessor judges the latest
+    """One scan's watch: every :data:`WATCH_EVERY_LINES` lines (or the assessor's
+    ``watch_every_lines``) the assessor judges the latest
     lines; a change from a good tip (the previous frame's estimate, or an earlier look at this
     scan) to a confident bad state sends ``AbortScan`` through the gate, like a policy command
     (paused: suppressed; manual: advised; supervised: not sent, the operator approves policy
@@ -194,13 +197,14 @@ class _ScanWatcher:
         self.agent = agent
         self.seq = agent.result.frames
         self.watched = 0
+        self.every = int(getattr(agent.assessor, "watch_every_lines", WATCH_EVERY_LINES))
         self.done = False
         last = agent._history[-1] if agent._history else None
         self.seen_good = last is not None and last.state is TipState.GOOD
 
     def look(self, part: Frame) -> EarlyAbort | None:
         agent = self.agent
-        if self.done or part.lines_done - self.watched < WATCH_EVERY_LINES:
+        if self.done or part.lines_done - self.watched < self.every:
             return None
         self.watched = part.lines_done
         watch = agent._watch

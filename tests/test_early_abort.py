@@ -72,11 +72,19 @@ class OracleWatch:
 
 
 def run(
-    *, mode: Mode = Mode.AUTONOMOUS, early_abort: bool = True, frames: int = 3, paused: bool = False
+    *,
+    mode: Mode = Mode.AUTONOMOUS,
+    early_abort: bool = True,
+    frames: int = 3,
+    paused: bool = False,
+    lines_per_chunk: int = 16,
+    watch_every_lines: int | None = None,
 ) -> tuple[Agent, MemoryRecorder, OracleWatch]:
-    inner = SimulatedSTM(seed=3, lines_per_chunk=16)
+    inner = SimulatedSTM(seed=3, lines_per_chunk=lines_per_chunk)
     instrument = TipChangeMidScan(inner, frame=CHANGE_FRAME, line=CHANGE_LINE, to="crashed")
     oracle = OracleWatch(inner)
+    if watch_every_lines is not None:  # the assessor states how often it wants to look
+        oracle.watch_every_lines = watch_every_lines  # type: ignore[attr-defined]
     recorder = MemoryRecorder()
     agent = Agent(
         instrument,
@@ -122,6 +130,16 @@ def test_a_tip_change_mid_scan_aborts_the_scan_and_the_policy_reacts() -> None:
     assert "crashed" in decision["reason"] and "not acted on" not in decision["reason"]
     later = [c["command"]["type"] for c in events(recorder, "command") if c["frame"] == 2]
     assert "TipDip" in later  # the rule ladder for a crashed tip started on the next frame
+
+
+def test_the_loop_watches_as_often_as_the_assessor_asks() -> None:
+    """An assessor that states ``watch_every_lines`` (the tip network with its change detector:
+    4) is looked at that often, so a change is aborted 4 lines after it, not 16."""
+    _agent, recorder, oracle = run(frames=2, lines_per_chunk=4, watch_every_lines=4)
+    assert oracle.watched[:5] == [4, 8, 12, 16, 20]
+    (abort,) = events(recorder, "early_abort")
+    assert abort["frame"] == CHANGE_FRAME and abort["lines_done"] == CHANGE_LINE + 4
+    assert [f.lines_done for f, _, _ in recorder.frames] == [256, CHANGE_LINE + 4]
 
 
 def test_without_early_abort_the_scan_runs_to_its_end() -> None:

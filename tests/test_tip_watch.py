@@ -26,17 +26,23 @@ from drivers.frame import TipState
 PIXEL_NM = 0.0625
 
 
-def lattice_scan(seed: int, lines: int = 256, width: int = 256) -> np.ndarray:
-    """``(lines, width)`` metres: a 10 pm corrugated hexagonal-ish lattice with 2 pm line noise
-    and 1 pm white noise, like a good-tip STM frame at 0.0625 nm per pixel."""
-    rng = np.random.default_rng(seed)
+def lattice(lines: int, width: int, shift_nm: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """``(lines, width)`` metres: a 10 pm corrugated hexagonal-ish lattice (0.29 nm) at 0.0625 nm
+    per pixel, shifted by ``shift_nm`` (x, y)."""
     y, x = np.mgrid[0:lines, 0:width] * PIXEL_NM
+    x, y = x - shift_nm[0], y - shift_nm[1]
     a = 0.29
-    surface = 5e-12 * (
+    return 5e-12 * (
         np.cos(2 * np.pi * x / a)
         + np.cos(np.pi * (x + np.sqrt(3) * y) / a)
         + np.cos(np.pi * (x - np.sqrt(3) * y) / a)
     )
+
+
+def lattice_scan(seed: int, lines: int = 256, width: int = 256) -> np.ndarray:
+    """The lattice with 2 pm line noise and 1 pm white noise, like a good-tip STM frame."""
+    rng = np.random.default_rng(seed)
+    surface = lattice(lines, width)
     line_noise = 2e-12 * rng.standard_normal((lines, 1))
     return surface + line_noise + 1e-12 * rng.standard_normal((lines, width))
 
@@ -87,6 +93,32 @@ def test_a_blunted_apex_is_detected_by_the_roughness(shipped: LineChangeDetector
     assert alarm is not None and alarm.feature == "roughness"
 
 
+@pytest.mark.parametrize("seed", [1, 5])
+def test_a_weak_second_apex_is_detected_by_the_joint_score_alone(
+    shipped: LineChangeDetector, seed: int
+) -> None:
+    """A double tip whose second apex is weak (a ghost lattice of 0.18 of the main image, shifted
+    by (0.7, 0.4) nm, and a 12 pm height step: 6 line-noise sigma) from line 120: neither the
+    step nor the corrugation change crosses its own threshold, their coincidence does. The same
+    scan without the tip change never alarms."""
+    scan = lattice_scan(seed)
+    assert first_alarm(shipped, scan) is None
+    double = scan.copy()
+    double[120:] += 0.18 * lattice(256, 256, (0.7, 0.4))[120:] + 12e-12
+    n = first_alarm(shipped, double)
+    assert n is not None and 120 < n <= 136
+    alarm = shipped.check(double[:n])
+    assert alarm is not None and alarm.feature == "joint" and 120 <= alarm.line <= n
+    without = {k: v for k, v in shipped.thresholds.items() if k != "joint"}
+    assert first_alarm(LineChangeDetector(without), double) is None
+
+
+def test_the_assessor_asks_the_loop_to_watch_as_often_as_its_detector_needs() -> None:
+    model = TipModel.load()
+    assert TipNetAssessor(model).watch_every_lines == tip_watch.CHECK_EVERY_LINES == 4
+    assert TipNetAssessor(TipModel(model.net, model.card)).watch_every_lines == 16
+
+
 def test_scores_depend_only_on_the_lines_so_far() -> None:
     scan = lattice_scan(3, lines=160)
     scan[90:] += 60e-12
@@ -118,7 +150,8 @@ def test_detector_file_round_trip_and_bad_files(tmp_path: Path) -> None:
     path = tip_watch.save(detector, tmp_path)
     assert tip_watch.load(tmp_path) == detector
     # the label recorded in sessions names the fitted thresholds, not the fit's notes
-    assert tip_watch.load(tmp_path).label == detector.label
+    loaded = tip_watch.load(tmp_path)
+    assert loaded is not None and loaded.label == detector.label
     refit = LineChangeDetector({"offset": 10.0, "roughness": 12.5}, fit={"note": "test"})
     assert refit.label != detector.label and refit.label.startswith(f"{tip_watch.VERSION}+")
     assert LineChangeDetector(detector.thresholds, fit={}).label == detector.label

@@ -275,6 +275,10 @@ class TipNetAssessor:
         # network's version), recorded in a session's versions as ``tip_watch``; None without
         detector = model.change_detector
         self.watch_version = None if detector is None else detector.label
+        # how often the agent's loop should watch a streaming scan: the detector every
+        # CHECK_EVERY_LINES (it reports a change when it sees it), the read-out alone every 16
+        # (its ``watch_p_bad`` was fitted for that many looks per scan)
+        self.watch_every_lines = 16 if detector is None else tip_watch.CHECK_EVERY_LINES
 
     def _pixel_nm(self, frame: Frame) -> tuple[float, float]:
         return (abs(frame.pixel_size_m[0]) * 1e9, abs(frame.pixel_size_m[1]) * 1e9)

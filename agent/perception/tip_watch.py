@@ -5,7 +5,8 @@ judges the last 16 lines on their own; it has to decide *what* the tip is from a
 its alarm threshold must be high for good tips to pass whole scans without one. A tip change is
 easier to see as a *change*: the lines after it differ from the lines before in ways the surface
 does not explain. :class:`LineChangeDetector` tests that, line by line, on three statistics of the
-scanned lines (``(H, W)`` heights in metres, raw scan lines: no resampling, no network):
+scanned lines (``(H, W)`` heights in metres, raw scan lines: no resampling, no network) and on
+their coincidence:
 
 - **offset** — the height step between consecutive lines, ``o_i = median_x(z_i - z_{i-1})``.
   The median over the line ignores a step edge of the surface that crosses a few pixels; what
@@ -21,6 +22,14 @@ scanned lines (``(H, W)`` heights in metres, raw scan lines: no resampling, no n
   lines' robust scale: features that appear from one line to the next (the ghost of a new apex
   over a defect, a streak). Score: the pixel count of the line (a fraction of the line width, so
   that it does not depend on the frame size).
+- **joint** — a new apex changes the apparent height *and* the corrugation at the same line (a
+  second apex adds its current: the height steps up, and the lattice is imaged twice, shifted,
+  which changes its contrast), while the surface alone changes one at a time (a herringbone
+  ridge or a new terrace changes the corrugation over several lines without a step; line noise
+  steps without changing it). Score: for each candidate change line ``k`` of the roughness GLR,
+  the geometric mean of that GLR and the offset score of the step into line ``k`` (or of the
+  split step into ``k + 1``), at the best ``k``. A double tip whose step and corrugation change
+  are each within the surface's own range is seen here (docs/decisions/0011-tip-change-detector.md).
 
 Each statistic at line ``i`` only uses lines ``< i`` as its reference, so the score at a line
 count ``n`` depends on the first ``n`` lines only, and the detector is a pure function of the
@@ -50,7 +59,9 @@ log = logging.getLogger(__name__)
 
 NAME = "tip_watch"
 VERSION = "1"
-FEATURES: tuple[str, ...] = ("offset", "roughness", "outliers")
+# (the joint score was added without a new version: the other three scores are the same numbers,
+# so a file fitted without it judges as before; the label's digest names the thresholds)
+FEATURES: tuple[str, ...] = ("offset", "roughness", "outliers", "joint")
 REF_LINES = 32
 """Lines before a candidate change that form its reference."""
 MIN_REF_LINES = 8
@@ -58,8 +69,12 @@ MIN_REF_LINES = 8
 MAX_POST_LINES = 16
 """Longest run of lines after a candidate change the roughness test averages."""
 LOOKBACK_LINES = 16
-""":meth:`LineChangeDetector.check` looks at the scores of the last this many line counts (the
-agent's loop watches every 16 lines)."""
+""":meth:`LineChangeDetector.check` looks at the scores of the last this many line counts (so a
+caller that checks less often than every line still sees every line count)."""
+CHECK_EVERY_LINES = 4
+"""How often a streaming scan should be checked (the tip assessor states it as
+``watch_every_lines``, the agent's loop follows it): a change seen at line count ``n`` is
+reported at the next multiple of this; a check of a 256-wide scan costs ~4 ms of CPU."""
 HIGHPASS_SIGMA_PX = 2.0
 OUTLIER_SIGMAS = 5.0
 ROUGHNESS_FLOOR = 0.0
@@ -114,16 +129,39 @@ def _reference(values: np.ndarray, k: int) -> np.ndarray:
 def feature_scores(lines: np.ndarray, *, first: int = 0) -> dict[str, np.ndarray]:
     """Scores ``(H + 1,)`` per feature, indexed by the line count ``n`` (the score that the
     first ``n`` lines give to their newest lines; 0 where there is no reference yet and for
-    ``n < first``). Only lines up to ``REF_LINES + MAX_POST_LINES + 2`` before ``first`` are
+    ``n < first``). Only lines up to ``REF_LINES + MAX_POST_LINES + 3`` before ``first`` are
     read, so a late ``first`` costs little and gives the same scores as a whole computation."""
     z = np.asarray(lines)
     h = z.shape[0] if z.ndim == 2 else 0
-    start = max(0, first - (REF_LINES + MAX_POST_LINES + 2))
+    start = max(0, first - (REF_LINES + MAX_POST_LINES + 3))
     tail = _tail_scores(z[start:] if h else z, max(first - start, 0))
     out = {name: np.zeros(h + 1) for name in FEATURES}
     for name in FEATURES:
         out[name][start:] = tail[name]
     return out
+
+
+def _window_stats(
+    values: np.ndarray, ks: np.ndarray, lo: int, h: int, *, scale: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Median and robust scale ``(h + 1,)`` (NaN outside ``ks``) of the reference window
+    ``values[max(lo, k - REF_LINES) : k]`` of each candidate change line ``k`` in ``ks``: the
+    full windows in one vectorized call, the shorter ones at the start of a scan one by one
+    (the same numbers either way)."""
+    med = np.full(h + 1, np.nan)
+    sig = np.full(h + 1, np.nan)
+    full = ks[ks - REF_LINES >= lo]
+    if len(full):
+        windows = np.lib.stride_tricks.sliding_window_view(values, REF_LINES)[full - REF_LINES]
+        med[full] = np.median(windows, axis=1)
+        if scale:
+            sig[full] = _robust_scale(windows, axis=1)
+    for k in ks[ks - REF_LINES < lo]:
+        window = values[max(lo, k - REF_LINES) : k]
+        med[k] = np.median(window)
+        if scale:
+            sig[k] = float(_robust_scale(window))
+    return med, sig
 
 
 def _tail_scores(lines: np.ndarray, first: int) -> dict[str, np.ndarray]:
@@ -136,37 +174,41 @@ def _tail_scores(lines: np.ndarray, first: int) -> dict[str, np.ndarray]:
         return out
     # reference location and scale per candidate change line k: lines [k - REF_LINES, k)
     # (offsets from line 1, the first has no predecessor)
-    k0 = max(MIN_REF_LINES + 1, n0 - MAX_POST_LINES - 1)
-    med_o = np.full(h + 1, np.nan)
-    sig_o = np.full(h + 1, np.nan)
-    med_r = np.full(h + 1, np.nan)
-    sig_r = np.full(h + 1, np.nan)
-    sig_res = np.full(h + 1, np.nan)
+    # (the joint score at n reads the step scores of the candidate lines up to 16 back)
+    k0 = max(MIN_REF_LINES + 1, n0 - MAX_POST_LINES - 2)
+    ks = np.arange(k0, h + 1)
     res_scale = _robust_scale(residual, axis=1)  # per line
-    for k in range(k0, h + 1):
-        ref_o = _reference(offset, k)
-        med_o[k] = np.median(ref_o)
-        sig_o[k] = max(float(_robust_scale(ref_o)), _TINY)
-        ref_r = rough[max(0, k - REF_LINES) : k]
-        med_r[k] = np.median(ref_r)
-        sig_r[k] = max(float(_robust_scale(ref_r)), ROUGHNESS_FLOOR, 1e-12)
-        sig_res[k] = max(float(np.median(_reference(res_scale, k))), _TINY)
+    med_o, sig_o = _window_stats(offset, ks, 1, h)
+    med_r, sig_r = _window_stats(rough, ks, 0, h)
+    sig_res = _window_stats(res_scale, ks, 1, h, scale=False)[0]
+    sig_o[ks] = np.maximum(sig_o[ks], _TINY)
+    sig_r[ks] = np.maximum(sig_r[ks], max(ROUGHNESS_FLOOR, 1e-12))
+    sig_res[ks] = np.maximum(sig_res[ks], _TINY)
     csum = np.concatenate([[0.0], np.cumsum(rough)])
-    for n in range(n0, h + 1):
-        i = n - 1  # the newest line
-        score = abs(offset[i] - med_o[i]) / sig_o[i]
-        if i - 1 >= MIN_REF_LINES + 1:  # a change in mid-line splits its step over two lines
-            two = abs(offset[i] + offset[i - 1] - 2 * med_o[i - 1]) / (sig_o[i - 1] * np.sqrt(2))
-            score = max(score, two)
-        out["offset"][n] = score
-        out["outliers"][n] = float(np.mean(np.abs(residual[i]) > OUTLIER_SIGMAS * sig_res[i]))
-        p = np.arange(1, min(MAX_POST_LINES, n - MIN_REF_LINES - 1) + 1)
-        ks = n - p  # candidate change lines
-        nref = np.minimum(REF_LINES, ks)
-        shift = (csum[n] - csum[ks]) / p - med_r[ks]
-        out["roughness"][n] = float(
-            np.max(np.abs(shift) / (sig_r[ks] * np.sqrt(1.0 / p + 1.0 / nref)))
-        )
+    # the height-step score of every line count from MAX_POST_LINES before n0 on
+    steps = np.zeros(h + 3)
+    ms = np.arange(max(MIN_REF_LINES + 2, n0 - MAX_POST_LINES), h + 1)
+    i = ms - 1  # their newest lines
+    score = np.abs(offset[i] - med_o[i]) / sig_o[i]
+    two = i - 1 >= MIN_REF_LINES + 1  # a change in mid-line splits its step over two lines
+    j = i[two]
+    pair = np.abs(offset[j] + offset[j - 1] - 2 * med_o[j - 1]) / (sig_o[j - 1] * np.sqrt(2))
+    score[two] = np.maximum(score[two], pair)
+    steps[ms] = score
+    ns = np.arange(n0, h + 1)  # line counts to score, all at once
+    out["offset"][ns] = steps[ns]
+    beyond = np.abs(residual[ns - 1]) > OUTLIER_SIGMAS * sig_res[ns - 1][:, None]
+    out["outliers"][ns] = np.mean(beyond, axis=1)
+    p = np.arange(1, MAX_POST_LINES + 1)
+    valid = p[None, :] <= np.minimum(MAX_POST_LINES, ns - MIN_REF_LINES - 1)[:, None]
+    cand = np.where(valid, ns[:, None] - p[None, :], ns[:, None] - 1)  # candidate change lines
+    nref = np.minimum(REF_LINES, cand)
+    shift = (csum[ns][:, None] - csum[cand]) / p - med_r[cand]
+    glr = np.where(valid, np.abs(shift) / (sig_r[cand] * np.sqrt(1.0 / p + 1.0 / nref)), 0.0)
+    out["roughness"][ns] = np.max(glr, axis=1)
+    # the step into candidate line k shows at line count k + 1, or k + 2 when it fell in mid-line
+    step_at = np.maximum(steps[cand + 1], np.where(cand + 2 <= ns[:, None], steps[cand + 2], 0.0))
+    out["joint"][ns] = np.max(np.sqrt(step_at * glr), axis=1)
     return out
 
 
