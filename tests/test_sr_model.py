@@ -124,12 +124,20 @@ def test_a_card_for_another_architecture_raises_model_error(tmp_path: Path) -> N
 
 
 def test_the_default_training_command_is_the_recipe_of_the_committed_model() -> None:
+    """With no options, ``scopepilot train sr`` trains the committed model from scratch or, when
+    that was fine-tuned (``--init``), the model it started from; the card records both."""
     parser = argparse.ArgumentParser()
     sr.add_train_arguments(parser)
     defaults = parser.parse_args([])
     card = read_card("sr")
-    assert sr.training_command(defaults) == card.training["command"]
-    assert card.training["steps_done"] == defaults.steps and not card.training["stopped_early"]
+    base = card.training.get("init", card.training)
+    assert sr.training_command(defaults) == base["command"]
+    assert base["steps_done"] == defaults.steps and not card.training["stopped_early"]
+    if "init" in card.training:
+        tuned = parser.parse_args(card.training["command"].split()[3:])
+        assert tuned.init and sr.training_command(tuned) == card.training["command"]
+        assert tuned.steps == card.training["steps_done"]
+        assert len(card.training["init"]["sha256"]) == 64
 
 
 def test_training_command_is_reproducible_by_seed(tmp_path: Path) -> None:

@@ -68,7 +68,7 @@ from drivers.errors import DataError
 log = logging.getLogger(__name__)
 
 NAME = "sr"
-VERSION = "2"
+VERSION = "3"
 CHANNELS = ("haadf_over_mean", "sampled")
 WIDTHS = (32, 48, 64, 96)
 PIXEL_SIZE_RANGE_NM = (0.0125, 0.05)
@@ -94,7 +94,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {"frames": 720, "steps": 10_000, "threads": 1}
 (the recipe of sr 2): 720 training frames (with 240 the validation loss stopped falling long
 before the training loss), 10,000 steps, one torch thread (a second thread only spin-waits on a
 shared 2-core machine). Simulating the 744 frames costs ~45 s of CPU and a step 70-110 ms (more
-on a busier machine): 13-19 minutes of CPU in all (docs/benchmarks.md)."""
+on a busier machine): 13-19 minutes of CPU in all (docs/benchmarks.md). The committed sr 3 is sr
+2 fine-tuned on new frames (``--seed 1 --steps 2000 --lr 0.0003 --init`` a directory holding sr
+2); its card records both commands and sr 2's SHA-256."""
 
 
 # ---------------------------------------------------------------------- model and inputs
@@ -332,7 +334,7 @@ def train(args: argparse.Namespace) -> int:
     model = PixelUNet(2, 2, widths=WIDTHS)
     init: dict[str, Any] | None = None
     if getattr(args, "init", None):
-        start, start_card = load_model(NAME, build, args.init, version=VERSION, device="cpu")
+        start, start_card = load_model(NAME, build, args.init, device="cpu")  # any version
         model.load_state_dict(start.state_dict())  # copied into the contiguous parameters
         init = {
             "weights": str(args.init),
