@@ -21,7 +21,9 @@ docs/decisions/0009-tip-labels.md); the same figure counted from the physical ch
 reported beside it (``..._from_change``). A detection before the change is a false alarm. Checks
 stop 64 lines after the visible change (later counts as missed); changes that never become
 visible within the frame are counted, not scored. Good-tip frames of the held-out set give the
-false-alarm rate of a complete scan (checked every 16 lines, classical every 64).
+false-alarm rate of a complete scan (checked as often as the loop looks: every 16 lines with
+the read-out alone, every ``watch_every_lines`` of the assessor with the change detector,
+classical every 64).
 """
 
 from __future__ import annotations
@@ -45,7 +47,12 @@ from agent.perception.tip_data import (
     same_tip_frames,
     simulate,
 )
-from agent.perception.tip_net import TipModel, TipNetAssessor, expected_calibration_error
+from agent.perception.tip_net import (
+    READOUT_EVERY_LINES,
+    TipModel,
+    TipNetAssessor,
+    expected_calibration_error,
+)
 from drivers.frame import Frame, ScanRegion, TipState
 
 log = logging.getLogger(__name__)
@@ -171,8 +178,10 @@ def score_changes(
     what ``watch`` did before the change detector), the assessor's ``watch`` with the model's
     line-statistics change detector (``tipwatch``, when the model has one), that detector on
     its own (``lines``: an alarm, whatever the state; for changes from a bad tip) and the
-    classical assessor. Good frames are checked every 16 lines (the agent's loop; classical
-    every 64)."""
+    classical assessor. Complete good frames are checked as often as the agent's loop looks:
+    every :data:`~agent.perception.tip_net.READOUT_EVERY_LINES` lines for the read-out alone, every
+    ``assessor.watch_every_lines`` with the change detector, every 64 for the classical
+    assessor."""
     from tqdm import tqdm
 
     model = assessor.model
@@ -200,6 +209,13 @@ def score_changes(
         ("lines", lines_fire, check_every),
         ("classical", cls_fires, 4 * check_every),
     ]
+    # complete good frames are looked at as often as the loop looks with that detector
+    loop_every = {
+        "tipnet": READOUT_EVERY_LINES,
+        "tipwatch": assessor.watch_every_lines,
+        "lines": assessor.watch_every_lines,
+        "classical": 4 * READOUT_EVERY_LINES,
+    }
     out: dict[str, Any] = {}
     for name, fires, step in detectors:
         if name not in only or (name in ("tipwatch", "lines") and model.change_detector is None):
@@ -229,12 +245,7 @@ def score_changes(
         for s in tqdm(
             good_frames, desc=f"good frames ({name})", unit="frame", disable=not progress
         ):
-            if (
-                detection_run(
-                    s.data, s.pixel_size_nm, None, fires, 16 if name != "classical" else 64
-                )
-                is not None
-            ):
+            if detection_run(s.data, s.pixel_size_nm, None, fires, loop_every[name]) is not None:
                 fa_frames += 1
         lat = np.array(latencies) if latencies else np.array([np.inf])
         phys = np.array(from_change) if from_change else np.array([np.inf])

@@ -55,6 +55,10 @@ from drivers.observation import TipEstimate
 
 log = logging.getLogger(__name__)
 
+READOUT_EVERY_LINES = 16
+"""How often the loop watches a streaming scan with the network's recent read-out alone (no
+change detector): its ``watch_p_bad`` was fitted for that many looks per scan."""
+
 NAME = "tip"
 VERSION = "1.2"
 STATES: tuple[TipState, ...] = tuple(TipState)
@@ -278,7 +282,9 @@ class TipNetAssessor:
         # how often the agent's loop should watch a streaming scan: the detector every
         # CHECK_EVERY_LINES (it reports a change when it sees it), the read-out alone every 16
         # (its ``watch_p_bad`` was fitted for that many looks per scan)
-        self.watch_every_lines = 16 if detector is None else tip_watch.CHECK_EVERY_LINES
+        self.watch_every_lines = (
+            READOUT_EVERY_LINES if detector is None else tip_watch.CHECK_EVERY_LINES
+        )
 
     def _pixel_nm(self, frame: Frame) -> tuple[float, float]:
         return (abs(frame.pixel_size_m[0]) * 1e9, abs(frame.pixel_size_m[1]) * 1e9)
