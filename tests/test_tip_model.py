@@ -21,6 +21,8 @@ from agent.perception.tip_data import (
     TipRecipe,
     TipSample,
     same_tip_frames,
+    sample,
+    sample_with_truth,
     shown_per_line,
     simulate,
     state_for,
@@ -351,6 +353,20 @@ def test_parallel_simulation_gives_the_same_frames() -> None:
         assert np.array_equal(a.data, b.data) and (a.label, a.sim_label) == (b.label, b.sim_label)
         assert (a.good_twin is None) == (b.good_twin is None)
     assert [s.sim_label for s in one] == [0, 1, 2, 3]
+
+
+def test_sample_with_truth_is_the_sample_and_the_apex_geometry() -> None:
+    recipe = TipRecipe(seeds=(20_600_000, 20_600_004), shape_px=(32, 32), size_nm=(2.0, 2.0))
+    seed = next(s for s in range(*recipe.seeds) if state_for(s) is TipState.MULTIPLE)
+    got, truth = sample_with_truth(recipe, seed)
+    plain = sample(recipe, seed)
+    assert np.array_equal(got.data, plain.data) and np.array_equal(got.good_twin, plain.good_twin)
+    assert (got.label, got.sim_label) == (plain.label, plain.sim_label)
+    apexes = truth.extra["apexes_m"]
+    # the main apex at the origin, then one or two extra apexes 0.4-2.5 nm away
+    assert truth.tip_state is TipState.MULTIPLE and apexes[0][:3] == [0.0, 0.0, 0.0]
+    assert 2 <= len(apexes) <= 3
+    assert all(0.4e-9 <= float(np.hypot(a[0], a[1])) <= 2.5e-9 for a in apexes[1:])
 
 
 def test_same_tip_frames_scan_one_tip_at_different_places() -> None:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from drivers.errors import ConfigError, DataError
-from drivers.frame import Frame, ScanRegion, TipState
+from drivers.frame import Frame, GroundTruth, ScanRegion, TipState
 from drivers.registry import open_instrument
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,12 @@ def simulate(
 
 def sample(recipe: TipRecipe, seed: int) -> TipSample:
     """The frame of ``recipe`` for ``seed``: tip state ``state_for(seed)``."""
+    return sample_with_truth(recipe, seed)[0]
+
+
+def sample_with_truth(recipe: TipRecipe, seed: int) -> tuple[TipSample, GroundTruth]:
+    """:func:`sample` and the simulator's ground truth of the frame (apex geometry in
+    ``truth.extra["apexes_m"]``: ``[dx_m, dy_m, dz_m, weight]`` per apex, the main one first)."""
     rng = np.random.default_rng([seed, 8_101])
     options = _options(recipe, rng)
     size_m = float(rng.uniform(*recipe.size_nm)) * 1e-9
@@ -204,7 +210,7 @@ def sample(recipe: TipRecipe, seed: int) -> TipSample:
         twin = _scan(seed, TipState.GOOD, options, region, recipe.shape_px).data.astype(np.float32)
         if int(shown_per_line(frame.data, twin, sigma).sum()) < VISIBLE_PIXELS:
             label = GOOD_INDEX
-    return TipSample(
+    out = TipSample(
         data=frame.data.astype(np.float32),
         pixel_size_nm=size_m * 1e9 / recipe.shape_px[1],
         label=label,
@@ -214,6 +220,7 @@ def sample(recipe: TipRecipe, seed: int) -> TipSample:
         sim_label=sim_label,
         noise_sigma_m=sigma,
     )
+    return out, frame.truth
 
 
 def same_tip_frames(
