@@ -36,6 +36,7 @@ import torch
 
 from agent.loop import AgentConfig
 from agent.perception.stages import DefectsStage
+from agent.perception.tasks.stem_metrics import match_positions
 from agent.pipeline import build_pipeline
 from agent.recorder import SessionRecorder
 from agent.session import Session
@@ -78,22 +79,6 @@ def stage_cpu_s(frames: int) -> tuple[float, str]:
     return median(times), stage.version
 
 
-def matched(found: list[dict[str, Any]], truth: list[Any], tol_px: float) -> int:
-    """True defects with a detection within ``tol_px`` (each detection used once)."""
-    used: set[int] = set()
-    hits = 0
-    for t in truth:
-        dist = [
-            (float(np.hypot(f["row_px"] - t.row_px, f["col_px"] - t.col_px)), i)
-            for i, f in enumerate(found)
-            if i not in used
-        ]
-        if dist and min(dist)[0] <= tol_px:
-            used.add(min(dist)[1])
-            hits += 1
-    return hits
-
-
 def accuracy(seed: int, frames: int, workdir: Path) -> None:
     """Score the defect lists of a default ``scopepilot run`` on sim:stm with the stage on."""
     from agent.cli import main as cli
@@ -113,7 +98,13 @@ def accuracy(seed: int, frames: int, workdir: Path) -> None:
         truth = [
             d for d in frame.truth.defects if 0 <= d.row_px <= h - 1 and 0 <= d.col_px <= w - 1
         ]
-        tp = matched(p["defects"], truth, 0.1e-9 / frame.pixel_size_m[1])
+        tp = len(
+            match_positions(
+                np.array([(f["row_px"], f["col_px"]) for f in p["defects"]]),
+                np.array([(d.row_px, d.col_px) for d in truth]),
+                0.1e-9 / frame.pixel_size_m[1],
+            )
+        )
         verdict = (p.get("tip") or {}).get("state", "none")
         true_state = str(frame.truth.tip_state)
         damaged = frame.truth.damaged_fraction > 0

@@ -309,19 +309,23 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     def colour(r: dict[str, Any]) -> str:
         return {"good": "tab:red", "multiple": "tab:green"}.get(r["read"], "tab:orange")
 
-    ax = axes[0]
-    for name, m in markers.items():
-        xs = [r for r in lab if r["set"] == name]
+    def dots(ax: Any, xs: list[dict[str, Any]], x: str, y: str, marker: str, **kw: Any) -> None:
+        """``xs`` as points (``x``, ``y``) coloured by their reading unless ``kw`` says."""
+        kw.setdefault("c", [colour(r) for r in xs])
         ax.scatter(
-            [r["rms_sigma"] for r in xs],
-            [r["p_good"] for r in xs],
-            c=[colour(r) for r in xs],
-            marker=m,
+            [r[x] for r in xs],
+            [r[y] for r in xs],
+            marker=marker,
             s=30,
             edgecolors="k",
             linewidths=0.4,
-            label=f"{name} (labelled double)",
+            **kw,
         )
+
+    ax = axes[0]
+    for name, m in markers.items():
+        xs = [r for r in lab if r["set"] == name]
+        dots(ax, xs, "rms_sigma", "p_good", m, label=f"{name} (labelled double)")
         hs = [r for r in hidden if r["set"] == name]
         ax.scatter(
             [r["rms_sigma"] for r in hs],
@@ -366,16 +370,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax = axes[2]
     for name, m in markers.items():
         xs = [r for r in lab if r["set"] == name]
-        ax.scatter(
-            [r["shift_invariant_sigma"] for r in xs],
-            [r["p_good"] for r in xs],
-            c=[colour(r) for r in xs],
-            marker=m,
-            s=30,
-            edgecolors="k",
-            linewidths=0.4,
-            label=name,
-        )
+        dots(ax, xs, "shift_invariant_sigma", "p_good", m, label=name)
     ax.axvline(1.0, color="grey", ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("noise-free residual after the best shifted, scaled good-tip image / σ")
@@ -386,15 +381,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax = axes[3]
     for name, m in markers.items():
         xs = [r for r in rows if r["set"] == name]
-        ax.scatter(
-            [r["apex_dist_nm"] for r in xs],
-            [r["apex_dz_pm"] for r in xs],
-            c=[colour(r) if r["label"] == DOUBLE else "lightgrey" for r in xs],
-            marker=m,
-            s=30,
-            edgecolors="k",
-            linewidths=0.4,
-        )
+        shades = [colour(r) if r["label"] == DOUBLE else "lightgrey" for r in xs]
+        dots(ax, xs, "apex_dist_nm", "apex_dz_pm", m, c=shades)
     ax.set_xlabel("second apex: lateral distance (nm)")
     ax.set_ylabel("second apex: height above the main apex (pm)")
     ax.set_title("apex geometry (grey: not visible, labelled good)")

@@ -16,6 +16,7 @@ from agent.cli import main
 from agent.control import Controller
 from agent.loop import AgentConfig
 from agent.perception.stages import DefectsStage, build_stages, default_stages
+from agent.perception.tasks.stem_metrics import match_positions
 from agent.pipeline import build_pipeline, recorded_config
 from agent.recorder import SessionRecorder
 from agent.replay import diff_sessions, replay_session
@@ -80,22 +81,6 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Session, dict[st
     return stm_session(path, STM_CONFIG, watch=status), status[0]
 
 
-def matched(found: list[dict[str, Any]], truth: list[Any], tol_px: float) -> int:
-    """True defects with a detection within ``tol_px`` (each detection used once)."""
-    used: set[int] = set()
-    hits = 0
-    for t in truth:
-        dist = [
-            (np.hypot(f["row_px"] - t.row_px, f["col_px"] - t.col_px), i)
-            for i, f in enumerate(found)
-            if i not in used
-        ]
-        if dist and min(dist)[0] <= tol_px:
-            used.add(min(dist)[1])
-            hits += 1
-    return hits
-
-
 def test_stm_frames_get_the_stm_models_defect_list(
     recorded: tuple[Session, dict[str, Any]],
 ) -> None:
@@ -120,7 +105,13 @@ def test_stm_frames_get_the_stm_models_defect_list(
         true_total += len(truth)
         found_total += len(p["defects"])
         # the issue's criterion: a detection within 1 Å of a true defect
-        hits += matched(p["defects"], truth, 0.1e-9 / PIXEL_M)
+        hits += len(
+            match_positions(
+                np.array([(f["row_px"], f["col_px"]) for f in p["defects"]]),
+                np.array([(d.row_px, d.col_px) for d in truth]),
+                0.1e-9 / PIXEL_M,
+            )
+        )
         for d in p["defects"]:
             assert d["y_nm"] == pytest.approx(d["row_px"] * PIXEL_M * 1e9, abs=1e-3)
     assert true_total >= 8  # 0.1 per nm² on 7.7 nm squares

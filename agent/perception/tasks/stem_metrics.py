@@ -72,8 +72,21 @@ def match(
     distance, keeping only pairs closer than ``max_distance_px``."""
     if not predicted or not truth:
         return []
-    p = np.array([(d.row_px, d.col_px) for d in predicted])
-    t = np.array([(d.row_px, d.col_px) for d in truth])
+    return match_positions(
+        np.array([(d.row_px, d.col_px) for d in predicted]),
+        np.array([(d.row_px, d.col_px) for d in truth]),
+        max_distance_px,
+    )
+
+
+def match_positions(
+    predicted: np.ndarray, truth: np.ndarray, max_distance_px: float
+) -> list[tuple[int, int]]:
+    """:func:`match` on ``(n, 2)`` arrays of ``(row, col)`` pixel positions."""
+    p = np.asarray(predicted, dtype=np.float64).reshape(-1, 2)
+    t = np.asarray(truth, dtype=np.float64).reshape(-1, 2)
+    if not len(p) or not len(t):
+        return []
     dist = np.hypot(p[:, None, 0] - t[None, :, 0], p[:, None, 1] - t[None, :, 1])
     cost = np.where(dist <= max_distance_px, dist, 1e6)
     rows, cols = linear_sum_assignment(cost)
