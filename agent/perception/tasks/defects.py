@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,6 @@ from agent.perception.registry import (
     check_image,
     load_model,
     resample_to_pixel_size,
-    save_model,
     tiled_inference,
 )
 from agent.perception.tasks.stem_data import (
@@ -57,14 +56,18 @@ from agent.perception.tasks.stem_data import (
 )
 from agent.perception.tasks.stem_metrics import DetectionScore, PredictedDefect, match
 from agent.perception.tasks.stem_train import (
-    add_train_arguments as add_train_arguments,  # this task's `train` options
+    Batch,
+    FitResult,
+    fit,
+    fit_summary,
+    pixel_unet_architecture,
+    recipe_json,
+    save_and_report,
+    seed_everything,
+    simulate_train_val,
 )
 from agent.perception.tasks.stem_train import (
-    fit,
-    parameter_count,
-    recipe_json,
-    save_loss_curve,
-    seed_everything,
+    add_train_arguments as add_train_arguments,  # this task's `train` options
 )
 from drivers.errors import DataError
 from drivers.frame import Frame, ScanRegion
@@ -412,6 +415,35 @@ def crop_batch(
     return torch.from_numpy(bx), torch.from_numpy(by)
 
 
+def fit_on_crops(
+    model: nn.Module,
+    data: tuple[np.ndarray, np.ndarray],
+    val_data: tuple[np.ndarray, np.ndarray],
+    args: argparse.Namespace,
+    *,
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
+    desc: str,
+) -> FitResult:
+    """:func:`fit` with the options of a training command on random mirrored ``--crop`` crops
+    (:func:`crop_batch`, ``--batch`` a step, seed ``--seed``) of ``data``, inputs and class
+    masks, validated on four fixed batches of crops of ``val_data`` (seed ``--seed`` + 7)."""
+    (x, y), (vx, vy) = data, val_data
+    crop = int(args.crop)
+    rng = np.random.default_rng(args.seed)
+    val_rng = np.random.default_rng(args.seed + 7)
+    val_batches = [crop_batch(vx, vy, val_rng, args.batch, crop) for _ in range(4)]
+    return fit(
+        model,
+        steps=args.steps,
+        lr=args.lr,
+        next_batch=lambda step: crop_batch(x, y, rng, args.batch, crop),
+        loss_fn=loss_fn,
+        val_batches=val_batches,
+        max_minutes=args.max_minutes,
+        desc=desc,
+    )
+
+
 def weighted_ce(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     x, y = batch
     return nn.functional.cross_entropy(model(x), y, weight=torch.tensor(CLASS_WEIGHTS))
@@ -502,30 +534,16 @@ def calibrate(
 def train(args: argparse.Namespace) -> int:
     """``scopepilot train defects``: simulate, train, calibrate, tune the threshold, save."""
     seed_everything(args.seed, args.threads)
-    rng = np.random.default_rng(args.seed)
     t0 = time.monotonic()
-    samples = simulate(train_recipe(args.seed, args.frames), desc="simulating training frames")
-    val = simulate(
-        train_recipe(args.seed + 1_000_003, args.val_frames), desc="simulating validation frames"
-    )
-    x, y = stack_samples(samples)
-    vx, vy = stack_samples(val)
+    samples, val = simulate_train_val(simulate, train_recipe, args)
+    data = stack_samples(samples)
     del samples
     crop = int(args.crop)
     model = PixelUNet(1, len(DEFECT_CLASSES), widths=WIDTHS)
     if crop % model.multiple():
         raise DataError(f"--crop must be a multiple of {model.multiple()}, got {crop}")
-    val_rng = np.random.default_rng(args.seed + 7)
-    val_batches = [crop_batch(vx, vy, val_rng, args.batch, crop) for _ in range(4)]
-    result = fit(
-        model,
-        steps=args.steps,
-        lr=args.lr,
-        next_batch=lambda step: crop_batch(x, y, rng, args.batch, crop),
-        loss_fn=weighted_ce,
-        val_batches=val_batches,
-        max_minutes=args.max_minutes,
-        desc="training defects",
+    result = fit_on_crops(
+        model, data, stack_samples(val), args, loss_fn=weighted_ce, desc="training defects"
     )
     temperature, settings, val_score = calibrate(model, val)
     threshold = settings.threshold
@@ -537,15 +555,13 @@ def train(args: argparse.Namespace) -> int:
         trained_pixel_size_nm=PIXEL_SIZE_M * 1e9,
         channels=CHANNELS,
         input_size=(crop, crop),
-        architecture={
-            "kind": "PixelUNet",
-            "in_channels": 1,
-            "out_channels": len(DEFECT_CLASSES),
-            "factor": 4,
-            "widths": list(WIDTHS),
-            "classes": list(DEFECT_CLASSES),
-            "parameters": parameter_count(model),
-        },
+        architecture=pixel_unet_architecture(
+            model,
+            in_channels=1,
+            out_channels=len(DEFECT_CLASSES),
+            widths=WIDTHS,
+            classes=DEFECT_CLASSES,
+        ),
         training={
             "command": f"scopepilot train defects --seed {args.seed} --frames {args.frames} "
             f"--steps {args.steps} --batch {args.batch} --crop {crop} --lr {args.lr} "
@@ -554,10 +570,7 @@ def train(args: argparse.Namespace) -> int:
             "recipe": recipe_json(train_recipe(args.seed, args.frames)),
             "loss": f"cross-entropy with class weights {list(CLASS_WEIGHTS)}, Adam, "
             "warm-up + cosine lr",
-            "steps_done": result.steps_done,
-            "stopped_early": result.stopped_early,
-            "train_seconds": round(time.monotonic() - t0, 1),
-            "final_val_loss": result.val_loss[-1] if result.val_loss else None,
+            **fit_summary(result, t0),
             "temperature": temperature,
             "threshold": threshold,
             "uncertain_below": settings.uncertain_below,
@@ -567,26 +580,19 @@ def train(args: argparse.Namespace) -> int:
             "validation": val_score,
         },
     )
-    out = Path(args.out)
-    saved = save_model(model, card, out)
-    plot = save_loss_curve(
-        result, Path(args.plots) / "defects_loss.png", "defects: weighted cross-entropy"
+    save_and_report(
+        model,
+        card,
+        result,
+        args,
+        loss_name="weighted cross-entropy",
+        report={
+            "temperature": temperature,
+            "threshold": threshold,
+            "validation_f1": val_score["detection"],
+        },
     )
     _cached_model.cache_clear()
-    print(
-        json.dumps(
-            {
-                "weights": str(out / f"{NAME}.pt"),
-                "loss_curve": str(plot),
-                "temperature": temperature,
-                "threshold": threshold,
-                "validation_f1": val_score["detection"],
-                "steps": result.steps_done,
-                "seconds": saved.training["train_seconds"],
-            },
-            indent=2,
-        )
-    )
     return 0
 
 

@@ -34,15 +34,14 @@ from agent.perception.registry import (
     check_image,
     load_model,
     resample_to_pixel_size,
-    save_model,
     tiled_inference,
 )
 from agent.perception.tasks.defects import (
     DefectResult,
     DetectionSettings,
-    crop_batch,
     defect_result,
     defects_json,
+    fit_on_crops,
     fit_temperature,
     regions,
     settings_of,
@@ -68,10 +67,11 @@ from agent.perception.tasks.stem_train import (
     add_train_arguments as add_stem_train_arguments,
 )
 from agent.perception.tasks.stem_train import (
-    fit,
-    parameter_count,
-    save_loss_curve,
+    fit_summary,
+    pixel_unet_architecture,
+    save_and_report,
     seed_everything,
+    simulate_train_val,
 )
 from drivers.errors import DataError
 
@@ -231,33 +231,18 @@ def calibrate(
 def train(args: argparse.Namespace) -> int:
     """``scopepilot train defects --sample stm``: simulate, train, calibrate, save."""
     seed_everything(args.seed, args.threads)
-    rng = np.random.default_rng(args.seed)
     t0 = time.monotonic()
     cpu0 = time.process_time()
-    recipe = train_recipe(args.seed, args.frames)
-    samples = simulate(recipe, desc="simulating training frames")
-    val = simulate(
-        train_recipe(args.seed + 1_000_003, args.val_frames), desc="simulating validation frames"
-    )
+    samples, val = simulate_train_val(simulate, train_recipe, args)
     x, y = stack_samples(samples)
-    vx, vy = stack_samples(val)
     crop = int(args.crop)
     model = PixelUNet(1, len(CLASSES), widths=WIDTHS)
     if crop % model.multiple() or crop > x.shape[-1]:
         raise DataError(
             f"--crop must be a multiple of {model.multiple()} and at most {x.shape[-1]}, got {crop}"
         )
-    val_rng = np.random.default_rng(args.seed + 7)
-    val_batches = [crop_batch(vx, vy, val_rng, args.batch, crop) for _ in range(4)]
-    result = fit(
-        model,
-        steps=args.steps,
-        lr=args.lr,
-        next_batch=lambda step: crop_batch(x, y, rng, args.batch, crop),
-        loss_fn=weighted_ce,
-        val_batches=val_batches,
-        max_minutes=args.max_minutes,
-        desc="training defects_stm",
+    result = fit_on_crops(
+        model, (x, y), stack_samples(val), args, loss_fn=weighted_ce, desc="training defects_stm"
     )
     temperature, settings, val_score = calibrate(model, val)
     card = ModelCard(
@@ -268,15 +253,9 @@ def train(args: argparse.Namespace) -> int:
         trained_pixel_size_nm=PIXEL_SIZE_M * 1e9,
         channels=CHANNELS,
         input_size=(crop, crop),
-        architecture={
-            "kind": "PixelUNet",
-            "in_channels": 1,
-            "out_channels": len(CLASSES),
-            "factor": 4,
-            "widths": list(WIDTHS),
-            "classes": list(CLASSES),
-            "parameters": parameter_count(model),
-        },
+        architecture=pixel_unet_architecture(
+            model, in_channels=1, out_channels=len(CLASSES), widths=WIDTHS, classes=CLASSES
+        ),
         training={
             "command": f"scopepilot train defects --sample stm --seed {args.seed} "
             f"--frames {args.frames} --val-frames {args.val_frames} --steps {args.steps} "
@@ -288,15 +267,11 @@ def train(args: argparse.Namespace) -> int:
             "crop": crop,
             "lr": args.lr,
             "threads": args.threads,
-            "recipe": recipe.to_json(),
+            "recipe": train_recipe(args.seed, args.frames).to_json(),
             "input": "plane + line-median levelled heights in Å, clipped to ±5",
             "loss": f"cross-entropy with class weights {list(CLASS_WEIGHTS)}, Adam, "
             "warm-up + cosine lr",
-            "steps_done": result.steps_done,
-            "stopped_early": result.stopped_early,
-            "train_seconds": round(time.monotonic() - t0, 1),
-            "train_cpu_seconds": round(time.process_time() - cpu0, 1),
-            "final_val_loss": result.val_loss[-1] if result.val_loss else None,
+            **fit_summary(result, t0, cpu0),
             "temperature": temperature,
             "threshold": settings.threshold,
             "uncertain_below": settings.uncertain_below,
@@ -306,27 +281,19 @@ def train(args: argparse.Namespace) -> int:
             "validation": val_score,
         },
     )
-    out = Path(args.out)
-    saved = save_model(model, card, out)
-    plot = save_loss_curve(
-        result, Path(args.plots) / "defects_stm_loss.png", "defects_stm: weighted cross-entropy"
+    save_and_report(
+        model,
+        card,
+        result,
+        args,
+        loss_name="weighted cross-entropy",
+        report={
+            "temperature": temperature,
+            "threshold": settings.threshold,
+            "validation_f1": val_score["detection"],
+        },
     )
     _cached_model.cache_clear()
-    print(
-        json.dumps(
-            {
-                "weights": str(out / f"{NAME}.pt"),
-                "loss_curve": str(plot),
-                "temperature": temperature,
-                "threshold": settings.threshold,
-                "validation_f1": val_score["detection"],
-                "steps": result.steps_done,
-                "seconds": saved.training["train_seconds"],
-                "cpu_seconds": saved.training["train_cpu_seconds"],
-            },
-            indent=2,
-        )
-    )
     return 0
 
 

@@ -41,7 +41,6 @@ from agent.perception.registry import (
     load_model,
     resample_to_pixel_size,
     run_batches,
-    save_model,
     tiled_inference,
 )
 from agent.perception.tasks.sr_quantiles import median, percentiles
@@ -58,10 +57,12 @@ from agent.perception.tasks.stem_train import (
 )
 from agent.perception.tasks.stem_train import (
     fit,
-    parameter_count,
+    fit_summary,
+    pixel_unet_architecture,
     recipe_json,
-    save_loss_curve,
+    save_and_report,
     seed_everything,
+    simulate_train_val,
 )
 from drivers.errors import DataError
 
@@ -323,10 +324,7 @@ def train(args: argparse.Namespace) -> int:
     seed_everything(args.seed, args.threads)
     rng = np.random.default_rng(args.seed)
     t0 = time.monotonic()
-    samples = simulate(train_recipe(args.seed, args.frames), desc="simulating training frames")
-    val = simulate(
-        train_recipe(args.seed + 1_000_003, args.val_frames), desc="simulating validation frames"
-    )
+    samples, val = simulate_train_val(simulate, train_recipe, args)
     x, y = stack_samples(samples)
     vx, vy = stack_samples(val)
     del samples
@@ -380,44 +378,27 @@ def train(args: argparse.Namespace) -> int:
         trained_pixel_size_nm=PIXEL_SIZE_M * 1e9,
         channels=CHANNELS,
         input_size=(crop, crop),
-        architecture={
-            "kind": "PixelUNet",
-            "in_channels": 2,
-            "out_channels": 2,
-            "factor": 4,
-            "widths": list(WIDTHS),
-            "parameters": parameter_count(model),
-        },
+        architecture=pixel_unet_architecture(model, in_channels=2, out_channels=2, widths=WIDTHS),
         training={
             "command": training_command(args),
             "seed": args.seed,
             "recipe": recipe_json(train_recipe(args.seed, args.frames)),
             "loss": f"beta-NLL (beta={BETA}) of the clean image, Adam, warm-up + cosine lr",
-            "steps_done": result.steps_done,
-            "stopped_early": result.stopped_early,
-            "train_seconds": round(time.monotonic() - t0, 1),
-            "final_val_loss": result.val_loss[-1] if result.val_loss else None,
+            **fit_summary(result, t0),
             "temperature": temperature,
             "reject_relative_sigma": 0.05,
             **({"init": init} if init else {}),
         },
     )
-    out = Path(args.out)
-    saved = save_model(model, card, out)
-    plot = save_loss_curve(result, Path(args.plots) / "sr_loss.png", "sr: beta-NLL")
-    _cached_model.cache_clear()
-    print(
-        json.dumps(
-            {
-                "weights": str(out / f"{NAME}.pt"),
-                "loss_curve": str(plot),
-                "temperature": temperature,
-                "steps": result.steps_done,
-                "seconds": saved.training["train_seconds"],
-            },
-            indent=2,
-        )
+    save_and_report(
+        model,
+        card,
+        result,
+        args,
+        loss_name="beta-NLL",
+        report={"temperature": temperature},
     )
+    _cached_model.cache_clear()
     return 0
 
 

@@ -1,5 +1,7 @@
 """The training loop shared by the sr and defects networks: seeded, step-counted, with a
-progress bar, a held-out validation loss and a loss-curve PNG.
+progress bar, a held-out validation loss and a loss-curve PNG; and what their training commands
+share around it: the simulated training and validation frames, the model card's architecture
+and fit fields, saving and the printed report.
 
 Training is reproducible by seed: the data set, the crop order and the initial weights all
 derive from ``seed``, the number of steps is fixed, and torch runs on a fixed thread count.
@@ -17,18 +19,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from agent.perception.registry import WEIGHTS_DIR
+from agent.perception.pixel_unet import PixelUNet
+from agent.perception.registry import WEIGHTS_DIR, ModelCard, save_model
 
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, ...]
+Sample = TypeVar("Sample")
 
 
 @dataclass
@@ -68,6 +72,83 @@ def parameter_count(model: nn.Module) -> int:
 def recipe_json(recipe: Any) -> dict[str, Any]:
     """A data-recipe dataclass as plain JSON (tuples become lists), for the model card."""
     return dict(json.loads(json.dumps(asdict(recipe))))
+
+
+def pixel_unet_architecture(
+    model: PixelUNet,
+    *,
+    in_channels: int,
+    out_channels: int,
+    widths: Sequence[int],
+    classes: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The model card's ``architecture`` of a :class:`PixelUNet` built with these arguments
+    (``classes``, the names of the output channels, only for the segmentation models)."""
+    arch: dict[str, Any] = {
+        "kind": "PixelUNet",
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "factor": model.factor,
+        "widths": list(widths),
+    }
+    if classes is not None:
+        arch["classes"] = list(classes)
+    arch["parameters"] = parameter_count(model)
+    return arch
+
+
+def fit_summary(result: FitResult, t0: float, cpu0: float | None = None) -> dict[str, Any]:
+    """The model card's training fields of a finished :func:`fit`: steps done, whether the
+    safety stop ended it, the seconds since ``t0`` (``time.monotonic()`` at the start of the
+    command; the CPU seconds since ``cpu0``, ``time.process_time()``, when given) and the last
+    validation loss."""
+    summary: dict[str, Any] = {
+        "steps_done": result.steps_done,
+        "stopped_early": result.stopped_early,
+        "train_seconds": round(time.monotonic() - t0, 1),
+    }
+    if cpu0 is not None:
+        summary["train_cpu_seconds"] = round(time.process_time() - cpu0, 1)
+    summary["final_val_loss"] = result.val_loss[-1] if result.val_loss else None
+    return summary
+
+
+def simulate_train_val(
+    simulate: Callable[..., list[Sample]],
+    recipe: Callable[[int, int], Any],
+    args: argparse.Namespace,
+) -> tuple[list[Sample], list[Sample]]:
+    """The training frames, ``recipe(seed, frames)`` of the command's options, and the
+    validation frames (``--val-frames`` of the seed 1,000,003 higher), with progress bars."""
+    train = simulate(recipe(args.seed, args.frames), desc="simulating training frames")
+    val = simulate(
+        recipe(args.seed + 1_000_003, args.val_frames), desc="simulating validation frames"
+    )
+    return train, val
+
+
+def save_and_report(
+    model: nn.Module,
+    card: ModelCard,
+    result: FitResult,
+    args: argparse.Namespace,
+    *,
+    loss_name: str,
+    report: dict[str, Any],
+) -> None:
+    """Save ``model`` with ``card`` into ``--out`` and the loss curve ``<name>_loss.png``
+    (titled ``<name>: <loss_name>``) into ``--plots``, then print the training report as JSON:
+    the two paths, ``report`` (the calibration), the steps done and the seconds (and the CPU
+    seconds when the card records them)."""
+    out = Path(args.out)
+    saved = save_model(model, card, out)
+    plot = Path(args.plots) / f"{card.name}_loss.png"
+    save_loss_curve(result, plot, f"{card.name}: {loss_name}")
+    timing = {"seconds": saved.training["train_seconds"]}
+    if "train_cpu_seconds" in saved.training:
+        timing["cpu_seconds"] = saved.training["train_cpu_seconds"]
+    weights = {"weights": str(out / f"{card.name}.pt"), "loss_curve": str(plot)}
+    print(json.dumps({**weights, **report, "steps": result.steps_done, **timing}, indent=2))
 
 
 def seed_everything(seed: int, threads: int) -> None:
