@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from drivers.commands import Command
@@ -20,6 +22,25 @@ def machine() -> str:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     pinned = f", pinned to {usable}" if usable != cores else ""
     return f"{platform.machine()}, {cores} cores{pinned}, Python {platform.python_version()}"
+
+
+def run_facts(script: str, argv: Sequence[str], wall0: float, cpu0: float) -> dict[str, Any]:
+    """What a result file records of the run: the command, its wall and CPU seconds since
+    ``wall0`` (``time.perf_counter``) and ``cpu0`` (``time.process_time``), the load average."""
+    return {
+        "command": f"python {script} " + " ".join(argv),
+        "wall_s": round(time.perf_counter() - wall0, 1),
+        "cpu_s": round(time.process_time() - cpu0, 1),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+def write_json(out_dir: str | Path, files: Mapping[str, Any]) -> None:
+    """Write each value of ``files`` as JSON to ``out_dir``/its key (the folder is made)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, value in files.items():
+        (out / name).write_text(json.dumps(value, indent=1))
 
 
 class TimedInstrument:

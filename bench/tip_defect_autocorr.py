@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -53,6 +52,7 @@ if str(ROOT) not in sys.path:
 
 from agent.perception.tasks import tip as tip_task  # noqa: E402
 from agent.perception.tip_data import STATES, TipRecipe, sample_with_truth  # noqa: E402
+from bench._common import run_facts, write_json  # noqa: E402
 from drivers.frame import TipState  # noqa: E402
 
 MAPS = ("highpass", "notch", "sigma")
@@ -383,19 +383,16 @@ def main(argv: list[str] | None = None) -> int:
         r.pop("_data")
         r.pop("_twin")
     result = {
-        "command": "python bench/tip_defect_autocorr.py " + " ".join(argv or sys.argv[1:]),
+        **run_facts("bench/tip_defect_autocorr.py", argv or sys.argv[1:], t0, c0),
         "config": dataclasses.asdict(cfg),
         "tip_net": f"{model.card.version}+{model.card.sha256[:8]}",
         "cpu_ms_per_256_frame": cost,
-        "wall_s": round(time.perf_counter() - t0, 1),
-        "cpu_s": round(time.process_time() - c0, 1),
-        "load_average": [round(v, 2) for v in os.getloadavg()],
         "summary": summary,
     }
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "defect_autocorr_rows.json").write_text(json.dumps(rows, indent=1))
-    (out / "defect_autocorr_summary.json").write_text(json.dumps(result, indent=1))
+    write_json(
+        args.out_dir,
+        {"defect_autocorr_rows.json": rows, "defect_autocorr_summary.json": result},
+    )
     if not args.quiet:
         print(json.dumps({k: v for k, v in result.items() if k != "summary"}, indent=1))
         for group, seps in summary.items():

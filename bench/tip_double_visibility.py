@@ -31,7 +31,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ from agent.perception.tip_data import (  # noqa: E402
     _scan,
     sample_with_truth,
 )
+from bench._common import run_facts, write_json  # noqa: E402
 from drivers.frame import ScanRegion, TipState  # noqa: E402
 
 DOUBLE = STATES.index(TipState.MULTIPLE)
@@ -474,18 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     summary = summarise(rows)
     result = {
-        "command": "python bench/tip_double_visibility.py " + " ".join(argv or sys.argv[1:]),
+        **run_facts("bench/tip_double_visibility.py", argv or sys.argv[1:], t0, c0),
         "tip_net": net,
         "also_tip_net": also_net,
-        "wall_s": round(time.perf_counter() - t0, 1),
-        "cpu_s_main": round(time.process_time() - c0, 1),
-        "load_average": [round(v, 2) for v in os.getloadavg()],
         "summary": summary,
     }
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rows.json").write_text(json.dumps(rows, indent=1))
-    (out / "summary.json").write_text(json.dumps(result, indent=1))
+    write_json(args.out_dir, {"rows.json": rows, "summary.json": result})
     plot(
         rows,
         Path(args.plot),
