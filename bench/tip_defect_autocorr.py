@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:
 from agent.perception.tasks import tip as tip_task  # noqa: E402
 from agent.perception.tip_data import STATES, TipRecipe, sample_with_truth  # noqa: E402
 from bench._common import run_facts, write_json  # noqa: E402
+from bench.tip_double_visibility import pair_sets  # noqa: E402
 from drivers.frame import TipState  # noqa: E402
 
 MAPS = ("highpass", "notch", "sigma")
@@ -345,16 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         lag_nm=(args.lag_nm[0], args.lag_nm[1]),
         lattice_ac=args.lattice_ac,
     )
-    sets = {
-        "heldout": dataclasses.replace(
-            tip_task.heldout_recipe(args.frames),
-            seeds=(args.heldout_seed0, args.heldout_seed0 + args.frames),
-            pairs=True,
-        ),
-        "shifted": dataclasses.replace(
-            tip_task.shifted_recipe(args.frames, args.shifted_seed0), pairs=True
-        ),
-    }
+    sets = pair_sets(args.frames, args.heldout_seed0, args.shifted_seed0)
     jobs = [
         (name, recipe, seed)
         for name, recipe in sets.items()

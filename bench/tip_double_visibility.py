@@ -435,6 +435,21 @@ def plot_examples(
     plt.close(fig)
 
 
+def pair_sets(frames: int, heldout_seed0: int, shifted_seed0: int) -> dict[str, TipRecipe]:
+    """The bench's two test sets (``frames`` each, from those seeds), each frame simulated with
+    its good-tip twin."""
+    import dataclasses
+
+    return {
+        "heldout": dataclasses.replace(
+            tip_task.heldout_recipe(frames),
+            seeds=(heldout_seed0, heldout_seed0 + frames),
+            pairs=True,
+        ),
+        "shifted": dataclasses.replace(tip_task.shifted_recipe(frames, shifted_seed0), pairs=True),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--frames", type=int, default=200, help="frames per test set, as the bench")
@@ -456,18 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--examples-plot", default="docs/img/tip_double_examples.png")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    import dataclasses
-
-    sets = {
-        "heldout": dataclasses.replace(
-            tip_task.heldout_recipe(args.frames),
-            seeds=(args.heldout_seed0, args.heldout_seed0 + args.frames),
-            pairs=True,
-        ),
-        "shifted": dataclasses.replace(
-            tip_task.shifted_recipe(args.frames, args.shifted_seed0), pairs=True
-        ),
-    }
+    sets = pair_sets(args.frames, args.heldout_seed0, args.shifted_seed0)
     t0, c0 = time.perf_counter(), time.process_time()
     rows, net, also_net = measure(
         sets, args.weights_dir, args.workers, not args.quiet, args.also_weights_dir
