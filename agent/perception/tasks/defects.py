@@ -444,6 +444,37 @@ def fit_on_crops(
     )
 
 
+def calibration_fields(temperature: float, settings: Any) -> dict[str, Any]:
+    """The model card's training fields of a defects model's calibration (:func:`calibrate`'s
+    temperature and settings), in the order both defects models' cards keep them."""
+    return {
+        "temperature": temperature,
+        "threshold": settings.threshold,
+        "uncertain_below": settings.uncertain_below,
+        "reject_uncertain_fraction": settings.reject_uncertain_fraction,
+    }
+
+
+def save_defects_model(
+    model: nn.Module, card: ModelCard, result: FitResult, args: argparse.Namespace
+) -> None:
+    """Save a trained defects model and print its report (:func:`save_and_report`): the
+    temperature, threshold and validation F1 its card records."""
+    training = card.training
+    save_and_report(
+        model,
+        card,
+        result,
+        args,
+        loss_name="weighted cross-entropy",
+        report={
+            "temperature": training["temperature"],
+            "threshold": training["threshold"],
+            "validation_f1": training["validation"]["detection"],
+        },
+    )
+
+
 def weighted_ce(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     x, y = batch
     return nn.functional.cross_entropy(model(x), y, weight=torch.tensor(CLASS_WEIGHTS))
@@ -546,7 +577,6 @@ def train(args: argparse.Namespace) -> int:
         model, data, stack_samples(val), args, loss_fn=weighted_ce, desc="training defects"
     )
     temperature, settings, val_score = calibrate(model, val)
-    threshold = settings.threshold
     card = ModelCard(
         name=NAME,
         version=VERSION,
@@ -571,27 +601,13 @@ def train(args: argparse.Namespace) -> int:
             "loss": f"cross-entropy with class weights {list(CLASS_WEIGHTS)}, Adam, "
             "warm-up + cosine lr",
             **fit_summary(result, t0),
-            "temperature": temperature,
-            "threshold": threshold,
-            "uncertain_below": settings.uncertain_below,
-            "reject_uncertain_fraction": settings.reject_uncertain_fraction,
+            **calibration_fields(temperature, settings),
             "confidence_features": list(CONFIDENCE_FEATURES),
             "confidence_calibration": list(settings.calibration),
             "validation": val_score,
         },
     )
-    save_and_report(
-        model,
-        card,
-        result,
-        args,
-        loss_name="weighted cross-entropy",
-        report={
-            "temperature": temperature,
-            "threshold": threshold,
-            "validation_f1": val_score["detection"],
-        },
-    )
+    save_defects_model(model, card, result, args)
     _cached_model.cache_clear()
     return 0
 

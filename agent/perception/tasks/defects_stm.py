@@ -39,11 +39,13 @@ from agent.perception.registry import (
 from agent.perception.tasks.defects import (
     DefectResult,
     DetectionSettings,
+    calibration_fields,
     defect_result,
     defects_json,
     fit_on_crops,
     fit_temperature,
     regions,
+    save_defects_model,
     settings_of,
 )
 from agent.perception.tasks.defects import (
@@ -69,7 +71,6 @@ from agent.perception.tasks.stem_train import (
 from agent.perception.tasks.stem_train import (
     fit_summary,
     pixel_unet_architecture,
-    save_and_report,
     seed_everything,
     simulate_train_val,
 )
@@ -272,27 +273,13 @@ def train(args: argparse.Namespace) -> int:
             "loss": f"cross-entropy with class weights {list(CLASS_WEIGHTS)}, Adam, "
             "warm-up + cosine lr",
             **fit_summary(result, t0, cpu0),
-            "temperature": temperature,
-            "threshold": settings.threshold,
-            "uncertain_below": settings.uncertain_below,
-            "reject_uncertain_fraction": settings.reject_uncertain_fraction,
+            **calibration_fields(temperature, settings),
             "match_distance_nm": MATCH_DISTANCE_M * 1e9,
             "mask_radius_nm": MASK_RADIUS_M * 1e9,
             "validation": val_score,
         },
     )
-    save_and_report(
-        model,
-        card,
-        result,
-        args,
-        loss_name="weighted cross-entropy",
-        report={
-            "temperature": temperature,
-            "threshold": settings.threshold,
-            "validation_f1": val_score["detection"],
-        },
-    )
+    save_defects_model(model, card, result, args)
     _cached_model.cache_clear()
     return 0
 
