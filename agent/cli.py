@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from drivers.errors import ScopePilotError
+from drivers.protocol import SPM_KINDS
 
 log = logging.getLogger("scopepilot")
 
-SPM_KINDS = ("stm", "afm")  # instruments with a tip the classical assessor can judge
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -41,11 +41,8 @@ from typing import Any
 from agent.loop import Agent, Assessor, QualityAssessor
 from agent.perception.stages import FrameStage, build_stages
 from drivers.errors import ConfigError
-from drivers.protocol import Instrument
+from drivers.protocol import SPM_KINDS, Instrument
 from policies.base import Policy, make_policy
-
-SPM_KINDS = ("stm", "afm")
-"""Instrument kinds with a tip that a tip assessor can judge."""
 
 
 def _classical(**options: Any) -> Assessor:

@@ -16,6 +16,10 @@ from drivers.errors import ConfigError, DataError
 from drivers.frame import Frame, ScanRegion
 from drivers.limits import Limits
 
+SPM_KINDS = ("stm", "afm")
+"""Instrument kinds (:attr:`InstrumentInfo.kind`) that scan with a tip: a tip assessor can judge
+their frames, and their defects model is the STM one."""
+
 
 @dataclass(frozen=True)
 class InstrumentInfo:

@@ -34,6 +34,7 @@ import numpy as np
 
 from drivers.errors import ConfigError, ScopePilotError
 from drivers.frame import Frame
+from drivers.protocol import SPM_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +137,8 @@ STM_DEFECTS_MODEL = "defects_stm"
 
 def defects_sample(kind: str) -> str:
     """The defects model for an instrument of ``kind``: ``"stm"`` (STM topographs, trained at
-    0.06 nm pixels) on the scanning probes (:data:`agent.pipeline.SPM_KINDS`), ``"stem"``
+    0.06 nm pixels) on the scanning probes (:data:`drivers.protocol.SPM_KINDS`), ``"stem"``
     (HAADF-STEM, 0.025 nm) on the others."""
-    from agent.pipeline import SPM_KINDS  # agent.pipeline imports this module
-
     return "stm" if kind in SPM_KINDS else "stem"
 
 
