@@ -59,7 +59,10 @@ def _tipnet(**options: Any) -> Assessor:
 
     Options: ``reject_uncertainty`` (0–1; above it the network defers to the classical
     assessor; default from the model card), ``weights_dir`` (default: the shipped weights),
-    ``baseline`` (false: skip the classical verdict on frames the network is sure of) and any
+    ``baseline`` (false: skip the classical verdict on frames the network is sure of),
+    ``pairs`` (true: a complete STM frame read as good is also given to the defect-pair
+    double-tip cue, :mod:`agent.perception.tip_pairs`; default false, see
+    docs/decisions/0014-tip-defect-pairs.md) and any
     :class:`~agent.perception.classical.ClassicalConfig` field for the fallback.
     """
     import math
@@ -68,7 +71,7 @@ def _tipnet(**options: Any) -> Assessor:
     from agent.perception.registry import WEIGHTS_DIR
     from agent.perception.tip_net import TipModel, TipNetAssessor
 
-    own = {"reject_uncertainty", "weights_dir", "baseline"}
+    own = {"reject_uncertainty", "weights_dir", "baseline", "pairs"}
     classical = {k: v for k, v in options.items() if k not in own}
     try:
         fallback = ClassicalTipAssessor(ClassicalConfig(**classical))
@@ -86,7 +89,17 @@ def _tipnet(**options: Any) -> Assessor:
         ):
             raise ConfigError(f"tipnet reject_uncertainty must be in [0, 1], got {value!r}")
         model.reject_uncertainty = float(value)
-    return TipNetAssessor(model, fallback=fallback, baseline=bool(options.get("baseline", True)))
+    pairs = options.get("pairs", False)
+    if not isinstance(pairs, bool):
+        raise ConfigError(f"tipnet pairs must be true or false, got {pairs!r}")
+    from agent.perception.tip_pairs import PairSettings
+
+    return TipNetAssessor(
+        model,
+        fallback=fallback,
+        baseline=bool(options.get("baseline", True)),
+        pairs=PairSettings() if pairs else None,
+    )
 
 
 def _snr(**options: Any) -> QualityAssessor:

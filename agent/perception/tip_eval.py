@@ -5,7 +5,9 @@ Per test set (simulated frames from seeds never used in training): five-class ac
 good-vs-bad accuracy, macro-F1, per-class precision/recall/F1, expected calibration error
 (15 bins, top label), the confusion matrix, the reject rate and the accuracy of the agent's
 assessor (network, classical fallback for rejected frames). The classical assessor is scored on
-the same frames.
+the same frames. ``tipnet+pairs``: the network's read with a good read turned into ``multiple``
+where the defect-pair cue of :mod:`agent.perception.tip_pairs` fires (``overridden`` counts
+them; docs/decisions/0014-tip-defect-pairs.md).
 
 Mid-scan tip changes (made by the simulator itself): the frame is revealed line by line; every
 ``check_every`` lines (network) or ``4 * check_every`` lines (classical, which is ~20x slower)
@@ -53,6 +55,8 @@ from agent.perception.tip_net import (
     TipNetAssessor,
     expected_calibration_error,
 )
+from agent.perception.tip_pairs import score_image
+from drivers.errors import DataError, ModelError
 from drivers.frame import Frame, ScanRegion, TipState
 
 log = logging.getLogger(__name__)
@@ -118,7 +122,9 @@ def score_set(
     from tqdm import tqdm
 
     model = assessor.model
+    good, double = STATES.index(TipState.GOOD), STATES.index(TipState.MULTIPLE)
     truth, net_pred, net_probs, agent_pred, cls_pred, cls_probs = [], [], [], [], [], []
+    pairs_pred = []
     for s in tqdm(samples, desc=desc, unit="frame", disable=not progress):
         frame = as_frame(s.data, s.pixel_size_nm)
         probs, _ = model.probabilities(model.prepare(s.data, s.pixel_size_nm))
@@ -127,6 +133,15 @@ def score_set(
         truth.append(s.label)
         net_probs.append(probs)
         net_pred.append(int(np.argmax(probs)))
+        # tipnet+pairs: the network's read, a good read overridden when the defect-pair cue
+        # fires (agent.perception.tip_pairs; what TipNetAssessor(pairs=...) does)
+        fires = False
+        if net_pred[-1] == good:
+            try:
+                fires = score_image(s.data, s.pixel_size_nm).fires
+            except (DataError, ModelError) as exc:  # the net's read stands, as in the agent
+                log.info("pair cue skipped on seed %d: %s", s.seed, exc)
+        pairs_pred.append(double if fires else net_pred[-1])
         agent_pred.append(STATES.index(agent.state))
         cls_pred.append(STATES.index(c.state))
         cls_probs.append([c.probabilities[st] for st in STATES])
@@ -142,8 +157,11 @@ def score_set(
     )
     cls = classification_metrics(y, np.array(cls_pred))
     cls["ece"] = expected_calibration_error(p_cls, y)
+    with_pairs = classification_metrics(y, np.array(pairs_pred))
+    with_pairs["overridden"] = int(np.sum(np.array(pairs_pred) != np.array(net_pred)))
     return {
         "tipnet": net,
+        "tipnet+pairs": with_pairs,
         "agent_assessor": classification_metrics(y, np.array(agent_pred)),
         "classical": cls,
         "_probs": p_net,
@@ -454,16 +472,17 @@ def _change_recipe(like: TipRecipe, seed: int) -> TipRecipe:
 def summary(results: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, r in results["sets"].items():
-        for who in ("tipnet", "classical", "agent_assessor"):
+        for who in ("tipnet", "tipnet+pairs", "classical", "agent_assessor"):
             m = r[who]
             out[f"{name}/{who}"] = {
-                k: round(float(m[k]), 4)
+                k: m[k] if isinstance(m[k], int) else round(float(m[k]), 4)
                 for k in (
                     "accuracy",
                     "good_vs_bad_accuracy",
                     "macro_f1",
                     "ece",
                     "rejected_fraction",
+                    "overridden",
                 )
                 if k in m
             }

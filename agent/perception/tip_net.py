@@ -48,12 +48,19 @@ from agent.perception.registry import (
     load_model,
     resample_to_pixel_size,
 )
+from agent.perception.tip_pairs import PairScore, PairSettings
 from agent.perception.tip_watch import LineChangeDetector
 from drivers.errors import DataError, ModelError
 from drivers.frame import Frame, TipState
 from drivers.observation import TipEstimate
 
 log = logging.getLogger(__name__)
+
+PAIRS_P_GOOD = 0.01
+"""The probability of a good tip an estimate keeps when the defect-pair cue overrides the
+network's good read (:class:`TipNetAssessor` with ``pairs``): the cue fired on none of 880 good-tip
+frames of the session-7 bench (docs/benchmarks.md, helper P), so a 1 % bound; the rest of the
+good read's mass goes to ``multiple``."""
 
 READOUT_EVERY_LINES = 16
 """How often the loop watches a streaming scan with the network's recent read-out alone (no
@@ -253,6 +260,16 @@ class TipNetAssessor:
     accepts and its verdict is recorded beside it (``baseline_p_good``, ``baseline_uncertainty``,
     ``baseline_agrees``), so a session shows where the two disagree.
     :meth:`watch` judges the last 16 lines of a partial frame (to abort a scan early).
+
+    With ``pairs`` (:class:`~agent.perception.tip_pairs.PairSettings`; off by default), a
+    complete STM frame the network reads as good is also given to the defect-pair cue of
+    :mod:`agent.perception.tip_pairs` (the STM defects model from ``pairs_weights_dir``, then
+    defect pairs sharing one displacement): when the cue fires the estimate becomes ``multiple``
+    (P(good) cut to :data:`PAIRS_P_GOOD`, the rest to ``multiple``), ``source`` says why and
+    ``features`` keep the network's own read (``tipnet_p_good``) and the cue's (``pairs_count``,
+    ``pairs_offset_dy_nm``, ``pairs_offset_dx_nm``, ``pairs_override`` = 1). Frames the cue
+    cannot judge (pixel size outside the defects model's range, non-square pixels, no weights)
+    keep the network's read, with ``pairs_skipped`` = 1.
     """
 
     name = "tipnet"
@@ -264,6 +281,8 @@ class TipNetAssessor:
         fallback: Any | None = None,
         directory: str | Path | None = None,
         baseline: bool = True,
+        pairs: PairSettings | None = None,
+        pairs_weights_dir: str | Path | None = None,
     ) -> None:
         if model is None:
             model = TipModel.load(directory if directory is not None else WEIGHTS_DIR)
@@ -275,6 +294,10 @@ class TipNetAssessor:
         self.fallback = fallback
         self.baseline = baseline
         self.version = f"{model.card.version}+{model.card.sha256[:8]}"
+        self.pairs = pairs
+        self.pairs_weights_dir = pairs_weights_dir
+        if pairs is not None:
+            self.version += "+pairs"
         # the mid-scan change detector's label (its fitted thresholds are not part of the
         # network's version), recorded in a session's versions as ``tip_watch``; None without
         detector = model.change_detector
@@ -313,12 +336,62 @@ class TipNetAssessor:
             features["baseline_p_good"] = float(base.p_good)
             features["baseline_uncertainty"] = float(base.uncertainty)
             features["baseline_agrees"] = float(base.state is STATES[top])
+        if self.pairs is not None and STATES[top] is TipState.GOOD and frame.complete:
+            cue = self._pair_cue(frame)
+            if cue is None:
+                features["pairs_skipped"] = 1.0
+            else:
+                features["pairs_count"] = float(cue.pairs)
+                features["pairs_points"] = float(cue.points)
+                if cue.fires and cue.offset_nm is not None:
+                    return self._pairs_override(probs, cue, features)
         return TipEstimate(
             state=STATES[top],
             probabilities={s: float(p) for s, p in zip(STATES, probs, strict=True)},
             uncertainty=uncertainty,
             source=self.name,
             features={**features, "tipnet_rejected": 0.0},
+        )
+
+    def _pair_cue(self, frame: Frame) -> PairScore | None:
+        """The defect-pair cue of a complete frame, or None when it cannot judge it."""
+        from agent.perception.tip_pairs import score_image
+
+        py, px = self._pixel_nm(frame)
+        if abs(py - px) > 0.02 * px:
+            log.info("%s: pair cue skipped (non-square pixels %.4g x %.4g nm)", self.name, py, px)
+            return None
+        settings = self.pairs if self.pairs is not None else PairSettings()
+        try:
+            return score_image(frame.data, px, settings, directory=self.pairs_weights_dir)
+        except (DataError, ModelError) as exc:
+            log.info("%s: pair cue skipped (%s)", self.name, exc)
+            return None
+
+    def _pairs_override(
+        self, probs: np.ndarray, cue: PairScore, features: dict[str, float]
+    ) -> TipEstimate:
+        good, double = STATES.index(TipState.GOOD), STATES.index(TipState.MULTIPLE)
+        out = probs.astype(np.float64).copy()
+        keep = min(float(out[good]), PAIRS_P_GOOD)
+        out[double] += float(out[good]) - keep
+        out[good] = keep
+        dy, dx = cue.offset_nm if cue.offset_nm is not None else (0.0, 0.0)
+        return TipEstimate(
+            state=TipState.MULTIPLE,
+            probabilities={s: float(p) for s, p in zip(STATES, out, strict=True)},
+            uncertainty=1.0 - float(out[double]),
+            source=(
+                f"{self.name}+pairs (read good, but {cue.pairs} defects are imaged twice at "
+                f"one offset, ({dy:.2f}, {dx:.2f}) nm: a second apex)"
+            ),
+            features={
+                **features,
+                "tipnet_rejected": 0.0,
+                "pairs_override": 1.0,
+                "pairs_offset_dy_nm": float(dy),
+                "pairs_offset_dx_nm": float(dx),
+            },
         )
 
     def _fallback(self, frame: Frame, why: str, features: Mapping[str, float]) -> TipEstimate:
