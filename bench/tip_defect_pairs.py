@@ -23,6 +23,12 @@ good-vs-bad accuracy of the net and of that rule on both test sets, and the CPU
 (``time.thread_time``, one torch thread) per frame of the cue with and without the defects
 model. Writes ``pairs_rows.json`` / ``pairs_summary.json`` under ``--out-dir`` and the plot
 ``--plot``. Fully fixed by the seeds.
+
+    python bench/tip_defect_pairs.py --vote-tips 400 --only-votes
+
+scores the agent's decision over three frames of one tip (the rule policy's "act after two bad
+frames"; ``bench/perception_tip.py --vote-tips``) with the agent's assessor without and with the
+cue, on the same frames (``votes_summary.json``).
 """
 
 from __future__ import annotations
@@ -257,6 +263,37 @@ def plot(
     plt.close(fig)
 
 
+def agent_votes(
+    sets: dict[str, TipRecipe], tips: int, settings: PairSettings, model: Any, progress: bool
+) -> dict[str, Any]:
+    """The agent's decision over consecutive frames of one tip (the rule policy's: act after
+    ``k`` bad frames in a row, :func:`agent.perception.tip_eval.score_votes`), with the agent's
+    assessor (network + classical fallback) without and with the pair cue, on the same frames:
+    ``tips`` tips per set from the set's first seed + 5,000,000 (as ``bench/perception_tip.py
+    --vote-tips``)."""
+    from agent.perception.tip_eval import agent_rule, score_votes, vote_sequences
+    from agent.perception.tip_net import TipNetAssessor
+
+    k, max_unc = agent_rule()
+    out: dict[str, Any] = {}
+    for name, recipe in sets.items():
+        first = recipe.seeds[0] + 5_000_000
+        votes = dataclasses.replace(recipe, seeds=(first, first + tips), pairs=False)
+        sequences = vote_sequences(
+            votes, tips, k + 1, progress=progress, desc=f"same-tip frames {name}"
+        )
+        out[name] = {
+            who: score_votes(
+                sequences,
+                TipNetAssessor(model, baseline=False, pairs=pairs),
+                k=k,
+                max_uncertainty=max_unc,
+            )
+            for who, pairs in (("agent", None), ("agent+pairs", settings))
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--frames", type=int, default=200, help="frames per test set, as the bench")
@@ -273,6 +310,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--margin-nm", type=float, default=d.margin_nm)
     p.add_argument("--tolerance-nm", type=float, default=d.tolerance_nm)
     p.add_argument("--fire-at", type=int, default=d.fire_at)
+    p.add_argument(
+        "--vote-tips",
+        type=int,
+        default=0,
+        help="also the agent's decision over consecutive frames of this many tips per set, "
+        "without and with the cue (0: skip)",
+    )
+    p.add_argument(
+        "--only-votes", action="store_true", help="only the --vote-tips part (votes_summary.json)"
+    )
     p.add_argument("--cost-frames", type=int, default=40, help="frames timed (test frames)")
     p.add_argument("--cost-repeats", type=int, default=2)
     p.add_argument("--out-dir", default="bench/out/tip_double")
@@ -296,6 +343,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     model = TipModel.load(args.weights_dir or WEIGHTS_DIR)
     t0, c0 = time.perf_counter(), time.process_time()
+    if args.vote_tips > 0:
+        sets = pair_sets(args.frames, args.heldout_seed0, args.shifted_seed0)
+        voted = agent_votes(sets, args.vote_tips, settings, model, not args.quiet)
+        result = {
+            **run_facts("bench/tip_defect_pairs.py", argv or sys.argv[1:], t0, c0),
+            "settings": dataclasses.asdict(settings),
+            "tip_net": f"{model.card.version}+{model.card.sha256[:8]}",
+            "votes": voted,
+        }
+        write_json(args.out_dir, {"votes_summary.json": result})
+        if not args.quiet:
+            print(json.dumps(result, indent=1))
+        if args.only_votes:
+            return 0
+        t0, c0 = time.perf_counter(), time.process_time()
     jobs: list[tuple[str, str, TipRecipe, int]] = [
         ("test", name, recipe, seed)
         for name, recipe in pair_sets(args.frames, args.heldout_seed0, args.shifted_seed0).items()
