@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from agent.perception.tasks import tip as tip_task
-from agent.perception.tip_data import sample_with_truth
+from agent.perception.tip_data import TipSample, sample_with_truth
 from agent.perception.tip_pairs import (
     PairSettings,
     defect_points,
@@ -18,6 +18,7 @@ from agent.perception.tip_pairs import (
     score_probability_map,
 )
 from drivers.errors import DataError
+from drivers.frame import GroundTruth
 
 PX_NM = 0.06
 AU_NM = 0.288  # Au(111) nearest-neighbour distance
@@ -110,14 +111,23 @@ def test_a_doubled_probability_map_fires_and_its_single_copy_does_not() -> None:
     assert np.allclose(np.abs(doubled.offset_nm), v_px * PX_NM, atol=0.07)
 
 
-def test_a_simulated_double_tip_fires_and_its_good_twin_does_not() -> None:
-    """Known answer on the simulator: heldout seed 20,000,131 (Au(111), second apex 1.25 nm
-    away; tip net 1.2 reads it as good) images its adatoms twice; its good-tip twin (same seed,
-    one apex) does not fire. Needs the shipped defects_stm weights."""
+@pytest.fixture(scope="module")
+def misread_double() -> tuple[TipSample, GroundTruth]:
+    """Heldout seed 20,000,131 with its good-tip twin (Au(111), second apex 1.25 nm away; tip
+    net 1.2 reads it as good)."""
     recipe = dataclasses.replace(
         tip_task.heldout_recipe(1), seeds=(20_000_131, 20_000_132), pairs=True
     )
-    s, truth = sample_with_truth(recipe, 20_000_131)
+    return sample_with_truth(recipe, 20_000_131)
+
+
+def test_a_simulated_double_tip_fires_and_its_good_twin_does_not(
+    misread_double: tuple[TipSample, GroundTruth],
+) -> None:
+    """Known answer on the simulator: heldout seed 20,000,131 (Au(111), second apex 1.25 nm
+    away; tip net 1.2 reads it as good) images its adatoms twice; its good-tip twin (same seed,
+    one apex) does not fire. Needs the shipped defects_stm weights."""
+    s, truth = misread_double
     assert s.good_twin is not None
     double = score_image(s.data, s.pixel_size_nm)
     twin = score_image(s.good_twin, s.pixel_size_nm)
@@ -148,15 +158,14 @@ class AlwaysGood:
         return p, p
 
 
-def test_the_assessor_overrides_a_good_read_only_where_the_cue_fires() -> None:
+def test_the_assessor_overrides_a_good_read_only_where_the_cue_fires(
+    misread_double: tuple[TipSample, GroundTruth],
+) -> None:
     from agent.perception.tip_eval import as_frame
     from agent.perception.tip_net import PAIRS_P_GOOD, TipNetAssessor
     from drivers.frame import TipState
 
-    recipe = dataclasses.replace(
-        tip_task.heldout_recipe(1), seeds=(20_000_131, 20_000_132), pairs=True
-    )
-    s, _ = sample_with_truth(recipe, 20_000_131)
+    s, _ = misread_double
     assert s.good_twin is not None
     model = AlwaysGood()
     on = TipNetAssessor(model, baseline=False, pairs=PairSettings())  # type: ignore[arg-type]
