@@ -60,9 +60,9 @@ def _tipnet(**options: Any) -> Assessor:
     Options: ``reject_uncertainty`` (0–1; above it the network defers to the classical
     assessor; default from the model card), ``weights_dir`` (default: the shipped weights),
     ``baseline`` (false: skip the classical verdict on frames the network is sure of),
-    ``pairs`` (true: a complete STM frame read as good is also given to the defect-pair
-    double-tip cue, :mod:`agent.perception.tip_pairs`; default false, see
-    docs/decisions/0014-tip-defect-pairs.md) and any
+    ``pairs`` (default true: a complete STM frame read as good is also given to the
+    defect-pair double-tip cue, :mod:`agent.perception.tip_pairs`; false: the network alone;
+    see docs/decisions/0014-tip-defect-pairs.md) and any
     :class:`~agent.perception.classical.ClassicalConfig` field for the fallback.
     """
     import math
@@ -89,7 +89,7 @@ def _tipnet(**options: Any) -> Assessor:
         ):
             raise ConfigError(f"tipnet reject_uncertainty must be in [0, 1], got {value!r}")
         model.reject_uncertainty = float(value)
-    pairs = options.get("pairs", False)
+    pairs = options.get("pairs", True)
     if not isinstance(pairs, bool):
         raise ConfigError(f"tipnet pairs must be true or false, got {pairs!r}")
     from agent.perception.tip_pairs import PairSettings
@@ -161,6 +161,9 @@ class Pipeline:
         watch = getattr(self.assessor, "watch_version", None)
         if watch is not None:  # the mid-scan watch's fitted detector (tipnet)
             out["tip_watch"] = watch
+        pairs = getattr(self.assessor, "pairs_version", None)
+        if pairs is not None:  # the defect-pair double-tip cue (tipnet)
+            out["tip_pairs"] = pairs
         if self.policy_trained_on is not None:
             out["policy_trained_on"] = self.policy_trained_on
         return out
@@ -228,6 +231,21 @@ def _name(config: Mapping[str, Any], key: str, default: str) -> str:
     return value
 
 
+def _without_pairs_if_not_run(
+    config: Mapping[str, Any], versions: Mapping[str, Any]
+) -> dict[str, Any]:
+    out = dict(config)
+    ran = versions.get("assessor")
+    if not isinstance(ran, str) or not ran.startswith("tipnet ") or "tip_pairs" in versions:
+        return out
+    options = out.get("assessor_options")
+    if options is not None and not isinstance(options, Mapping):
+        return out  # build_pipeline names the malformed value
+    if "pairs" not in (options or {}):
+        out["assessor_options"] = {**(options or {}), "pairs": False}
+    return out
+
+
 def recorded_config(config: Mapping[str, Any], versions: Mapping[str, Any]) -> dict[str, Any]:
     """A recorded session's ``config`` such that :func:`build_pipeline` rebuilds what ran, given
     the session's recorded ``versions`` (replay and ``--resume`` call this).
@@ -235,11 +253,13 @@ def recorded_config(config: Mapping[str, Any], versions: Mapping[str, Any]) -> d
     Sessions recorded before the ``defects`` stage chose its model by instrument kind ran the
     STEM model on every instrument and stored no choice: where the recorded ``defects`` version
     does not name the STM model, the stage gets ``sample: "stem"`` (a session whose versions do
-    not mention the stage keeps the default for its kind).
+    not mention the stage keeps the default for its kind). Sessions recorded before the
+    ``tipnet`` assessor ran the defect-pair cue by default ran the network alone: where a
+    ``tipnet`` session's versions name no ``tip_pairs``, its assessor gets ``pairs: false``.
     """
     from agent.perception.stages import STM_DEFECTS_MODEL
 
-    out = dict(config)
+    out = _without_pairs_if_not_run(config, versions)
     names = out.get("perception")
     ran = versions.get("defects")
     if not isinstance(names, list) or "defects" not in names or not isinstance(ran, str):

@@ -170,7 +170,9 @@ def test_the_assessor_overrides_a_good_read_only_where_the_cue_fires(
     model = AlwaysGood()
     on = TipNetAssessor(model, baseline=False, pairs=PairSettings())  # type: ignore[arg-type]
     off = TipNetAssessor(model, baseline=False)  # type: ignore[arg-type]
-    assert on.version.endswith("+pairs") and not off.version.endswith("+pairs")
+    assert on.version == off.version  # the network's version; the cue is labelled apart
+    assert off.pairs_version is None and on.pairs_version is not None
+    assert on.pairs_version.startswith("pairs>=3 on defects_stm ")
 
     est = on.assess(as_frame(s.data, s.pixel_size_nm))
     assert est.state is TipState.MULTIPLE and est.features["pairs_override"] == 1.0
@@ -190,15 +192,35 @@ def test_the_assessor_overrides_a_good_read_only_where_the_cue_fires(
     assert tiny.state is TipState.GOOD and tiny.features["pairs_skipped"] == 1.0
 
 
-def test_the_pipeline_turns_the_cue_on_by_option() -> None:
+def test_the_pipeline_runs_the_cue_by_default_and_records_it() -> None:
     from agent.perception.tip_net import TipNetAssessor
     from agent.pipeline import build_pipeline
     from drivers.errors import ConfigError
 
-    on = build_pipeline({"assessor": "tipnet", "assessor_options": {"pairs": True}}, kind="stm")
+    on = build_pipeline({"assessor": "tipnet"}, kind="stm")
     assert isinstance(on.assessor, TipNetAssessor) and on.assessor.pairs == PairSettings()
-    assert on.versions()["assessor"].endswith("+pairs")
-    off = build_pipeline({"assessor": "tipnet"}, kind="stm")
+    versions = on.versions()
+    assert versions["tip_pairs"] == on.assessor.pairs_version
+    assert versions["assessor"] == f"tipnet {on.assessor.version}"
+    off = build_pipeline({"assessor": "tipnet", "assessor_options": {"pairs": False}}, kind="stm")
     assert isinstance(off.assessor, TipNetAssessor) and off.assessor.pairs is None
+    assert "tip_pairs" not in off.versions()
     with pytest.raises(ConfigError, match="pairs must be true or false"):
         build_pipeline({"assessor": "tipnet", "assessor_options": {"pairs": "yes"}}, kind="stm")
+
+
+def test_sessions_recorded_without_the_cue_are_rebuilt_without_it() -> None:
+    from agent.pipeline import build_pipeline, recorded_config
+
+    now = build_pipeline({"assessor": "tipnet"}, kind="stm")
+    # a tipnet session from before the cue ran by default: no tip_pairs in its versions
+    old_versions = {k: v for k, v in now.versions().items() if k != "tip_pairs"}
+    old = recorded_config({"assessor": "tipnet", "assessor_options": {}}, old_versions)
+    assert old["assessor_options"] == {"pairs": False}
+    assert build_pipeline(old, kind="stm").assessor.pairs is None  # type: ignore[union-attr]
+    # sessions that ran it, that chose explicitly, or that used another assessor: unchanged
+    assert recorded_config({"assessor": "tipnet"}, now.versions()) == {"assessor": "tipnet"}
+    chosen = {"assessor": "tipnet", "assessor_options": {"pairs": True}}
+    assert recorded_config(chosen, old_versions) == chosen
+    classical = {"assessor": "classical"}
+    assert recorded_config(classical, {"assessor": "classical 1"}) == classical

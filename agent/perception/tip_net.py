@@ -48,7 +48,7 @@ from agent.perception.registry import (
     load_model,
     resample_to_pixel_size,
 )
-from agent.perception.tip_pairs import PairScore, PairSettings
+from agent.perception.tip_pairs import PairScore, PairSettings, cue_label
 from agent.perception.tip_watch import LineChangeDetector
 from drivers.errors import DataError, ModelError
 from drivers.frame import Frame, TipState
@@ -261,7 +261,8 @@ class TipNetAssessor:
     ``baseline_agrees``), so a session shows where the two disagree.
     :meth:`watch` judges the last 16 lines of a partial frame (to abort a scan early).
 
-    With ``pairs`` (:class:`~agent.perception.tip_pairs.PairSettings`; off by default), a
+    With ``pairs`` (:class:`~agent.perception.tip_pairs.PairSettings`; None here, but the
+    agent's ``tipnet`` assessor and the RL tip environment pass the defaults, ADR 0014), a
     complete STM frame the network reads as good is also given to the defect-pair cue of
     :mod:`agent.perception.tip_pairs` (the STM defects model from ``pairs_weights_dir``, then
     defect pairs sharing one displacement): when the cue fires the estimate becomes ``multiple``
@@ -269,7 +270,8 @@ class TipNetAssessor:
     ``features`` keep the network's own read (``tipnet_p_good``) and the cue's (``pairs_count``,
     ``pairs_offset_dy_nm``, ``pairs_offset_dx_nm``, ``pairs_override`` = 1). Frames the cue
     cannot judge (pixel size outside the defects model's range, non-square pixels, no weights)
-    keep the network's read, with ``pairs_skipped`` = 1.
+    keep the network's read, with ``pairs_skipped`` = 1. The cue is not part of ``version``
+    (the network's); ``pairs_version`` labels it.
     """
 
     name = "tipnet"
@@ -296,8 +298,11 @@ class TipNetAssessor:
         self.version = f"{model.card.version}+{model.card.sha256[:8]}"
         self.pairs = pairs
         self.pairs_weights_dir = pairs_weights_dir
-        if pairs is not None:
-            self.version += "+pairs"
+        # the cue's label, recorded in a session's versions as ``tip_pairs`` beside the
+        # network's (like the watch's); None without the cue
+        self.pairs_version = (
+            None if pairs is None else cue_label(pairs, directory=pairs_weights_dir)
+        )
         # the mid-scan change detector's label (its fitted thresholds are not part of the
         # network's version), recorded in a session's versions as ``tip_watch``; None without
         detector = model.change_detector

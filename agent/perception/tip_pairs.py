@@ -185,6 +185,20 @@ def defect_probability(
     return (1.0 - prob[0]).astype(np.float32), float(work_px_nm)
 
 
+def cue_label(settings: PairSettings = PairSettings(), *, directory: Any = None) -> str:
+    """What a session records as its ``tip_pairs`` version: the fire threshold and the STM
+    defects model (name, version and SHA-256 prefix) the points come from, or why the cue
+    cannot run (then every frame is skipped, :class:`TipNetAssessor` marks it)."""
+    from agent.perception.tasks import defects_stm
+    from drivers.errors import ModelError
+
+    try:
+        _, card = defects_stm.load() if directory is None else defects_stm.load(directory)
+    except ModelError as exc:
+        return f"pairs>={settings.fire_at} (no defects model: {exc})"
+    return f"pairs>={settings.fire_at} on {card.name} {card.version}+{card.sha256[:8]}"
+
+
 def score_image(
     image: np.ndarray,
     pixel_size_nm: float,
