@@ -10,7 +10,9 @@ scored 1 dB worse at a quarter dose in the same held-out evaluation). After trai
 temperature ``T`` rescales σ so that the normalised errors of validation frames have unit
 variance (calibration); a frame whose median σ exceeds
 ``reject_relative_sigma`` of its intensity range is marked ``reject`` (the agent does not act on
-it blindly).
+it blindly). From sr 4 on (card ``align_lines``) the output's scan lines are then shifted onto
+the frame's own lines (:mod:`agent.perception.tasks.sr_lines`): the network returns nearly
+straight lines, the truth carries each line's jitter.
 
 Training data are ``sim:stem`` frames (MoS2 and WS2, 0.23–0.27 Å pixels, 0.25–8 µs dwell, full
 rasters and random / line / spiral partial scans at 1/30 to 1/10 coverage); evaluation uses other
@@ -43,6 +45,7 @@ from agent.perception.registry import (
     run_batches,
     tiled_inference,
 )
+from agent.perception.tasks.sr_lines import align_lines
 from agent.perception.tasks.sr_quantiles import median, percentiles
 from agent.perception.tasks.stem_data import (
     PIXEL_SIZE_M,
@@ -69,7 +72,7 @@ from drivers.errors import DataError
 log = logging.getLogger(__name__)
 
 NAME = "sr"
-VERSION = "3"
+VERSION = "4"
 CHANNELS = ("haadf_over_mean", "sampled")
 WIDTHS = (32, 48, 64, 96)
 PIXEL_SIZE_RANGE_NM = (0.0125, 0.05)
@@ -95,9 +98,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {"frames": 720, "steps": 10_000, "threads": 1}
 (the recipe of sr 2): 720 training frames (with 240 the validation loss stopped falling long
 before the training loss), 10,000 steps, one torch thread (a second thread only spin-waits on a
 shared 2-core machine). Simulating the 744 frames costs ~45 s of CPU and a step 70-110 ms (more
-on a busier machine): 13-19 minutes of CPU in all (docs/benchmarks.md). The committed sr 3 is sr
-2 fine-tuned on new frames (``--seed 1 --steps 2000 --lr 0.0003 --init`` a directory holding sr
-2); its card records both commands and sr 2's SHA-256."""
+on a busier machine): 13-19 minutes of CPU in all (docs/benchmarks.md). The committed weights
+(sr 3, shipped as sr 4 with ``align_lines``) are sr 2 fine-tuned on new frames (``--seed 1
+--steps 2000 --lr 0.0003 --init`` a directory holding sr 2); the card records both commands
+and sr 2's SHA-256."""
 
 
 # ---------------------------------------------------------------------- model and inputs
@@ -183,11 +187,15 @@ def recover(
     *,
     model: nn.Module | None = None,
     card: ModelCard | None = None,
+    align: bool | None = None,
 ) -> Recovery:
     """Recover the noise-free image of a HAADF-STEM frame (full, low-dose or partial scan).
 
     ``image`` is ``(H, W)`` detector counts (NaN marks pixels a partial scan skipped),
-    ``pixel_size_nm`` its pixel size. Raises :class:`DataError` for bad input (wrong shape,
+    ``pixel_size_nm`` its pixel size. With ``align`` (default: the card's ``align_lines``, true
+    from sr 4 on) every well-measured scan line of the network's output is shifted onto the
+    frame's own line (:func:`~agent.perception.tasks.sr_lines.align_lines`: the line jitter).
+    Raises :class:`DataError` for bad input (wrong shape,
     infinities, no finite pixel, pixel size out of range, a non-positive mean) and
     :class:`ModelError` when the weights cannot be loaded.
     """
@@ -206,6 +214,10 @@ def recover(
 
         mean = resize(mean, arr.shape, order=1, preserve_range=True)
         sigma = resize(sigma, arr.shape, order=1, preserve_range=True)
+    if align is None:
+        align = bool(card.training.get("align_lines", False))
+    if align:
+        mean, sigma, _ = align_lines(mean, sigma, arr)
     low, high = percentiles(mean, (0.1, 99.9))
     span = float(high - low)
     relative = median(sigma) / span if span > 0 else math.inf
@@ -257,6 +269,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="fine-tune: start from the sr model in this weights directory (its card's SHA-256 "
         "is checked and recorded) instead of random weights",
     )
+    parser.add_argument(
+        "--beta",
+        type=float,
+        default=BETA,
+        help="β of the β-NLL loss: 0 is the Gaussian NLL, 1 gives the mean squared-error "
+        f"gradients (default {BETA}, the recipe of the committed models)",
+    )
+    parser.add_argument(
+        "--extra-rasters",
+        type=int,
+        default=0,
+        help="this many more full rasters in the training draw of scan patterns (3 of the 10 "
+        "by default; 0 is the recipe of the committed models)",
+    )
     parser.set_defaults(**TRAIN_DEFAULTS)
 
 
@@ -267,11 +293,16 @@ def training_command(args: argparse.Namespace) -> str:
         f"--val-frames {args.val_frames} --steps {args.steps} --batch {args.batch} "
         f"--crop {args.crop} --lr {args.lr} --threads {args.threads}"
         + (f" --init {args.init}" if getattr(args, "init", None) else "")
+        + (f" --beta {args.beta}" if getattr(args, "beta", BETA) != BETA else "")
+        + (f" --extra-rasters {args.extra_rasters}" if getattr(args, "extra_rasters", 0) else "")
     )
 
 
-def train_recipe(seed: int, frames: int) -> StemRecipe:
-    return StemRecipe(seed=seed, frames=frames, patterns=TRAIN_PATTERNS, dwell_s=TRAIN_DWELL_S)
+def train_recipe(seed: int, frames: int, extra_rasters: int = 0) -> StemRecipe:
+    """The training data: :data:`TRAIN_PATTERNS` with ``extra_rasters`` more full rasters in the
+    draw (0: the recipe of the committed models)."""
+    patterns = (("raster", 1.0),) * extra_rasters + TRAIN_PATTERNS
+    return StemRecipe(seed=seed, frames=frames, patterns=patterns, dwell_s=TRAIN_DWELL_S)
 
 
 def stack_samples(samples: list[StemSample]) -> tuple[np.ndarray, np.ndarray]:
@@ -301,13 +332,13 @@ def _crop_batch(
     return torch.from_numpy(bx), torch.from_numpy(by)
 
 
-def beta_nll(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """β-NLL of the clean target under the predicted Gaussians (β = :data:`BETA`)."""
+def beta_nll(model: nn.Module, batch: tuple[torch.Tensor, ...], beta: float = BETA) -> torch.Tensor:
+    """β-NLL of the clean target under the predicted Gaussians (default β = :data:`BETA`)."""
     x, y = batch
     mean, logvar = split_output(model(x))
     var = logvar.exp()
     nll = 0.5 * (logvar + (y - mean) ** 2 / var)
-    return (nll * var.detach() ** BETA).mean()
+    return (nll * var.detach() ** beta).mean()
 
 
 def fit_temperature(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
@@ -324,7 +355,11 @@ def train(args: argparse.Namespace) -> int:
     seed_everything(args.seed, args.threads)
     rng = np.random.default_rng(args.seed)
     t0 = time.monotonic()
-    samples, val = simulate_train_val(simulate, train_recipe, args)
+    extra_rasters = int(getattr(args, "extra_rasters", 0))
+    if extra_rasters < 0:
+        raise DataError(f"--extra-rasters must be 0 or more, got {extra_rasters}")
+    recipe = functools.partial(train_recipe, extra_rasters=extra_rasters)
+    samples, val = simulate_train_val(simulate, recipe, args)
     x, y = stack_samples(samples)
     vx, vy = stack_samples(val)
     del samples
@@ -339,6 +374,9 @@ def train(args: argparse.Namespace) -> int:
             "sha256": start_card.sha256,
             "command": start_card.training.get("command"),
             "steps_done": start_card.training.get("steps_done"),
+            # the start model's own start, when it was fine-tuned too: the whole chain back to
+            # a from-scratch command
+            **({"init": start_card.training["init"]} if "init" in start_card.training else {}),
         }
     if crop % model.multiple():
         raise DataError(f"--crop must be a multiple of {model.multiple()}, got {crop}")
@@ -364,7 +402,7 @@ def train(args: argparse.Namespace) -> int:
         steps=args.steps,
         lr=args.lr,
         next_batch=next_batch,
-        loss_fn=beta_nll,
+        loss_fn=functools.partial(beta_nll, beta=float(getattr(args, "beta", BETA))),
         val_batches=val_batches,
         max_minutes=args.max_minutes,
         desc="training sr",
@@ -382,11 +420,13 @@ def train(args: argparse.Namespace) -> int:
         training={
             "command": training_command(args),
             "seed": args.seed,
-            "recipe": recipe_json(train_recipe(args.seed, args.frames)),
-            "loss": f"beta-NLL (beta={BETA}) of the clean image, Adam, warm-up + cosine lr",
+            "recipe": recipe_json(recipe(args.seed, args.frames)),
+            "loss": f"beta-NLL (beta={getattr(args, 'beta', BETA)}) of the clean image, Adam, "
+            "warm-up + cosine lr",
             **fit_summary(result, t0),
             "temperature": temperature,
             "reject_relative_sigma": 0.05,
+            "align_lines": True,
             **({"init": init} if init else {}),
         },
     )
