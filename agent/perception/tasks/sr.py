@@ -98,10 +98,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {"frames": 720, "steps": 10_000, "threads": 1}
 (the recipe of sr 2): 720 training frames (with 240 the validation loss stopped falling long
 before the training loss), 10,000 steps, one torch thread (a second thread only spin-waits on a
 shared 2-core machine). Simulating the 744 frames costs ~45 s of CPU and a step 70-110 ms (more
-on a busier machine): 13-19 minutes of CPU in all (docs/benchmarks.md). The committed weights
-(sr 3, shipped as sr 4 with ``align_lines``) are sr 2 fine-tuned on new frames (``--seed 1
---steps 2000 --lr 0.0003 --init`` a directory holding sr 2); the card records both commands
-and sr 2's SHA-256."""
+on a busier machine): 13-19 minutes of CPU in all (docs/benchmarks.md). The committed sr 4 is sr
+2 fine-tuned twice on new frames: sr 3 (``--seed 1 --steps 2000 --lr 0.0003 --init`` a directory
+holding sr 2), then sr 4 (``--seed 3 --steps 2000 --lr 0.0003 --extra-rasters 3 --init`` sr 3);
+its card records the chain of commands and SHA-256s (``init``, ``init.init``)."""
 
 
 # ---------------------------------------------------------------------- model and inputs
@@ -195,9 +195,8 @@ def recover(
     ``pixel_size_nm`` its pixel size. With ``align`` (default: the card's ``align_lines``, true
     from sr 4 on) every well-measured scan line of the network's output is shifted onto the
     frame's own line (:func:`~agent.perception.tasks.sr_lines.align_lines`: the line jitter).
-    Raises :class:`DataError` for bad input (wrong shape,
-    infinities, no finite pixel, pixel size out of range, a non-positive mean) and
-    :class:`ModelError` when the weights cannot be loaded.
+    Raises :class:`DataError` for bad input (wrong shape, infinities, no finite pixel, pixel size
+    out of range, a non-positive mean) and :class:`ModelError` when the weights cannot be loaded.
     """
     if model is None or card is None:
         model, card = load()
