@@ -2,7 +2,8 @@
 
     scopepilot train-policy tip --steps 16000 --seed 0        # -> policies/weights/rl_tip.pt
     scopepilot train-policy dose --steps 16000 --seed 0       # -> policies/weights/rl_dose.pt
-    scopepilot train-policy scan --steps 30000 --seed 0       # -> policies/weights/rl_scan.pt
+    scopepilot train-policy scan --bc-episodes 300 --steps 16000 --learning-rate 1e-4 --ent-coef 0
+        # -> policies/weights/rl_scan.pt: the survey-then-zoom rule cloned (DAgger), then PPO
     scopepilot evaluate-policy tip --episodes 200     # table + plots in bench/out/policy_tip
 
 The environments live in :mod:`policies` and take their perception from here (policies never
@@ -40,7 +41,26 @@ def register(sub: Any) -> dict[str, Handler]:
     train.add_argument("--png", help="learning curve (default: the policy file with .png)")
     train.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     train.add_argument("--gamma", type=float, default=0.97, help="discount factor (default 0.97)")
+    train.add_argument(
+        "--learning-rate", type=float, default=1e-3, help="PPO learning rate (default 1e-3)"
+    )
+    train.add_argument(
+        "--ent-coef", type=float, default=0.01, help="PPO entropy bonus (default 0.01)"
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--bc-episodes",
+        type=int,
+        default=0,
+        help="scan only: behaviour-clone the survey-then-zoom rule on this many episodes "
+        "(DAgger) before PPO; 0: no warm start (default). With it, --steps may be 0",
+    )
+    train.add_argument(
+        "--bc-rounds", type=int, default=3, help="DAgger rounds of the warm start (default 3)"
+    )
+    train.add_argument(
+        "--bc-epochs", type=int, default=20, help="epochs per warm-start round (default 20)"
+    )
     train.add_argument(
         "--assessor",
         default="tipnet",
@@ -102,6 +122,30 @@ def scan_env_factory() -> Callable[[], Any]:
     return ScanPlanningEnv
 
 
+def scan_warm_start(
+    episodes: int, *, rounds: int, epochs: int, gamma: float, seed: int, progress: bool
+) -> Callable[[Any], dict[str, Any]]:
+    """The scan policy's warm start: behaviour cloning of the survey-then-zoom rule
+    (:func:`policies.imitation.warm_start`) on its own environment."""
+    from policies.env_scan import ScanPlanningEnv
+    from policies.imitation import BCSettings, warm_start
+    from policies.scan_eval import rule_scan_chooser
+
+    settings = BCSettings(episodes=episodes, rounds=rounds, epochs=epochs, gamma=gamma)
+
+    def run(policy: Any) -> dict[str, Any]:
+        env = ScanPlanningEnv()
+        try:
+            info = warm_start(
+                policy, env, rule_scan_chooser, settings, seed=seed, progress=progress
+            )
+        finally:
+            env.close()
+        return {**info, "bc_expert": "scan_eval.rule_scan_chooser (bright_min 3, misses 3)"}
+
+    return run
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from drivers.errors import ConfigError
     from policies.dose_features import DOSE_OBS_DIM, MARGINS
@@ -114,8 +158,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     if not 0 < args.gamma <= 1:
         raise ConfigError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if not (args.learning_rate > 0 and args.ent_coef >= 0):
+        raise ConfigError(
+            f"--learning-rate must be > 0 and --ent-coef >= 0, got {args.learning_rate}, "
+            f"{args.ent_coef}"
+        )
+    if args.bc_episodes and args.kind != "scan":
+        raise ConfigError("--bc-episodes is only available for the scan policy (its rule expert)")
+    if args.bc_episodes < 0 or args.steps < (0 if args.bc_episodes else 1):
+        raise ConfigError(
+            f"--steps must be >= 1 (>= 0 with --bc-episodes) and --bc-episodes >= 0, got "
+            f"--steps {args.steps}, --bc-episodes {args.bc_episodes}"
+        )
     out = Path(args.out) if args.out else WEIGHTS_DIR / f"rl_{args.kind}.pt"
     png = Path(args.png) if args.png else out.with_suffix(".png")
+    warm_start = None
     if args.kind == "tip":
         make, obs_dim, n_actions = tip_env_factory(args.assessor), OBS_DIM, N_ACTIONS
         assessor = make_tip_assessor(args.assessor)
@@ -134,6 +191,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "time_scale_s": scan.time_scale_s,
             "env": json.dumps(scan.__dict__),
         }
+        if args.bc_episodes:
+            warm_start = scan_warm_start(
+                args.bc_episodes,
+                rounds=args.bc_rounds,
+                epochs=args.bc_epochs,
+                gamma=args.gamma,
+                seed=args.seed,
+                progress=not args.quiet,
+            )
     else:
         make, obs_dim, n_actions = dose_env_factory(), DOSE_OBS_DIM, len(MARGINS)
         meta = {"perception": "snr quality assessor 1", "target_snr": 5.0}
@@ -147,12 +213,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         out=out,
         n_envs=args.n_envs,
         subproc=args.subproc,
-        settings=PPOSettings(gamma=args.gamma),
+        settings=PPOSettings(
+            gamma=args.gamma, learning_rate=args.learning_rate, ent_coef=args.ent_coef
+        ),
         curve_png=png,
         progress=not args.quiet,
         meta=meta,
         checkpoint_every=2000,
         threads=args.threads,
+        warm_start=warm_start,
     )
     print(
         f"trained {args.kind} policy: {result.steps} steps, {len(result.episodes)} episodes, "

@@ -2,6 +2,7 @@
 
     python bench/policy_scan.py --episodes 200        # held-out seeds 1000000..1000199
     python bench/policy_scan.py --detector-only       # only the detector comparison
+    python bench/policy_scan.py --weights cand.pt     # a candidate network instead of the shipped
 
 Runs :func:`policies.scan_eval.evaluate_scan` (= ``scopepilot evaluate-policy scan``): raster,
 random, the survey-then-zoom rule and the shipped RL network on the same held-out samples, with
@@ -42,13 +43,15 @@ from drivers.registry import open_instrument  # noqa: E402
 from policies.env_scan import ScanEnvConfig  # noqa: E402
 from policies.scan_eval import evaluate_scan, plot_scan  # noqa: E402
 from policies.scan_map import ZOOM_DWELL_S, ZOOM_FOV_M, ZOOM_PX, detect_dopants  # noqa: E402
-from policies.scan_policy import RLScanPolicy  # noqa: E402
+from policies.scan_policy import SCAN_WEIGHTS, RLScanPolicy  # noqa: E402
 
 
-def decision_latency(frames: int = 200, seed: int = 7) -> dict[str, float]:
+def decision_latency(
+    frames: int = 200, seed: int = 7, weights: str | None = None
+) -> dict[str, float]:
     """Wall time of ``RLScanPolicy.decide`` on the frames it asks for (ms)."""
     cfg = ScanEnvConfig()
-    policy = RLScanPolicy(budget=10**6)
+    policy = RLScanPolicy(weights or SCAN_WEIGHTS, budget=10**6)
     inst = open_instrument(
         "sim:stem",
         seed=seed,
@@ -175,6 +178,7 @@ def main() -> int:
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1_000_000)
     parser.add_argument("--detector-only", action="store_true")
+    parser.add_argument("--weights", help="scan policy file (default: the shipped one)")
     parser.add_argument("--out-dir", default=str(ROOT / "bench" / "out" / "policy_scan"))
     args = parser.parse_args()
     out = Path(args.out_dir)
@@ -182,8 +186,8 @@ def main() -> int:
     load_before = os.getloadavg()
     report: dict[str, Any] = {"machine": machine()}
     if not args.detector_only:
-        report.update(evaluate_scan(args.episodes, seed=args.seed))
-        report["latency"] = decision_latency()
+        report.update(evaluate_scan(args.episodes, seed=args.seed, weights=args.weights))
+        report["latency"] = decision_latency(weights=args.weights)
     report["detectors"] = detector_comparison()
     report["load_average"] = [load_before, os.getloadavg()]
     (out / "results.json").write_text(json.dumps(report, indent=2, default=float))

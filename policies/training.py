@@ -72,12 +72,18 @@ def train_masked_ppo(
     meta: dict[str, Any] | None = None,
     checkpoint_every: int = 0,
     threads: int = 1,
+    warm_start: Callable[[Any], dict[str, Any]] | None = None,
 ) -> TrainingResult:
     """Train a ``kind`` policy and write it to ``out`` (and the learning curve to ``curve_png``).
 
     ``make_env()`` builds one environment with an ``action_masks()`` method. With
     ``checkpoint_every`` > 0 the network so far (and the learning curve so far) is also written
     every that many steps, so a long run that is stopped leaves a usable policy and its curve.
+
+    ``warm_start(policy)``, when given, is called on the fresh sb3-contrib policy before PPO
+    (e.g. behaviour cloning, :mod:`policies.imitation`); the dict it returns goes into the
+    policy file's ``meta`` and, if it holds a ``curve`` of per-epoch losses, into the learning
+    curve. With a warm start ``steps`` may be 0 (no PPO).
     """
     import torch
     from sb3_contrib import MaskablePPO
@@ -88,7 +94,7 @@ def train_masked_ppo(
 
     from policies.rl_net import net_from_sb3, save_policy
 
-    if steps < 1 or n_envs < 1:
+    if steps < (0 if warm_start is not None else 1) or n_envs < 1:
         raise ConfigError(f"steps and n_envs must be >= 1, got steps={steps}, n_envs={n_envs}")
     cfg = settings or PPOSettings()
     torch.set_num_threads(threads)
@@ -172,7 +178,16 @@ def train_masked_ppo(
         verbose=0,
     )
     start = time.perf_counter()
-    model.learn(total_timesteps=steps, callback=_Progress())
+    bc_curve: list[dict[str, float]] = []
+    if warm_start is not None:
+        warm = warm_start(model.policy)
+        bc_curve = list(warm.pop("curve", []))
+        recipe.update(warm)
+        recipe["algorithm"] = "behaviour cloning (DAgger)" + (
+            ", then MaskablePPO (sb3-contrib)" if steps > 0 else ""
+        )
+    if steps > 0:
+        model.learn(total_timesteps=steps, callback=_Progress())
     wall = time.perf_counter() - start
     env.close()
     net = net_from_sb3(model.policy, obs_dim, n_actions)
@@ -184,23 +199,38 @@ def train_masked_ppo(
     }
     sha = save_policy(out, kind, net, info)
     curve: Path | None = None
-    if curve_png is not None and episodes:
+    if curve_png is not None and (episodes or bc_curve):
         curve = Path(curve_png)
-        plot_learning_curve(episodes, curve, title=f"{kind} policy, MaskablePPO, seed {seed}")
+        title = f"{kind} policy, MaskablePPO, seed {seed}"
+        if bc_curve:
+            title = f"{kind} policy, {recipe['algorithm']}, seed {seed}"
+        plot_learning_curve(episodes, curve, title=title, bc_curve=bc_curve)
     logger.info("trained %s policy: %s (%d steps, %.0f s)", kind, out, model.num_timesteps, wall)
     return TrainingResult(Path(out), curve, sha, int(model.num_timesteps), wall, episodes)
 
 
-def plot_learning_curve(episodes: list[dict[str, float]], path: Path, *, title: str) -> None:
-    """Episode return and length against training steps (raw and a 50-episode running mean)."""
+def plot_learning_curve(
+    episodes: list[dict[str, float]],
+    path: Path,
+    *,
+    title: str,
+    bc_curve: list[dict[str, float]] | None = None,
+) -> None:
+    """Episode return and length against training steps (raw and a 50-episode running mean);
+    with ``bc_curve`` (per-epoch ``pi_loss`` / ``vf_loss`` of a behaviour-cloning warm start) a
+    first panel of those losses."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t = np.array([e["timestep"] for e in episodes])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key in zip(axes, ("return", "length"), strict=True):
+    panels = (1 if bc_curve else 0) + (2 if episodes else 0)
+    fig, all_axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
+    axes = all_axes[0, 1:] if bc_curve else all_axes[0]
+    if bc_curve:
+        _plot_bc_curve(all_axes[0, 0], bc_curve)
+    for ax, key in zip(axes, ("return", "length") if episodes else (), strict=True):
         y = np.array([e[key] for e in episodes])
         ax.plot(t, y, ".", ms=2, alpha=0.3, color="tab:blue")
         k = min(50, len(y))
@@ -214,3 +244,23 @@ def plot_learning_curve(episodes: list[dict[str, float]], path: Path, *, title: 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_bc_curve(ax: Any, bc_curve: list[dict[str, float]]) -> None:
+    epochs = np.arange(1, len(bc_curve) + 1)
+    ax.plot(
+        epochs, [e["pi_loss"] for e in bc_curve], color="tab:blue", label="actor (cross-entropy)"
+    )
+    ax.set_xlabel("behaviour-cloning epoch (all rounds)")
+    ax.set_ylabel("actor loss")
+    ax.set_yscale("log")
+    vf = ax.twinx()
+    vf.plot(epochs, [e["vf_loss"] for e in bc_curve], color="tab:orange", label="value (MSE)")
+    vf.set_ylabel("value loss")
+    vf.set_yscale("log")
+    rounds = [e["round"] for e in bc_curve]
+    for i in range(1, len(rounds)):
+        if rounds[i] != rounds[i - 1]:
+            ax.axvline(i + 0.5, color="grey", lw=0.8, ls=":")
+    ax.legend(loc="upper right", fontsize=8)
+    vf.legend(loc="lower left", fontsize=8)
