@@ -88,7 +88,8 @@ def register(sub: Any) -> dict[str, Handler]:
 
 def make_tip_assessor(name: str = "tipnet") -> Any:
     """The tip assessor the environment judges frames with: ``classical`` or ``tipnet`` (the
-    trained network of :mod:`agent.perception.tip_net`, with its classical fallback)."""
+    trained network of :mod:`agent.perception.tip_net`, with its classical fallback and the
+    defect-pair cue, as in a session)."""
     from drivers.errors import ConfigError
 
     if name == "classical":
@@ -97,8 +98,10 @@ def make_tip_assessor(name: str = "tipnet") -> Any:
         return ClassicalTipAssessor()
     if name == "tipnet":
         from agent.perception.tip_net import TipNetAssessor
+        from agent.perception.tip_pairs import PairSettings
 
-        return TipNetAssessor(baseline=False)
+        # with the defect-pair cue, as the agent's ``tipnet`` assessor runs (ADR 0014)
+        return TipNetAssessor(baseline=False, pairs=PairSettings())
     raise ConfigError(f"unknown tip assessor {name!r}; choose 'classical' or 'tipnet'")
 
 
