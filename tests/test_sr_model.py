@@ -238,3 +238,7 @@ def test_beta_and_extra_rasters_are_in_the_training_command_only_when_not_defaul
     patterns = sr.train_recipe(0, 5, extra_rasters=3).patterns
     assert patterns[3:] == sr.TRAIN_PATTERNS
     assert [p for p, _ in patterns].count("raster") == 6 and len(patterns) == 13
+    from drivers.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--extra-rasters must be 0 or more"):
+        sr.train(parser.parse_args(["--extra-rasters", "-1", "--out", "unused"]))

@@ -67,7 +67,7 @@ from agent.perception.tasks.stem_train import (
     seed_everything,
     simulate_train_val,
 )
-from drivers.errors import DataError
+from drivers.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ def train(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     extra_rasters = int(getattr(args, "extra_rasters", 0))
     if extra_rasters < 0:
-        raise DataError(f"--extra-rasters must be 0 or more, got {extra_rasters}")
+        raise ConfigError(f"--extra-rasters must be 0 or more, got {extra_rasters}")
     recipe = functools.partial(train_recipe, extra_rasters=extra_rasters)
     samples, val = simulate_train_val(simulate, recipe, args)
     x, y = stack_samples(samples)
