@@ -519,13 +519,15 @@ def main() -> int:
                 ratio = err_cls / err_net if err_net > 0 else float("inf")
                 print(
                     f"  {key:22s} tipnet {net[key]:.4f}  classical {cls[key]:.4f}  "
-                    f"agent (net+fallback) {agent[key]:.4f}  error ratio classical/net {ratio:.1f}x"
+                    f"agent (net+fallback+pairs) {agent[key]:.4f}  "
+                    f"error ratio classical/net {ratio:.1f}x"
                 )
             pairs = r["tipnet+pairs"]
             print(
                 f"  tipnet+pairs (a good read turned multiple where the defect-pair cue fires, "
                 f"{pairs['overridden']} frames): good-vs-bad {pairs['good_vs_bad_accuracy']:.4f}  "
-                f"accuracy {pairs['accuracy']:.4f}  macro_f1 {pairs['macro_f1']:.4f}"
+                f"accuracy {pairs['accuracy']:.4f}  macro_f1 {pairs['macro_f1']:.4f}  "
+                f"ece {pairs['ece']:.4f}"
             )
             print(
                 f"  {'ece':22s} tipnet {net['ece']:.4f}  classical {cls['ece']:.4f}  "

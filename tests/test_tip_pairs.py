@@ -224,3 +224,29 @@ def test_sessions_recorded_without_the_cue_are_rebuilt_without_it() -> None:
     assert recorded_config(chosen, old_versions) == chosen
     classical = {"assessor": "classical"}
     assert recorded_config(classical, {"assessor": "classical 1"}) == classical
+
+
+def test_the_evaluation_scores_the_cue_and_the_agent_assessor_with_it(
+    misread_double: tuple[TipSample, GroundTruth],
+) -> None:
+    """``score_set``: the ``tipnet+pairs`` row overrides the double's good read (and not the
+    twin's), with the override's probabilities in its ECE; the agent's assessor, built with
+    the cue as sessions run it, reads the double as multiple too."""
+    from agent.perception.classical import ClassicalTipAssessor
+    from agent.perception.tip_eval import score_set
+    from agent.perception.tip_net import PAIRS_P_GOOD, TipNetAssessor, pairs_override_probabilities
+
+    s, _ = misread_double
+    assert s.good_twin is not None
+    twin = dataclasses.replace(s, data=s.good_twin, label=0, good_twin=None)
+    assessor = TipNetAssessor(AlwaysGood(), baseline=False, pairs=PairSettings())  # type: ignore[arg-type]
+    scored = score_set([s, twin], assessor, ClassicalTipAssessor(), progress=False)
+    net, pairs, agent = scored["tipnet"], scored["tipnet+pairs"], scored["agent_assessor"]
+    assert net["good_vs_bad_accuracy"] == 0.5 and pairs["good_vs_bad_accuracy"] == 1.0
+    assert pairs["overridden"] == 1 and agent["good_vs_bad_accuracy"] == 1.0
+    # both reads right: the twin's at 0.9, the double's (overridden) at 0.93, one ECE bin
+    p = pairs_override_probabilities(np.array([0.9, 0.04, 0.03, 0.02, 0.01]))
+    assert p[0] == PAIRS_P_GOOD and abs(p.sum() - 1) < 1e-12
+    expected = 0.5 * abs(1 - 0.9) + 0.5 * abs(1 - p.max())
+    assert abs(pairs["ece"] - expected) < 1e-9
+    assert abs(net["ece"] - abs(0.5 - 0.9)) < 1e-9  # one of two right, both at 0.9

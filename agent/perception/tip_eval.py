@@ -4,7 +4,8 @@ tip`` and ``bench/perception_tip.py``).
 Per test set (simulated frames from seeds never used in training): five-class accuracy,
 good-vs-bad accuracy, macro-F1, per-class precision/recall/F1, expected calibration error
 (15 bins, top label), the confusion matrix, the reject rate and the accuracy of the agent's
-assessor (network, classical fallback for rejected frames). The classical assessor is scored on
+assessor as a session runs it (network, classical fallback for rejected frames, the
+defect-pair cue on complete frames read as good). The classical assessor is scored on
 the same frames. ``tipnet+pairs``: the network's read with a good read turned into ``multiple``
 where the defect-pair cue of :mod:`agent.perception.tip_pairs` fires (``overridden`` counts
 them; docs/decisions/0014-tip-defect-pairs.md).
@@ -54,8 +55,9 @@ from agent.perception.tip_net import (
     TipModel,
     TipNetAssessor,
     expected_calibration_error,
+    pairs_override_probabilities,
 )
-from agent.perception.tip_pairs import score_image
+from agent.perception.tip_pairs import PairSettings, score_image
 from drivers.errors import DataError, ModelError
 from drivers.frame import Frame, ScanRegion, TipState
 
@@ -124,7 +126,7 @@ def score_set(
     model = assessor.model
     good, double = STATES.index(TipState.GOOD), STATES.index(TipState.MULTIPLE)
     truth, net_pred, net_probs, agent_pred, cls_pred, cls_probs = [], [], [], [], [], []
-    pairs_pred = []
+    pairs_pred, pairs_probs = [], []
     for s in tqdm(samples, desc=desc, unit="frame", disable=not progress):
         frame = as_frame(s.data, s.pixel_size_nm)
         probs, _ = model.probabilities(model.prepare(s.data, s.pixel_size_nm))
@@ -142,6 +144,7 @@ def score_set(
             except (DataError, ModelError) as exc:  # the net's read stands, as in the agent
                 log.info("pair cue skipped on seed %d: %s", s.seed, exc)
         pairs_pred.append(double if fires else net_pred[-1])
+        pairs_probs.append(pairs_override_probabilities(probs) if fires else probs)
         agent_pred.append(STATES.index(agent.state))
         cls_pred.append(STATES.index(c.state))
         cls_probs.append([c.probabilities[st] for st in STATES])
@@ -159,6 +162,7 @@ def score_set(
     cls["ece"] = expected_calibration_error(p_cls, y)
     with_pairs = classification_metrics(y, np.array(pairs_pred))
     with_pairs["overridden"] = int(np.sum(np.array(pairs_pred) != np.array(net_pred)))
+    with_pairs["ece"] = expected_calibration_error(np.array(pairs_probs), y)
     return {
         "tipnet": net,
         "tipnet+pairs": with_pairs,
@@ -372,7 +376,8 @@ def evaluate_all(
     more_changes: int = 0,
 ) -> dict[str, Any]:
     model = TipModel.load(directory)
-    assessor = TipNetAssessor(model, baseline=False)
+    # the agent's tipnet assessor as a session runs it: classical fallback, defect-pair cue
+    assessor = TipNetAssessor(model, baseline=False, pairs=PairSettings())
     classical = ClassicalTipAssessor()
     results: dict[str, Any] = {
         "model": {

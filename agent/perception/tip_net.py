@@ -249,6 +249,17 @@ class TipModel:
         return out
 
 
+def pairs_override_probabilities(probs: np.ndarray) -> np.ndarray:
+    """The frame probabilities (5,) after the defect-pair cue overrode a good read: P(good) cut
+    to :data:`PAIRS_P_GOOD`, the rest of its mass moved to ``multiple`` (float64, sums to 1)."""
+    good, double = STATES.index(TipState.GOOD), STATES.index(TipState.MULTIPLE)
+    out = np.asarray(probs, dtype=np.float64).copy()
+    keep = min(float(out[good]), PAIRS_P_GOOD)
+    out[double] += float(out[good]) - keep
+    out[good] = keep
+    return out
+
+
 class TipNetAssessor:
     """The agent's tip assessor for SPM frames: the network, with a classical fallback.
 
@@ -376,11 +387,8 @@ class TipNetAssessor:
     def _pairs_override(
         self, probs: np.ndarray, cue: PairScore, features: dict[str, float]
     ) -> TipEstimate:
-        good, double = STATES.index(TipState.GOOD), STATES.index(TipState.MULTIPLE)
-        out = probs.astype(np.float64).copy()
-        keep = min(float(out[good]), PAIRS_P_GOOD)
-        out[double] += float(out[good]) - keep
-        out[good] = keep
+        double = STATES.index(TipState.MULTIPLE)
+        out = pairs_override_probabilities(probs)
         dy, dx = cue.offset_nm if cue.offset_nm is not None else (0.0, 0.0)
         return TipEstimate(
             state=TipState.MULTIPLE,
