@@ -250,3 +250,40 @@ def test_the_evaluation_scores_the_cue_and_the_agent_assessor_with_it(
     expected = 0.5 * abs(1 - 0.9) + 0.5 * abs(1 - p.max())
     assert abs(pairs["ece"] - expected) < 1e-9
     assert abs(net["ece"] - abs(0.5 - 0.9)) < 1e-9  # one of two right, both at 0.9
+
+
+def test_the_cue_and_the_defects_stage_share_one_network_pass_per_frame(
+    misread_double: tuple[TipSample, GroundTruth], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pair cue and then ``find_defects`` (the defects stage) on the same frame run the STM
+    defects network once; another frame, or the same array changed in place, runs it again;
+    the kept map gives the same defects as a fresh pass and cannot be written to."""
+    from agent.perception.tasks import defects_stm
+
+    s, _ = misread_double
+    assert s.good_twin is not None
+    image = s.data + 1e-12
+    fresh = defects_stm.find_defects(image.copy(), s.pixel_size_nm)
+    defects_stm.find_defects(s.good_twin, s.pixel_size_nm)  # another frame: the map is its
+    calls = []
+    real = defects_stm.class_probabilities
+
+    def counting(*args: object, **kwargs: object) -> np.ndarray:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(defects_stm, "class_probabilities", counting)
+    score_image(image, s.pixel_size_nm)
+    kept = defects_stm.find_defects(image, s.pixel_size_nm)
+    assert len(calls) == 1
+    assert [(d.row_px, d.col_px, d.kind) for d in kept.defects] == [
+        (d.row_px, d.col_px, d.kind) for d in fresh.defects
+    ]
+    np.testing.assert_array_equal(kept.class_map, fresh.class_map)
+    _, _, prob = defects_stm.probability_map(image, s.pixel_size_nm, *defects_stm.load())
+    assert len(calls) == 1 and not prob.flags.writeable
+    defects_stm.find_defects(s.good_twin, s.pixel_size_nm)
+    assert len(calls) == 2
+    image[10, 10] += 1e-10  # the same array object, changed: its bytes are the key
+    defects_stm.find_defects(image, s.pixel_size_nm)
+    assert len(calls) == 3

@@ -172,16 +172,12 @@ def defect_probability(
 
     Raises :class:`DataError` for bad input and :class:`ModelError` when the weights cannot be
     loaded (as :func:`agent.perception.tasks.defects_stm.find_defects`)."""
-    from agent.perception.registry import check_image, resample_to_pixel_size
     from agent.perception.tasks import defects_stm
-    from agent.perception.tasks.defects_stm_data import model_input
 
     model, card = defects_stm.load() if directory is None else defects_stm.load(directory)
-    arr = check_image(image, min_size=8)
-    work = resample_to_pixel_size(arr, pixel_size_nm, card)
-    temperature = float(card.training.get("temperature", 1))
-    prob = defects_stm.class_probabilities(model, model_input(work), temperature)
-    work_px_nm = pixel_size_nm * arr.shape[1] / work.shape[1]
+    # the same map the defects stage then reads (kept for the frame, the network runs once)
+    arr, work_shape, prob = defects_stm.probability_map(image, pixel_size_nm, model, card)
+    work_px_nm = pixel_size_nm * arr.shape[1] / work_shape[1]
     return (1.0 - prob[0]).astype(np.float32), float(work_px_nm)
 
 
