@@ -91,13 +91,20 @@ class Demos:
         )
 
 
-def greedy_action(policy: Any, obs: np.ndarray, mask: np.ndarray) -> int:
-    """The SB3 policy's most probable allowed action (what the exported network deploys)."""
+def greedy_actions(policy: Any, obs: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """The SB3 policy's most probable allowed action (what the exported network deploys) for
+    each row of ``obs`` ``(n, obs_dim)`` under ``masks`` ``(n, n_actions)``."""
     with torch.no_grad():
         dist = policy.get_distribution(
-            torch.as_tensor(obs, dtype=torch.float32)[None], action_masks=mask[None]
+            torch.as_tensor(obs, dtype=torch.float32), action_masks=masks
         )
-        return int(dist.distribution.probs.argmax(dim=1).item())
+        out: np.ndarray = dist.distribution.probs.argmax(dim=1).numpy()
+        return out
+
+
+def greedy_action(policy: Any, obs: np.ndarray, mask: np.ndarray) -> int:
+    """:func:`greedy_actions` of one observation."""
+    return int(greedy_actions(policy, np.asarray(obs)[None], np.asarray(mask)[None])[0])
 
 
 def collect(
@@ -153,12 +160,7 @@ def collect(
 
 def agreement(policy: Any, demos: Demos) -> float:
     """Fraction of ``demos`` where the policy's greedy allowed action is the expert's."""
-    with torch.no_grad():
-        dist = policy.get_distribution(
-            torch.as_tensor(demos.obs, dtype=torch.float32), action_masks=demos.masks
-        )
-        chosen = dist.distribution.probs.argmax(dim=1).numpy()
-    return float(np.mean(chosen == demos.actions))
+    return float(np.mean(greedy_actions(policy, demos.obs, demos.masks) == demos.actions))
 
 
 def bc_fit(policy: Any, demos: Demos, settings: BCSettings, *, seed: int) -> list[dict[str, float]]:
