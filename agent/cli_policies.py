@@ -2,9 +2,11 @@
 
     scopepilot train-policy tip --steps 16000 --seed 0        # -> policies/weights/rl_tip.pt
     scopepilot train-policy dose --steps 16000 --seed 0       # -> policies/weights/rl_dose.pt
+    scopepilot train-policy dose --sr --out F.pt  # + "rely on sr" (26 actions, sr features)
     scopepilot train-policy scan --bc-episodes 300 --steps 16000 --learning-rate 1e-4 --ent-coef 0
         # -> policies/weights/rl_scan.pt: the survey-then-zoom rule cloned (DAgger), then PPO
     scopepilot evaluate-policy tip --episodes 200     # table + plots in bench/out/policy_tip
+    scopepilot evaluate-policy dose --sr-weights F.pt  # + the sr-aware policy's row (rl-sr)
 
 The environments live in :mod:`policies` and take their perception from here (policies never
 import the agent): the tip environment gets the trained tip network (with its classical fallback
@@ -67,6 +69,13 @@ def register(sub: Any) -> dict[str, Handler]:
         choices=("classical", "tipnet"),
         help="tip perception (default tipnet)",
     )
+    train.add_argument(
+        "--sr",
+        action="store_true",
+        help="dose only: also choose whether to rely on the sr model's recovered image per "
+        "frame (26 actions, sr stage features; run it with the rl-dose option sr=true; "
+        "default file policies/weights/rl_dose_sr.pt)",
+    )
 
     evaluate = sub.add_parser(
         "evaluate-policy", help="compare an RL policy with its baselines on held-out episodes"
@@ -82,6 +91,11 @@ def register(sub: Any) -> dict[str, Handler]:
         default="tipnet",
         choices=("classical", "tipnet"),
         help="tip perception (default tipnet)",
+    )
+    evaluate.add_argument(
+        "--sr-weights",
+        help="dose only: also evaluate this sr-aware policy file (train-policy dose --sr) on "
+        "the same surveys, with the sr stage run on every frame (row rl-sr)",
     )
     return {"train-policy": _cmd_train, "evaluate-policy": _cmd_evaluate}
 
@@ -112,11 +126,19 @@ def tip_env_factory(assessor: str = "tipnet") -> Callable[[], Any]:
     return lambda: TipConditioningEnv(make_tip_assessor(assessor))
 
 
-def dose_env_factory() -> Callable[[], Any]:
+def dose_env_factory(*, sr: bool = False) -> Callable[[], Any]:
+    """The dose environment with the image-quality assessor; with ``sr`` also the "rely on sr"
+    choice, fed by the agent's own ``sr`` frame stage (:class:`~agent.perception.stages.SrStage`,
+    the recovered image kept as a session records it)."""
     from agent.perception.quality import ImageQualityAssessor
-    from policies.env_dose import DoseControlEnv
+    from policies.env_dose import DoseControlEnv, DoseEnvConfig
 
-    return lambda: DoseControlEnv(ImageQualityAssessor())
+    if not sr:
+        return lambda: DoseControlEnv(ImageQualityAssessor())
+    from agent.perception.stages import SrStage
+
+    SrStage()  # fail early on missing sr weights
+    return lambda: DoseControlEnv(ImageQualityAssessor(), DoseEnvConfig(sr=True), sr=SrStage())
 
 
 def scan_env_factory() -> Callable[[], Any]:
@@ -166,6 +188,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"--learning-rate must be > 0 and --ent-coef >= 0, got {args.learning_rate}, "
             f"{args.ent_coef}"
         )
+    if args.sr and args.kind != "dose":
+        raise ConfigError("--sr is only available for the dose policy (the rely-on-sr choice)")
     if args.bc_episodes and args.kind != "scan":
         raise ConfigError("--bc-episodes is only available for the scan policy (its rule expert)")
     if args.bc_episodes < 0 or args.steps < (0 if args.bc_episodes else 1):
@@ -173,7 +197,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"--steps must be >= 1 (>= 0 with --bc-episodes) and --bc-episodes >= 0, got "
             f"--steps {args.steps}, --bc-episodes {args.bc_episodes}"
         )
-    out = Path(args.out) if args.out else WEIGHTS_DIR / f"rl_{args.kind}.pt"
+    name = "rl_dose_sr" if args.sr else f"rl_{args.kind}"
+    out = Path(args.out) if args.out else WEIGHTS_DIR / f"{name}.pt"
     png = Path(args.png) if args.png else out.with_suffix(".png")
     warm_start = None
     if args.kind == "tip":
@@ -203,9 +228,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 progress=not args.quiet,
             )
-    else:
+    elif not args.sr:
         make, obs_dim, n_actions = dose_env_factory(), DOSE_OBS_DIM, len(MARGINS)
         meta = {"perception": "snr quality assessor 1", "target_snr": 5.0}
+    else:
+        from agent.perception.stages import SrStage
+        from policies.dose_features import DOSE_SR_OBS_DIM, SR_FEATURES_VERSION, SR_N_ACTIONS
+
+        make, obs_dim, n_actions = dose_env_factory(sr=True), DOSE_SR_OBS_DIM, SR_N_ACTIONS
+        meta = {
+            "perception": "snr quality assessor 1",
+            "target_snr": 5.0,
+            "sr": 1,
+            "sr_features": SR_FEATURES_VERSION,
+            "sr_model": SrStage().version,
+            "actions": "13 margins x {raw frame, sr image}",
+        }
     result = train_masked_ppo(
         args.kind,
         make,
@@ -239,6 +277,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.episodes < 1:
         raise ConfigError(f"--episodes must be >= 1, got {args.episodes}")
+    if args.sr_weights and args.kind != "dose":
+        raise ConfigError("--sr-weights is only available for the dose policy")
     out_dir = Path(args.out_dir) if args.out_dir else DEFAULT_OUT_DIR / f"policy_{args.kind}"
     if args.kind == "scan":
         from policies.scan_eval import evaluate_scan, plot_scan
@@ -256,7 +296,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
     else:
         report = evaluate_dose(
-            args.episodes, seed=args.seed, weights=args.weights, progress=not args.quiet
+            args.episodes,
+            seed=args.seed,
+            weights=args.weights,
+            progress=not args.quiet,
+            sr_weights=args.sr_weights,
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(report, indent=2))
@@ -357,26 +401,35 @@ def evaluate_tip(
 
 
 def evaluate_dose(
-    episodes: int, *, seed: int, weights: str | None = None, progress: bool = True
+    episodes: int,
+    *,
+    seed: int,
+    weights: str | None = None,
+    progress: bool = True,
+    sr_weights: str | None = None,
 ) -> dict[str, Any]:
     """The RL policy, the SNR rule and fixed dwells (bisected for the shortest that meets the
-    target in >= 95 % of frames: the best fixed dwell) on the same held-out survey episodes."""
+    target in >= 95 % of frames: the best fixed dwell) on the same held-out survey episodes;
+    with ``sr_weights`` also that sr-aware policy (row ``rl-sr``) on the same surveys with the
+    sr stage run on every frame (its frames judged on sr's image when it relied on sr)."""
     from tqdm import tqdm
 
     from policies.dose_features import DOSE_OBS_DIM, DWELL_LEVELS_S, MARGINS
     from policies.evaluation import (
         dose_net_chooser,
         dose_rule_chooser,
+        dose_sr_net_chooser,
         fixed_dwell_chooser,
         run_dose_episode,
         summarize_dose,
     )
-    from policies.rl import DOSE_WEIGHTS
+    from policies.rl import DOSE_WEIGHTS, load_dose_policy
     from policies.rl_net import load_policy
 
     net, meta = load_policy(
         weights or DOSE_WEIGHTS, kind="dose", obs_dim=DOSE_OBS_DIM, n_actions=len(MARGINS)
     )
+    sr_net, sr_meta = load_dose_policy(sr_weights, sr=True) if sr_weights else (None, {})
     env = dose_env_factory()()
     target = float(env.config.target_snr)
     start = time.perf_counter()
@@ -391,6 +444,11 @@ def evaluate_dose(
 
     with tqdm(unit="episode", disable=not progress) as bar:
         summary["rl"] = run("rl", dose_net_chooser(net), bar)
+        if sr_net is not None:
+            raw_env, env = env, dose_env_factory(sr=True)()
+            summary["rl-sr"] = run("rl-sr", dose_sr_net_chooser(sr_net), bar)
+            env.close()
+            env = raw_env
         summary["rule"] = run("rule", dose_rule_chooser(target_snr=target), bar)
         # the fraction of frames meeting the target rises with the dwell: bisect for the
         # shortest fixed dwell that meets it in >= 95 % of frames
@@ -412,20 +470,23 @@ def evaluate_dose(
             summary[best]["dose_per_frame_As"] / rl["dose_per_frame_As"]
         )
     ratios["dose_rule_over_rl"] = summary["rule"]["dose_per_frame_As"] / rl["dose_per_frame_As"]
+    with_sr = "rl-sr" in summary
     lines = [
         f"dose control, {episodes} held-out surveys x {env.config.frames} frames per policy, "
         f"target true SNR >= {target:g} (seeds {seed}..{seed + episodes - 1})",
-        f"{'policy':16} {'target met':>10} {'electrons/px/frame':>19} {'mean dwell µs':>14}",
+        f"{'policy':16} {'target met':>10} {'electrons/px/frame':>19} {'mean dwell µs':>14}"
+        + (f" {'on sr':>6}" if with_sr else ""),
     ]
     fixed = sorted(
         (n for n in summary if n.startswith("fixed")), key=lambda n: -float(n.split()[1])
     )
-    summary = {n: summary[n] for n in ("rl", "rule", *fixed)}
+    summary = {n: summary[n] for n in ("rl", *(["rl-sr"] if with_sr else []), "rule", *fixed)}
     for name, s in summary.items():
         mark = "  <- best fixed dwell (>= 95 % met)" if name == best else ""
+        on_sr = f" {s['sr_fraction']:6.1%}" if with_sr else ""
         lines.append(
             f"{name:16} {s['met_fraction']:10.1%} {s['electrons_per_px_per_frame']:19.1f} "
-            f"{s['mean_dwell_s'] * 1e6:14.3g}{mark}"
+            f"{s['mean_dwell_s'] * 1e6:14.3g}{on_sr}{mark}"
         )
     if best is not None:
         lines.append(
@@ -434,11 +495,21 @@ def evaluate_dose(
         )
     else:
         lines.append("no fixed dwell meets the target in 95 % of frames")
+    if with_sr:
+        ratios["dose_rl_over_rl_sr"] = (
+            rl["dose_per_frame_As"] / summary["rl-sr"]["dose_per_frame_As"]
+        )
+        lines.append(
+            f"rl-sr ({sr_meta['sha256'][:12]}): relies on sr in "
+            f"{summary['rl-sr']['sr_fraction']:.1%} of frames; dose rl / rl-sr = "
+            f"{ratios['dose_rl_over_rl_sr']:.2f}"
+        )
     return {
         "kind": "dose",
         "episodes": episodes,
         "seed": seed,
         "weights_sha256": meta["sha256"],
+        **({"sr_weights_sha256": sr_meta["sha256"]} if with_sr else {}),
         "wall_s": time.perf_counter() - start,
         "best_fixed": best,
         "summary": summary,

@@ -715,6 +715,7 @@ class Agent:
             quality=quality,
             pending_commands=len(self.gate.pending()),
             advisory=self.gate.mode is Mode.MANUAL,
+            stages=products.fields,
         )
         try:
             if problems:  # never act on a corrupted, partial or unassessable frame

@@ -444,6 +444,7 @@ class _Replayer:
             quality=quality,
             pending_commands=pending_commands,
             advisory=advisory,
+            stages=products.fields,
         )
         try:
             if problems:

@@ -73,7 +73,9 @@ class Observation:
     image-quality estimate (None when no quality assessor runs); ``pending_commands`` counts the
     commands still waiting for the operator's approval (supervised mode); ``advisory`` is true
     when the agent will not carry out the policy's commands (manual mode: the policy only
-    advises), so a policy must not count its advice as actions taken.
+    advises), so a policy must not count its advice as actions taken; ``stages`` holds the frame
+    stages' outputs on this frame as its perception event records them (e.g. ``stages["sr"]``,
+    the sr model's ``ran``, ``reject``, ``relative_uncertainty``, ...; empty when no stage ran).
     """
 
     frame: Frame
@@ -87,6 +89,7 @@ class Observation:
     quality: QualityEstimate | None = None
     pending_commands: int = 0
     advisory: bool = False
+    stages: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

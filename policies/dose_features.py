@@ -4,6 +4,8 @@ and :mod:`policies.rl` (deployment, which must not import gymnasium)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -108,3 +110,66 @@ def mean_signal(frame: Frame) -> float:
     data = np.asarray(frame.done_data, dtype=np.float64)
     finite = data[np.isfinite(data)]
     return float(finite.mean()) if finite.size else math.nan
+
+
+# -- the optional "rely on sr" choice (``DoseEnvConfig(sr=True)``, ``rl-dose`` option ``sr``) --
+
+SR_STAGE = "sr"
+"""The frame stage whose output the sr-aware dose policy reads (``Observation.stages["sr"]``,
+:class:`agent.perception.stages.SrStage`): the same fields in training and in a session."""
+SR_EXTRA_DIM = 3
+DOSE_SR_OBS_DIM = DOSE_OBS_DIM + SR_EXTRA_DIM
+SR_N_ACTIONS = 2 * len(MARGINS)
+"""Actions of the sr-aware dose policy: ``a < 13`` scans at margin ``MARGINS[a]`` and uses the
+raw frame, ``a >= 13`` scans at margin ``MARGINS[a - 13]`` and relies on sr's recovered image."""
+SR_FEATURES_VERSION = 1
+"""Layout of :func:`sr_features` (recorded in an sr-aware policy file's meta ``sr_features``;
+a file with another layout does not load)."""
+
+
+def split_sr_action(action: int) -> tuple[int, bool]:
+    """``(margin action 0..12, rely on sr)`` of an sr-aware action ``0..25``; raises
+    :class:`DataError` for anything else."""
+    if isinstance(action, bool) or not isinstance(action, (int, np.integer)):
+        raise DataError(
+            f"sr-aware dose action must be an integer 0..{SR_N_ACTIONS - 1}, got {action!r}"
+        )
+    if not 0 <= int(action) < SR_N_ACTIONS:
+        raise DataError(
+            f"sr-aware dose action must be an integer 0..{SR_N_ACTIONS - 1}, got {action!r}"
+        )
+    return int(action) % len(MARGINS), int(action) >= len(MARGINS)
+
+
+def sr_usable(fields: Any) -> bool:
+    """Whether the sr stage's output on a frame (its recorded fields, ``stages["sr"]``) can be
+    relied on: the model ran and did not reject the frame."""
+    return (
+        isinstance(fields, Mapping) and fields.get("ran") is True and fields.get("reject") is False
+    )
+
+
+def sr_features(fields: Any, relied: bool) -> np.ndarray:
+    """``(3,) float32`` appended to :func:`dose_observation` by the sr-aware policy: [sr was
+    relied on for the last frame, 20 × sr's relative uncertainty on it (median σ over the
+    intensity range, clipped to 0..10), sr's output on it usable (:func:`sr_usable`)].
+
+    ``fields`` is the sr stage's output on the last frame (None before the first frame: zeros).
+    """
+    if fields is None:
+        return np.zeros(SR_EXTRA_DIM, dtype=np.float32)
+    if not isinstance(fields, Mapping):
+        raise DataError(f"sr stage output must be a mapping of its fields, got {fields!r}")
+    relative = fields.get("relative_uncertainty")
+    sigma = float(relative) if isinstance(relative, (int, float)) else math.nan
+    scaled = min(max(20.0 * sigma, 0.0), 10.0) if math.isfinite(sigma) else 10.0
+    return np.array([float(relied), scaled, float(sr_usable(fields))], dtype=np.float32)
+
+
+def sr_action_mask(fields: Any) -> np.ndarray:
+    """``(26,) bool``: the raw half always; the sr half unless sr's output on the last frame
+    was unusable (failed or rejected; before the first frame, ``fields`` None, it is allowed)."""
+    mask = np.ones(SR_N_ACTIONS, dtype=bool)
+    if fields is not None and not sr_usable(fields):
+        mask[len(MARGINS) :] = False
+    return mask

@@ -23,12 +23,24 @@ from what it sees; :meth:`DoseControlEnv.step_level` scans at a given level (for
 All actions are always valid (levels are clipped to 0.25–16 µs, inside both instruments'
 dwell limits);
 :meth:`DoseControlEnv.action_masks` is provided for MaskablePPO.
+
+**Relying on sr** (``DoseEnvConfig(sr=True)``, off by default; ``scopepilot train-policy dose
+--sr``): the caller also passes the agent's ``sr`` frame stage (anything with ``run(frame)``
+returning ``fields["sr"]`` and the recovered image ``arrays["sr"]``, e.g.
+``agent.perception.stages.SrStage``), which runs on every frame as in a session. The actions are
+the 13 margins × {raw frame, sr's recovered image} (:data:`SR_N_ACTIONS`,
+:func:`~policies.dose_features.split_sr_action`); a frame for which sr is relied on is judged by
+the true SNR of sr's image, unless sr rejected that frame (then the raw frame is what a session
+gets, and is judged). The observation gains :func:`~policies.dose_features.sr_features` of the
+last frame (``(10,)``), and :meth:`~DoseControlEnv.action_masks` masks the sr half after a frame
+whose sr output was unusable. ``info`` adds ``sr`` (the frame was judged on sr's image),
+``sr_chosen`` and ``sr_true_snr`` (NaN when sr's output was unusable).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import gymnasium as gym
@@ -42,11 +54,18 @@ from drivers.registry import open_instrument
 from policies.base import require_positive
 from policies.dose_features import (
     DOSE_OBS_DIM,
+    DOSE_SR_OBS_DIM,
     DWELL_LEVELS_S,
     MARGINS,
+    SR_N_ACTIONS,
+    SR_STAGE,
     dose_observation,
     level_for_action,
     mean_signal,
+    split_sr_action,
+    sr_action_mask,
+    sr_features,
+    sr_usable,
     true_snr,
 )
 
@@ -56,6 +75,16 @@ class QualityAssessor(Protocol):
     version: str
 
     def assess(self, frame: Frame) -> QualityEstimate: ...
+
+
+class SrStageLike(Protocol):
+    """The agent's ``sr`` frame stage as the environment uses it: ``run(frame)`` returns an
+    object with ``fields["sr"]`` (the recorded fields) and ``arrays["sr"]`` (the image)."""
+
+    name: str
+    version: str
+
+    def run(self, frame: Frame) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -70,6 +99,8 @@ class DoseEnvConfig:
     miss_penalty: float = 3.0
     beam_current_A: tuple[float, float] = (10e-12, 150e-12)
     specimens: tuple[str, ...] = ("mos2", "ws2", "srtio3")
+    sr: bool = False
+    """Add the "rely on sr" choice (see the module doc); needs the ``sr`` stage."""
 
     def __post_init__(self) -> None:
         if self.instrument not in ("sim:stem", "sim:sem"):
@@ -93,17 +124,32 @@ class DoseControlEnv(gym.Env[np.ndarray, np.int64]):
 
     metadata = {"render_modes": []}  # noqa: RUF012 (gymnasium declares it on Env)
 
-    def __init__(self, quality: QualityAssessor, config: DoseEnvConfig | None = None) -> None:
+    def __init__(
+        self,
+        quality: QualityAssessor,
+        config: DoseEnvConfig | None = None,
+        *,
+        sr: SrStageLike | None = None,
+    ) -> None:
         if not callable(getattr(quality, "assess", None)):
             raise ConfigError(
                 f"quality must have assess(frame) -> QualityEstimate, got {type(quality).__name__}"
             )
         self.quality = quality
         self.config = config or DoseEnvConfig()
-        self.observation_space = gym.spaces.Box(
-            -10.0, 10.0, shape=(DOSE_OBS_DIM,), dtype=np.float32
-        )
-        self.action_space = gym.spaces.Discrete(len(MARGINS))
+        if self.config.sr and not callable(getattr(sr, "run", None)):
+            raise ConfigError(
+                "DoseEnvConfig(sr=True) needs the sr frame stage (sr=..., anything with "
+                f"run(frame), e.g. agent.perception.stages.SrStage), got {type(sr).__name__}"
+            )
+        if sr is not None and not self.config.sr:
+            raise ConfigError("an sr stage was given but DoseEnvConfig.sr is False")
+        self.sr = sr
+        obs_dim = DOSE_SR_OBS_DIM if self.config.sr else DOSE_OBS_DIM
+        self.observation_space = gym.spaces.Box(-10.0, 10.0, shape=(obs_dim,), dtype=np.float32)
+        self.action_space = gym.spaces.Discrete(SR_N_ACTIONS if self.config.sr else len(MARGINS))
+        self._sr_fields: Any = None
+        self._sr_relied = False
         self._instrument: Any = None
         self._done = 0
         self._snr: float | None = None
@@ -147,28 +193,42 @@ class DoseControlEnv(gym.Env[np.ndarray, np.int64]):
         self._snr = None
         self._dwell = None
         self._mean = None
+        self._sr_fields = None
+        self._sr_relied = False
         return self._observation(), {"beam_current_A": self._current, **extra}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        """Scan the next frame at the level :func:`level_for_action` gives for ``action``."""
+        """Scan the next frame at the level :func:`level_for_action` gives for ``action``
+        (with ``sr``: for its margin, relying on sr for the upper half of the actions)."""
+        n = SR_N_ACTIONS if self.config.sr else len(MARGINS)
         try:
             index = int(action)
         except (TypeError, ValueError):
             index = -1
-        if index != action or not 0 <= index < len(MARGINS):
+        if index != action or not 0 <= index < n:
+            raise CommandRejected(f"action must be an integer 0..{n - 1}, got {action!r}")
+        if not self.config.sr:
+            return self.step_level(self.level_for(index))
+        if not self.action_masks()[index]:
             raise CommandRejected(
-                f"action must be an integer 0..{len(MARGINS) - 1}, got {action!r}"
+                f"action {index} relies on sr, which rejected the last frame (masked)"
             )
-        return self.step_level(self.level_for(index))
+        margin, rely = split_sr_action(index)
+        return self.step_level(self.level_for(margin), sr=rely)
 
     def level_for(self, action: int) -> int:
         """The dwell level ``action`` means now (see :func:`level_for_action`)."""
         return level_for_action(action, self._snr, self._dwell, target_snr=self.config.target_snr)
 
-    def step_level(self, level: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        """Scan the next frame at dwell ``DWELL_LEVELS_S[level]`` (baselines use this)."""
+    def step_level(
+        self, level: int, *, sr: bool = False
+    ) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Scan the next frame at dwell ``DWELL_LEVELS_S[level]`` (baselines use this); with
+        ``sr`` (only when the config has it) rely on sr's recovered image for that frame."""
         if self._instrument is None:
             raise CommandRejected("DoseControlEnv.step called before reset()")
+        if sr and not self.config.sr:
+            raise CommandRejected("step_level(sr=True) needs DoseEnvConfig(sr=True)")
         if not (isinstance(level, (int, np.integer)) and 0 <= level < len(DWELL_LEVELS_S)):
             raise CommandRejected(
                 f"dwell level must be an integer 0..{len(DWELL_LEVELS_S) - 1}, got {level!r}"
@@ -190,6 +250,9 @@ class DoseControlEnv(gym.Env[np.ndarray, np.int64]):
         self._last_frame = frame
         estimate = self.quality.assess(frame)
         snr = true_snr(frame)
+        extra_info: dict[str, Any] = {}
+        if cfg.sr:
+            snr, extra_info = self._judge_with_sr(frame, snr, relied=sr)
         met = snr >= cfg.target_snr
         electrons = (
             float(frame.truth.extra.get("electrons_per_px", math.nan)) if frame.truth else math.nan
@@ -208,8 +271,33 @@ class DoseControlEnv(gym.Env[np.ndarray, np.int64]):
             "dose_As": dose,
             "electrons_per_px": electrons,
             "dwell_s": dwell,
+            **extra_info,
         }
         return self._observation(), float(reward), terminated, False, info
+
+    def _judge_with_sr(
+        self, frame: Frame, raw_snr: float, *, relied: bool
+    ) -> tuple[float, dict[str, Any]]:
+        """Run the sr stage on ``frame``; the SNR the frame is judged by (sr's image when it is
+        relied on and usable, else the raw frame's) and the sr keys of ``info``."""
+        if self.sr is None:  # pragma: no cover - __init__ guarantees it with config.sr
+            raise ConfigError("DoseEnvConfig(sr=True) needs the sr stage")
+        output = self.sr.run(frame)
+        fields = output.fields.get(SR_STAGE)
+        usable = sr_usable(fields)
+        sr_snr = math.nan
+        if usable:
+            image = output.arrays.get(SR_STAGE)
+            if image is None:
+                raise ConfigError(
+                    "the sr stage records no image (record='none'); the dose environment needs it"
+                )
+            sr_snr = true_snr(replace(frame, data=np.asarray(image, dtype=np.float64)))
+        self._sr_fields = fields
+        self._sr_relied = bool(relied)
+        judged_on_sr = bool(relied and usable)
+        info = {"sr": judged_on_sr, "sr_chosen": bool(relied), "sr_true_snr": sr_snr}
+        return (sr_snr if judged_on_sr else raw_snr), info
 
     @property
     def instrument(self) -> Any:
@@ -223,6 +311,10 @@ class DoseControlEnv(gym.Env[np.ndarray, np.int64]):
         return self._last_frame
 
     def action_masks(self) -> np.ndarray:
+        """All actions; with ``sr``, the sr half only if sr's output on the last frame was
+        usable (:func:`~policies.dose_features.sr_action_mask`)."""
+        if self.config.sr:
+            return sr_action_mask(self._sr_fields)
         return np.ones(len(MARGINS), dtype=bool)
 
     def close(self) -> None:
@@ -231,7 +323,7 @@ class DoseControlEnv(gym.Env[np.ndarray, np.int64]):
             self._instrument = None
 
     def _observation(self) -> np.ndarray:
-        return dose_observation(
+        obs = dose_observation(
             self._snr,
             self._dwell,
             self._mean,
@@ -239,3 +331,6 @@ class DoseControlEnv(gym.Env[np.ndarray, np.int64]):
             self.config.frames,
             target_snr=self.config.target_snr,
         )
+        if not self.config.sr:
+            return obs
+        return np.concatenate([obs, sr_features(self._sr_fields, self._sr_relied)])

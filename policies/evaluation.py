@@ -23,7 +23,7 @@ from drivers.commands import SetDwell, TipDip, TipPulse
 from drivers.errors import ConfigError
 from drivers.frame import TipState
 from drivers.observation import Observation, QualityEstimate
-from policies.dose_features import DWELL_LEVELS_S, FIRST_LEVEL
+from policies.dose_features import DWELL_LEVELS_S, FIRST_LEVEL, split_sr_action
 from policies.env_dose import DoseControlEnv
 from policies.env_tip import BAD_STATES, TipConditioningEnv
 from policies.rl_net import PolicyNet
@@ -216,8 +216,9 @@ def summarize_tip(episodes: Sequence[TipEpisode]) -> dict[str, Any]:
 
 # -- dose -----------------------------------------------------------------------------------------
 
-DoseChooser = Callable[[DoseControlEnv, np.ndarray, dict[str, Any]], int]
-"""``(env, observation, last step's info) -> dwell level`` of the next frame."""
+DoseChooser = Callable[[DoseControlEnv, np.ndarray, dict[str, Any]], int | tuple[int, bool]]
+"""``(env, observation, last step's info) -> dwell level`` of the next frame, or ``(level,
+rely on sr)`` on an environment with the sr choice."""
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,8 @@ class DoseEpisode:
     met: int
     dose_As: float
     dwell_s: float
+    sr_frames: int = 0
+    """Frames judged on sr's recovered image (the policy relied on sr and sr accepted it)."""
 
 
 def fixed_dwell_chooser(level: int) -> DoseChooser:
@@ -239,6 +242,17 @@ def fixed_dwell_chooser(level: int) -> DoseChooser:
 def dose_net_chooser(net: PolicyNet) -> DoseChooser:
     def choose(env: DoseControlEnv, obs: np.ndarray, info: dict[str, Any]) -> int:
         return env.level_for(net.act(obs)[0])
+
+    return choose
+
+
+def dose_sr_net_chooser(net: PolicyNet) -> DoseChooser:
+    """An sr-aware network (26 actions) on an environment with ``DoseEnvConfig(sr=True)``:
+    greedy over the environment's action mask."""
+
+    def choose(env: DoseControlEnv, obs: np.ndarray, info: dict[str, Any]) -> tuple[int, bool]:
+        margin, rely = split_sr_action(net.act(obs, env.action_masks())[0])
+        return env.level_for(margin), rely
 
     return choose
 
@@ -276,19 +290,23 @@ def run_dose_episode(
     env: DoseControlEnv, choose: DoseChooser, *, seed: int, policy: str
 ) -> DoseEpisode:
     obs, _ = env.reset(seed=seed)
-    frames = met = 0
+    frames = met = on_sr = 0
     dose = dwell = 0.0
     info: dict[str, Any] = {}
     while True:
         action = choose(env, obs, info)
-        obs, _, terminated, _, info = env.step_level(action)
+        if isinstance(action, tuple):
+            obs, _, terminated, _, info = env.step_level(action[0], sr=action[1])
+        else:
+            obs, _, terminated, _, info = env.step_level(action)
         frames += 1
         met += int(info["met"])
+        on_sr += int(bool(info.get("sr", False)))
         dose += float(info["dose_As"])
         dwell += float(info["dwell_s"])
         if terminated:
             break
-    return DoseEpisode(policy, seed, frames, met, dose, dwell)
+    return DoseEpisode(policy, seed, frames, met, dose, dwell, on_sr)
 
 
 def summarize_dose(episodes: Sequence[DoseEpisode]) -> dict[str, Any]:
@@ -302,4 +320,5 @@ def summarize_dose(episodes: Sequence[DoseEpisode]) -> dict[str, Any]:
         "dose_per_frame_As": sum(e.dose_As for e in episodes) / frames,
         "electrons_per_px_per_frame": sum(e.dose_As for e in episodes) / frames / 1.602176634e-19,
         "mean_dwell_s": sum(e.dwell_s for e in episodes) / frames,
+        "sr_fraction": sum(e.sr_frames for e in episodes) / frames,
     }

@@ -6,7 +6,10 @@ training environment built (:mod:`policies.tip_actions`, :mod:`policies.env_dose
 
 - :class:`RLTipPolicy` (``rl-tip``): one of the 12 DeepSPM conditioning actions per frame whose
   P(good) is below ``good_threshold``, then a move to a fresh site of its damaged-area map.
-- :class:`RLDosePolicy` (``rl-dose``): the dwell of the next frame.
+- :class:`RLDosePolicy` (``rl-dose``): the dwell of the next frame; with the option ``sr`` (a
+  file trained with ``scopepilot train-policy dose --sr``) also whether to rely on the sr
+  model's recovered image for it, from the ``sr`` frame stage's output on the frame just taken
+  (``Observation.stages["sr"]``, the same fields its training environment saw).
 - :class:`FallbackPolicy` wraps either: when perception is too uncertain it rescans, when the
   network's own confidence (probability of its chosen action) is low it hands the frame to the
   rule policy, and the decision's reason says which and why.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +32,17 @@ from drivers.observation import Decision, Observation
 from policies.base import Policy, named_decision
 from policies.dose_features import (
     DOSE_OBS_DIM,
+    DOSE_SR_OBS_DIM,
     DWELL_LEVELS_S,
     MARGINS,
+    SR_FEATURES_VERSION,
+    SR_N_ACTIONS,
+    SR_STAGE,
     dose_observation,
     level_for_action,
+    split_sr_action,
+    sr_action_mask,
+    sr_features,
 )
 from policies.rl_net import WEIGHTS_DIR, PolicyNet, load_policy
 from policies.tip_actions import (
@@ -46,6 +57,42 @@ from policies.tip_actions import (
 
 TIP_WEIGHTS = WEIGHTS_DIR / "rl_tip.pt"
 DOSE_WEIGHTS = WEIGHTS_DIR / "rl_dose.pt"
+DOSE_SR_WEIGHTS = WEIGHTS_DIR / "rl_dose_sr.pt"
+"""Where ``train-policy dose --sr`` writes by default (not shipped: no trained sr-aware policy
+has beaten the shipped one, docs/decisions/0018-dose-sr-choice.md)."""
+
+
+def load_dose_policy(weights: str | Path, *, sr: bool) -> tuple[PolicyNet, dict[str, Any]]:
+    """The dose network in ``weights`` and its meta, checked to be the variant asked for:
+    raw only (``sr`` false: 7 inputs, 13 actions) or sr-aware (10 inputs, 26 actions, meta
+    ``sr_features`` = :data:`~policies.dose_features.SR_FEATURES_VERSION`). A file of the other
+    variant raises :class:`ModelError` saying so and what to do."""
+    shapes = {False: (DOSE_OBS_DIM, len(MARGINS)), True: (DOSE_SR_OBS_DIM, SR_N_ACTIONS)}
+    obs_dim, n_actions = shapes[sr]
+    try:
+        net, meta = load_policy(weights, kind="dose", obs_dim=obs_dim, n_actions=n_actions)
+    except ModelError as exc:
+        try:
+            load_policy(
+                weights, kind="dose", obs_dim=shapes[not sr][0], n_actions=shapes[not sr][1]
+            )
+        except (ConfigError, ModelError):
+            raise exc from None
+        if sr:
+            raise ModelError(
+                f"{weights}: a raw-only dose policy (no sr choice); run it without the rl-dose "
+                "option sr, or train an sr-aware one with `scopepilot train-policy dose --sr`"
+            ) from None
+        raise ModelError(
+            f"{weights}: an sr-aware dose policy (trained with `train-policy dose --sr`); it "
+            "runs only with the rl-dose option sr=true and the sr frame stage"
+        ) from None
+    if sr and meta.get("sr_features") != SR_FEATURES_VERSION:
+        raise ModelError(
+            f"{weights}: sr feature layout {meta.get('sr_features')!r}, this scopepilot builds "
+            f"layout {SR_FEATURES_VERSION}; retrain with `scopepilot train-policy dose --sr`"
+        )
+    return net, meta
 
 
 def tip_policy_perception(weights: str | Path = TIP_WEIGHTS) -> str | None:
@@ -179,14 +226,28 @@ class RLTipPolicy:
 class RLDosePolicy:
     """The dwell of each next frame, chosen by the trained network (see the module doc).
 
-    The SNR target is the one the network was trained for (``meta["target_snr"]``)."""
+    The SNR target is the one the network was trained for (``meta["target_snr"]``). With
+    ``sr`` the weights must be an sr-aware file (default :data:`DOSE_SR_WEIGHTS`), each decision
+    also says whether the next frame relies on sr's recovered image or on the raw frame, and a
+    frame without the ``sr`` stage's output is not acted on (the session needs ``perception``
+    ``sr``, the default on STEM)."""
 
     name = "rl-dose"
 
-    def __init__(self, weights: str | Path = DOSE_WEIGHTS, *, frames: int = 20) -> None:
-        self.net, self.meta = load_policy(
-            weights, kind="dose", obs_dim=DOSE_OBS_DIM, n_actions=len(MARGINS)
-        )
+    def __init__(
+        self, weights: str | Path | None = None, *, frames: int = 20, sr: bool = False
+    ) -> None:
+        if not isinstance(sr, bool):
+            raise ConfigError(f"rl-dose option sr must be true or false, got {sr!r}")
+        if weights is None:
+            weights = DOSE_SR_WEIGHTS if sr else DOSE_WEIGHTS
+            if sr and not Path(weights).is_file():
+                raise ConfigError(
+                    f"no sr-aware dose policy at {weights} (none ships); train one with "
+                    "`scopepilot train-policy dose --sr` and give it as the option weights"
+                )
+        self.net, self.meta = load_dose_policy(weights, sr=sr)
+        self.sr = sr
         self.version = f"1+{_short(self.meta['sha256'])}"
         self.frames = int(frames)
         self.target_snr = float(self.meta.get("target_snr", 5.0))
@@ -194,6 +255,7 @@ class RLDosePolicy:
 
     def reset(self) -> None:
         self._done = 0
+        self._relied = False
 
     def decide(self, observation: Observation) -> Decision:
         if observation.problems:
@@ -204,6 +266,14 @@ class RLDosePolicy:
         if quality is None or not math.isfinite(quality.snr):
             return named_decision(self.name, "no image-quality estimate: dwell unchanged", 0.0)
         frame = observation.frame
+        sr_fields = observation.stages.get(SR_STAGE)
+        if self.sr and not isinstance(sr_fields, Mapping):
+            return named_decision(
+                self.name,
+                "no sr stage output on this frame (the sr-aware dose policy needs perception "
+                "'sr'): dwell unchanged",
+                0.0,
+            )
         data = np.asarray(frame.done_data, dtype=np.float64)
         finite = data[np.isfinite(data)]
         if finite.size == 0:
@@ -217,8 +287,15 @@ class RLDosePolicy:
             self.frames,
             target_snr=self.target_snr,
         )
-        action, probs = self.net.act(obs)
-        confidence = float(probs[action])
+        rely = False
+        if self.sr and isinstance(sr_fields, Mapping):
+            obs = np.concatenate([obs, sr_features(sr_fields, self._relied)])
+            action, probs = self.net.act(obs, sr_action_mask(sr_fields))
+            confidence = float(probs[action])
+            action, rely = split_sr_action(action)
+        else:
+            action, probs = self.net.act(obs)
+            confidence = float(probs[action])
         level = level_for_action(
             action, float(quality.snr), float(frame.dwell_s), target_snr=self.target_snr
         )
@@ -239,10 +316,36 @@ class RLDosePolicy:
             f"estimate, network p={confidence:.2f})"
         )
         if math.isclose(dwell, current, rel_tol=0.01):
-            return named_decision(self.name, why + ", unchanged", confidence)
+            why += ", unchanged"
+        if self.sr and isinstance(sr_fields, Mapping):
+            self._relied = rely
+            why += self._sr_reason(sr_fields, rely)
+        if math.isclose(dwell, current, rel_tol=0.01):
+            return named_decision(self.name, why, confidence)
         return named_decision(
             self.name, why, confidence, commands=(SetDwell(dwell, source=self.name, reason=why),)
         )
+
+    def _sr_reason(self, fields: Mapping[str, Any], rely: bool) -> str:
+        """What the decision says about sr (relied on or not, and why it could not be)."""
+        ran = fields.get("model")
+        trained = self.meta.get("sr_model")
+        note = (
+            f"; trained with sr {trained}, this session runs sr {ran}"
+            if isinstance(trained, str) and isinstance(ran, str) and trained != ran
+            else ""
+        )
+        if rely:
+            sigma = fields.get("relative_uncertainty")
+            sigma_text = f"{sigma:.3f}" if isinstance(sigma, (int, float)) else "?"
+            return (
+                f"; rely on sr: the next frame's product is sr's recovered image (sr relative "
+                f"uncertainty {sigma_text} on this frame){note}"
+            )
+        if fields.get("ran") is not True or fields.get("reject") is not False:
+            why_not = fields.get("reason") or "not run"
+            return f"; raw frame (sr unusable on this frame: {why_not}){note}"
+        return f"; raw frame (sr not relied on){note}"
 
 
 class FallbackPolicy:
@@ -324,12 +427,11 @@ class RLPolicy:
     name = "rl"
 
     def __init__(self, **options: Any) -> None:
-        self._tip_options = {k: v for k, v in options.items() if k != "dose_weights"}
+        dose_keys = {"dose_weights": "weights", "dose_sr": "sr"}
+        self._tip_options = {k: v for k, v in options.items() if k not in dose_keys}
         if "tip_weights" in self._tip_options:
             self._tip_options["weights"] = self._tip_options.pop("tip_weights")
-        self._dose_options = (
-            {"weights": options["dose_weights"]} if "dose_weights" in options else {}
-        )
+        self._dose_options = {new: options[old] for old, new in dose_keys.items() if old in options}
         self._tip: Policy | None = None
         self._dose: Policy | None = None
         self.version = "1"
@@ -377,23 +479,25 @@ def make_rl_tip(**options: Any) -> Policy:
 
 
 def make_rl_dose(**options: Any) -> Policy:
-    """``rl-dose``: options ``weights``, ``frames``."""
+    """``rl-dose``: options ``weights``, ``frames``, ``sr`` (an sr-aware policy file)."""
     opts = dict(options)
     opts.pop("target_snr", None)  # the trained target is in the weights' meta
-    unknown = set(opts) - {"weights", "frames"}
+    unknown = set(opts) - {"weights", "frames", "sr"}
     if unknown:
         raise ConfigError(f"policy 'rl-dose' has no options {sorted(unknown)}")
     return RLDosePolicy(**opts)
 
 
 def make_rl(**options: Any) -> Policy:
-    """``rl``: options ``tip_weights``, ``dose_weights`` and the fallback thresholds
-    (``max_uncertainty``, ``min_confidence``, ``fallback``) of ``rl-tip``."""
+    """``rl``: options ``tip_weights``, ``dose_weights``, ``dose_sr`` (the ``sr`` option of
+    ``rl-dose``) and the fallback thresholds (``max_uncertainty``, ``min_confidence``,
+    ``fallback``) of ``rl-tip``."""
     opts = dict(options)
     opts.pop("target_snr", None)
     unknown = set(opts) - {
         "tip_weights",
         "dose_weights",
+        "dose_sr",
         "max_uncertainty",
         "min_confidence",
         "fallback",
