@@ -132,3 +132,21 @@ def test_dose_control_brings_a_noisy_sem_session_into_the_target_band() -> None:
     assert executed == sorted(executed) and len(executed) >= 2  # only ever lengthened here
     assert snrs[0] < 8.0 / 1.5
     assert 8.0 / 1.5 <= snrs[-1] <= 8.0 * 1.5
+
+
+def test_shipped_dose_policy_is_the_validation_pick_the_docs_describe() -> None:
+    from pathlib import Path
+
+    from policies.dose_features import DOSE_OBS_DIM, MARGINS
+    from policies.rl import DOSE_WEIGHTS
+    from policies.rl_net import load_policy
+
+    _net, meta = load_policy(
+        DOSE_WEIGHTS, kind="dose", obs_dim=DOSE_OBS_DIM, n_actions=len(MARGINS)
+    )
+    assert meta["seed"] == 1 and meta["steps"] == 16128
+    assert "validation surveys 2000000-2000199" in meta["selected"]
+    sha = meta["sha256"][:12]
+    assert sha == "e4452fd13ab5"
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
+    assert f"sha256 `{sha}" in docs

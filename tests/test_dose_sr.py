@@ -250,7 +250,7 @@ def test_train_and_evaluate_an_sr_aware_dose_policy_from_the_command_line(
     )  # fmt: skip
     assert code == 0
     net, meta = load_dose_policy(weights, sr=True)
-    assert meta["sr"] == 1 and meta["sr_model"].startswith("4+") and net.n_actions == 26
+    assert meta["sr"] == 1 and meta["sr_model"] == SrStage().version and net.n_actions == 26
     assert main(["train-policy", "tip", "--sr", "--steps", "1", "--quiet"]) == 2
     assert "--sr is only available for the dose policy" in capsys.readouterr().err
     out = tmp_path / "eval"
@@ -283,3 +283,8 @@ def test_rl_passes_the_sr_option_to_its_dose_policy(tmp_path: Path) -> None:
     assert "rely on sr" in recorder.kinds("decision")[0]["reason"]
     with pytest.raises(ConfigError, match="no options"):
         make_policy("rl", dose_srr=True)
+
+
+def test_no_sr_aware_policy_ships_and_rl_dose_says_so() -> None:
+    with pytest.raises(ConfigError, match="none ships"):
+        RLDosePolicy(sr=True)
