@@ -288,3 +288,45 @@ def test_rl_passes_the_sr_option_to_its_dose_policy(tmp_path: Path) -> None:
 def test_no_sr_aware_policy_ships_and_rl_dose_says_so() -> None:
     with pytest.raises(ConfigError, match="none ships"):
         RLDosePolicy(sr=True)
+
+
+def test_a_session_with_the_sr_aware_policy_replays_to_the_same_decisions(tmp_path: Path) -> None:
+    from agent.loop import AgentConfig
+    from agent.recorder import SessionRecorder
+    from agent.replay import canonical_decision, replay_session
+    from agent.session import Session
+
+    weights = _sr_file(tmp_path / "sr.pt", favour=13 + MARGINS.index(2))
+    config = {
+        "instrument": "sim:stem",
+        "policy": "rl-dose",
+        "policy_options": {"weights": str(weights), "sr": True},
+        "quality": "snr",
+        "perception": ["sr"],
+        "perception_options": {"sr": {"record": "none"}},
+    }
+    instrument = open_instrument(
+        "sim:stem",
+        seed=4,
+        shape_px=(64, 64),
+        region=ScanRegion(0.0, 0.0, 2e-9, 2e-9),
+        dwell_s=1e-6,
+        lines_per_chunk=64,
+        specimen="ws2",
+    )
+    pipeline = build_pipeline(config, kind="stem")
+    store = tmp_path / "s.zarr"
+    recorder = SessionRecorder(store, config=config, versions=pipeline.versions())
+    try:
+        pipeline.agent(instrument, recorder=recorder, config=AgentConfig(frames=3)).run()
+    finally:
+        recorder.close()
+        instrument.close()
+    replay_session(store, tmp_path / "r.zarr")
+
+    def decisions(path: Path) -> list[dict[str, object]]:
+        return [canonical_decision(e["payload"]) for e in Session(path).events("decision")]
+
+    original = decisions(store)
+    assert len(original) == 3 and any("rely on sr" in str(d) for d in original)
+    assert decisions(tmp_path / "r.zarr") == original
