@@ -483,7 +483,9 @@ def evaluate_dose(
     summary = {n: summary[n] for n in ("rl", *(["rl-sr"] if with_sr else []), "rule", *fixed)}
     for name, s in summary.items():
         mark = "  <- best fixed dwell (>= 95 % met)" if name == best else ""
-        on_sr = f" {s['sr_fraction']:6.1%}" if with_sr else ""
+        on_sr = ""
+        if with_sr:  # only the sr-aware policy can rely on sr
+            on_sr = f" {s['sr_fraction']:6.1%}" if name == "rl-sr" else f" {'-':>6}"
         lines.append(
             f"{name:16} {s['met_fraction']:10.1%} {s['electrons_per_px_per_frame']:19.1f} "
             f"{s['mean_dwell_s'] * 1e6:14.3g}{on_sr}{mark}"
