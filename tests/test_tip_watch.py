@@ -93,6 +93,30 @@ def test_a_blunted_apex_is_detected_by_the_roughness(shipped: LineChangeDetector
     assert alarm is not None and alarm.feature == "roughness"
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_slow_drift_of_the_corrugation_is_no_change_an_abrupt_one_is(
+    shipped: LineChangeDetector, seed: int
+) -> None:
+    """The surface's corrugation halves over 96 lines (a drift, as over an H:Si(100) region or
+    an Au herringbone): never an alarm. The same corrugation drops by 30 % from one line to the
+    next at line 120 (a blunted apex): the roughness alarms within 16 lines. Against the whole
+    reference alone the drift's shift is the larger one; against the last lines before the
+    candidate it is small (``LOCAL_LINES``)."""
+    rng = np.random.default_rng(seed)
+    surface = lattice(256, 256)
+    noise = 2e-12 * rng.standard_normal((256, 1)) + 1e-12 * rng.standard_normal((256, 256))
+    drift = np.ones(256)
+    drift[100:196] = np.linspace(1.0, 0.5, 96)
+    drift[196:] = 0.5
+    assert first_alarm(shipped, surface * drift[:, None] + noise) is None
+    abrupt = np.where(np.arange(256) < 120, 1.0, 0.7)
+    scan = surface * abrupt[:, None] + noise
+    n = first_alarm(shipped, scan)
+    assert n is not None and 120 < n <= 136
+    alarm = shipped.check(scan[:n])
+    assert alarm is not None and alarm.feature == "roughness"
+
+
 @pytest.mark.parametrize("seed", [1, 5])
 def test_a_weak_second_apex_is_detected_by_the_joint_score_alone(
     shipped: LineChangeDetector, seed: int
@@ -158,6 +182,11 @@ def test_detector_file_round_trip_and_bad_files(tmp_path: Path) -> None:
     obj = json.loads(path.read_text())
     obj["constants"]["ref_lines"] = 99
     path.write_text(json.dumps(obj))
+    with pytest.raises(ModelError, match="refit"):
+        tip_watch.load(tmp_path)
+    # a file of the version-1 scores (the roughness against the whole reference only) is refused
+    obj["constants"]["ref_lines"] = tip_watch.REF_LINES
+    path.write_text(json.dumps({**obj, "version": "1"}))
     with pytest.raises(ModelError, match="refit"):
         tip_watch.load(tmp_path)
     path.write_text("{")

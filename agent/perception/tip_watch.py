@@ -17,7 +17,12 @@ their coincidence:
 - **roughness** — the along-line high-pass scale of each line, ``log(MAD_x(z - blur_x(z)))``; a
   blunt or crashed apex smooths the atomic corrugation, an unstable one adds streaks. Score: a
   generalized-likelihood-ratio (GLR) test for a shift of its mean after a candidate change
-  ``p = 1 .. MAX_POST_LINES`` lines back against the reference lines before that candidate.
+  ``p = 1 .. MAX_POST_LINES`` lines back against the reference lines before that candidate
+  (at least ``MIN_GLR_REF_LINES`` of them), and the same shift measured against the last
+  ``LOCAL_LINES`` of them: the smaller of the two, 0 when they disagree in sign. A tip changes
+  the corrugation from one line to the next; the surface's corrugation also drifts over tens of
+  lines (H:Si(100) regions, Au herringbone), which a shift against the whole reference takes
+  for a change and a shift against the lines just before does not.
 - **outliers** — pixels of ``z_i - z_{i-1} - o_i`` beyond ``OUTLIER_SIGMAS`` times the reference
   lines' robust scale: features that appear from one line to the next (the ghost of a new apex
   over a defect, a streak). Score: the pixel count of the line (a fraction of the line width, so
@@ -58,9 +63,10 @@ from drivers.errors import ConfigError, DataError, ModelError
 log = logging.getLogger(__name__)
 
 NAME = "tip_watch"
-VERSION = "1"
-# (the joint score was added without a new version: the other three scores are the same numbers,
-# so a file fitted without it judges as before; the label's digest names the thresholds)
+VERSION = "2"
+# 2: the roughness GLR (and the joint score built on it) also measured against the last
+# LOCAL_LINES before a candidate, with at least MIN_GLR_REF_LINES of reference (session 8);
+# a version-1 file was fitted to other scores and must be refit
 FEATURES: tuple[str, ...] = ("offset", "roughness", "outliers", "joint")
 REF_LINES = 32
 """Lines before a candidate change that form its reference."""
@@ -68,6 +74,12 @@ MIN_REF_LINES = 8
 """No score before this many reference lines exist."""
 MAX_POST_LINES = 16
 """Longest run of lines after a candidate change the roughness test averages."""
+MIN_GLR_REF_LINES = 16
+"""Reference lines a candidate change of the roughness (and joint) test needs: with fewer, the
+robust scale of the reference is too uncertain and good scans alarm near their start."""
+LOCAL_LINES = 8
+"""The roughness shift is also measured against the mean of this many lines just before the
+candidate change (a change is abrupt; the surface's corrugation drifts)."""
 LOOKBACK_LINES = 16
 """:meth:`LineChangeDetector.check` looks at the scores of the last this many line counts (so a
 caller that checks less often than every line still sees every line count)."""
@@ -202,9 +214,19 @@ def _tail_scores(lines: np.ndarray, first: int) -> dict[str, np.ndarray]:
     p = np.arange(1, MAX_POST_LINES + 1)
     valid = p[None, :] <= np.minimum(MAX_POST_LINES, ns - MIN_REF_LINES - 1)[:, None]
     cand = np.where(valid, ns[:, None] - p[None, :], ns[:, None] - 1)  # candidate change lines
+    valid &= cand >= MIN_GLR_REF_LINES
     nref = np.minimum(REF_LINES, cand)
-    shift = (csum[ns][:, None] - csum[cand]) / p - med_r[cand]
-    glr = np.where(valid, np.abs(shift) / (sig_r[cand] * np.sqrt(1.0 / p + 1.0 / nref)), 0.0)
+    post = (csum[ns][:, None] - csum[cand]) / p
+    shift = post - med_r[cand]
+    # the same shift against the last LOCAL_LINES before the candidate (a drift of the
+    # surface's corrugation moves those too, a tip change does not)
+    local = post - (csum[cand] - csum[cand - LOCAL_LINES]) / LOCAL_LINES
+    scale = sig_r[cand]
+    glr = np.minimum(
+        np.abs(shift) / (scale * np.sqrt(1.0 / p + 1.0 / nref)),
+        np.abs(local) / (scale * np.sqrt(1.0 / p + 1.0 / LOCAL_LINES)),
+    )
+    glr = np.where(valid & (np.sign(shift) == np.sign(local)), glr, 0.0)
     out["roughness"][ns] = np.max(glr, axis=1)
     # the step into candidate line k shows at line count k + 1, or k + 2 when it fell in mid-line
     step_at = np.maximum(steps[cand + 1], np.where(cand + 2 <= ns[:, None], steps[cand + 2], 0.0))
@@ -303,6 +325,8 @@ def _constants() -> dict[str, float]:
         "ref_lines": REF_LINES,
         "min_ref_lines": MIN_REF_LINES,
         "max_post_lines": MAX_POST_LINES,
+        "min_glr_ref_lines": MIN_GLR_REF_LINES,
+        "local_lines": LOCAL_LINES,
         "highpass_sigma_px": HIGHPASS_SIGMA_PX,
         "outlier_sigmas": OUTLIER_SIGMAS,
         "roughness_floor": ROUGHNESS_FLOOR,
