@@ -12,7 +12,9 @@ variance (calibration); a frame whose median σ exceeds
 ``reject_relative_sigma`` of its intensity range is marked ``reject`` (the agent does not act on
 it blindly). From sr 4 on (card ``align_lines``) the output's scan lines are then shifted onto
 the frame's own lines (:mod:`agent.perception.tasks.sr_lines`): the network returns nearly
-straight lines, the truth carries each line's jitter.
+straight lines, the truth carries each line's jitter. With the card's ``align_sparse_lines``
+(docs/decisions/0017) the sparsely measured lines of random and spiral partial scans are aligned
+too, each shift shrunk towards 0 by a prior estimated from the frame.
 
 Training data are ``sim:stem`` frames (MoS2 and WS2, 0.23–0.27 Å pixels, 0.25–8 µs dwell, full
 rasters and random / line / spiral partial scans at 1/30 to 1/10 coverage); evaluation uses other
@@ -194,7 +196,8 @@ def recover(
     ``image`` is ``(H, W)`` detector counts (NaN marks pixels a partial scan skipped),
     ``pixel_size_nm`` its pixel size. With ``align`` (default: the card's ``align_lines``, true
     from sr 4 on) every well-measured scan line of the network's output is shifted onto the
-    frame's own line (:func:`~agent.perception.tasks.sr_lines.align_lines`: the line jitter).
+    frame's own line (:func:`~agent.perception.tasks.sr_lines.align_lines`: the line jitter),
+    and with the card's ``align_sparse_lines`` the sparsely measured lines of partial scans too.
     Raises :class:`DataError` for bad input (wrong shape, infinities, no finite pixel, pixel size
     out of range, a non-positive mean) and :class:`ModelError` when the weights cannot be loaded.
     """
@@ -216,7 +219,8 @@ def recover(
     if align is None:
         align = bool(card.training.get("align_lines", False))
     if align:
-        mean, sigma, _ = align_lines(mean, sigma, arr)
+        sparse = bool(card.training.get("align_sparse_lines", False))
+        mean, sigma, _ = align_lines(mean, sigma, arr, sparse=sparse)
     low, high = percentiles(mean, (0.1, 99.9))
     span = float(high - low)
     relative = median(sigma) / span if span > 0 else math.inf
@@ -426,6 +430,7 @@ def train(args: argparse.Namespace) -> int:
             "temperature": temperature,
             "reject_relative_sigma": 0.05,
             "align_lines": True,
+            "align_sparse_lines": True,
             **({"init": init} if init else {}),
         },
     )

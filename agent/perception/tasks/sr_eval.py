@@ -55,7 +55,32 @@ def _acquire(instrument: Any, dwell_s: float, pattern: str, fraction: float) -> 
     return instrument.acquire()
 
 
-def _scaled_truth(frame: Frame) -> tuple[np.ndarray, float]:
+def area_frames(rng: np.random.Generator, area: int, options: dict[str, Any]) -> dict[str, Frame]:
+    """The frames of one evaluation area (``full``, ``quarter`` and one per partial pattern),
+    drawing the instrument seed and stage position from ``rng``: called in :func:`evaluate_sr`'s
+    order (conditions, then areas, one generator seeded with the evaluation seed) it returns
+    the evaluation's own frames."""
+    specimen = ("mos2", "ws2")[area % 2]
+    inst = open_instrument("sim:stem", seed=int(rng.integers(2**31)), specimen=specimen, **options)
+    try:
+        x_m, y_m = rng.uniform(-STAGE_RANGE_M, STAGE_RANGE_M, 2)
+        inst.execute(MoveTo(float(x_m), float(y_m), source="evaluate"))
+        region = ScanRegion(
+            float(x_m), float(y_m), SHAPE_PX[1] * PIXEL_SIZE_M, SHAPE_PX[0] * PIXEL_SIZE_M
+        )
+        inst.execute(Scan(region, SHAPE_PX, REFERENCE_DWELL_S, source="evaluate"))
+        frames = {
+            "full": _acquire(inst, REFERENCE_DWELL_S, "raster", 1.0),
+            "quarter": _acquire(inst, REFERENCE_DWELL_S / 4, "raster", 1.0),
+        }
+        for pattern in PATTERNS:
+            frames[pattern] = _acquire(inst, REFERENCE_DWELL_S, pattern, PARTIAL_FRACTION)
+    finally:
+        inst.close()
+    return frames
+
+
+def scaled_truth(frame: Frame) -> tuple[np.ndarray, float]:
     assert_truth = frame.truth
     if assert_truth is None or assert_truth.clean is None:
         raise RuntimeError("sim:stem frame without ground truth")
@@ -78,31 +103,13 @@ def evaluate_sr(
         rejects = 0
         outputs = 0
         for area in tqdm(range(areas), desc=f"sr {condition}", disable=not progress):
-            specimen = ("mos2", "ws2")[area % 2]
-            inst = open_instrument(
-                "sim:stem", seed=int(rng.integers(2**31)), specimen=specimen, **options
-            )
-            try:
-                x_m, y_m = rng.uniform(-STAGE_RANGE_M, STAGE_RANGE_M, 2)
-                inst.execute(MoveTo(float(x_m), float(y_m), source="evaluate"))
-                region = ScanRegion(
-                    float(x_m), float(y_m), SHAPE_PX[1] * PIXEL_SIZE_M, SHAPE_PX[0] * PIXEL_SIZE_M
-                )
-                inst.execute(Scan(region, SHAPE_PX, REFERENCE_DWELL_S, source="evaluate"))
-                frames = {
-                    "full": _acquire(inst, REFERENCE_DWELL_S, "raster", 1.0),
-                    "quarter": _acquire(inst, REFERENCE_DWELL_S / 4, "raster", 1.0),
-                }
-                for pattern in PATTERNS:
-                    frames[pattern] = _acquire(inst, REFERENCE_DWELL_S, pattern, PARTIAL_FRACTION)
-            finally:
-                inst.close()
+            frames = area_frames(rng, area, options)
             row: dict[str, float] = {}
-            truth_full, epp_full = _scaled_truth(frames["full"])
+            truth_full, epp_full = scaled_truth(frames["full"])
             raw_full = frames["full"].data / epp_full
             row["full_raw_psnr"] = psnr(raw_full, truth_full)
             row["full_raw_ssim"] = ssim(raw_full, truth_full)
-            truth_q, epp_q = _scaled_truth(frames["quarter"])
+            truth_q, epp_q = scaled_truth(frames["quarter"])
             raw_q = frames["quarter"].data / epp_q
             row["quarter_raw_psnr"] = psnr(raw_q, truth_q)
             row["quarter_raw_ssim"] = ssim(raw_q, truth_q)
@@ -122,7 +129,7 @@ def evaluate_sr(
                 examples.update(full=raw_full, quarter=raw_q, quarter_sr=est_q, truth=truth_q)
             for pattern in PATTERNS:
                 frame = frames[pattern]
-                truth_p, epp_p = _scaled_truth(frame)
+                truth_p, epp_p = scaled_truth(frame)
                 data = frame.data / epp_p
                 rec = sr.recover(frame.data, pixel_nm, model=model, card=card)
                 est, sig = rec.image / epp_p, rec.sigma / epp_p
