@@ -154,6 +154,18 @@ def test_a_card_for_another_architecture_raises_model_error(tmp_path: Path) -> N
         sr.load(tmp_path)
 
 
+def test_the_stage_version_says_whether_sparse_lines_are_aligned(tmp_path: Path) -> None:
+    from agent.perception.stages import SrStage
+
+    card = json.loads((WEIGHTS_DIR / "sr.json").read_text())
+    shipped = SrStage(record="none").version
+    assert shipped == f"{card['version']}+{card['sha256'][:8]}+sparse"
+    card["training"]["align_sparse_lines"] = False  # the card as sessions before ADR 0017 had it
+    (tmp_path / "sr.json").write_text(json.dumps(card))
+    shutil.copy(WEIGHTS_DIR / "sr.pt", tmp_path / "sr.pt")
+    assert SrStage(record="none", weights_dir=str(tmp_path)).version == shipped[: -len("+sparse")]
+
+
 def test_the_default_training_command_is_the_recipe_of_the_committed_model() -> None:
     """With no options, ``scopepilot train sr`` trains the committed model from scratch or, when
     that was fine-tuned (``--init``, maybe more than once), the model the chain started from;

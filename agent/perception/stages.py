@@ -97,7 +97,10 @@ class SrStage:
         self._sr = sr
         self._model, self._card = sr.load(weights_dir or WEIGHTS_DIR)
         self.record = record
-        self.version = f"{self._card.version}+{self._card.sha256[:8]}"
+        # the card's sparse-line alignment changes partial-scan outputs with the same weights
+        # (ADR 0017): recorded so that a session from before it is replayed, not resumed
+        sparse = "+sparse" if self._card.training.get("align_sparse_lines") else ""
+        self.version = f"{self._card.version}+{self._card.sha256[:8]}{sparse}"
 
     def run(self, frame: Frame) -> StageOutput:
         try:
