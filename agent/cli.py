@@ -92,6 +92,14 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
         help="scan continuously instead of waiting for each decision",
     )
     run.add_argument(
+        "--policy-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="policy option over the policy's defaults, e.g. sr=true for rl-dose with a policy "
+        "trained with --sr, or weights=F (value as JSON; repeatable)",
+    )
+    run.add_argument(
         "--target-snr",
         type=float,
         help="rule policy: keep the image SNR near this by changing the dwell (default 5 for "
@@ -195,6 +203,7 @@ def _planned_pixel_nm(instrument: Any, scan: Mapping[str, Any]) -> float | None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from agent.cli_reliability import parse_options
     from agent.gate import Mode
     from agent.loop import AgentConfig, Step
     from agent.perception.stages import default_stages
@@ -215,6 +224,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     plan = None
     if args.resume is not None:
         from agent.resume import ContinuedRecorder, apply_plan, plan_resume
+
+        if args.policy_option:
+            raise ConfigError(
+                "--resume continues with the stored policy options; drop --policy-option"
+            )
 
         plan = plan_resume(args.resume)
         args = apply_plan(args, plan)
@@ -246,7 +260,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = {  # the session config; agent.pipeline rebuilds perception + policy from it
             "instrument": args.instrument,
             "policy": args.policy,
-            "policy_options": default_policy_options(args.policy, kind, args.target_snr),
+            "policy_options": {
+                **default_policy_options(args.policy, kind, args.target_snr),
+                **parse_options(args.policy_option, "--policy-option"),
+            },
             "assessor": assessor,
             "assessor_options": {},
             "quality": "snr",

@@ -171,3 +171,18 @@ def test_sigkill_mid_session_keeps_every_completed_frame(tmp_path: Path) -> None
     assert session.events("status")[0]["payload"]["state"] == "started"
     decided = {e["payload"]["frame"] for e in session.events("decision")}
     assert decided and max(decided) < n + 1
+
+
+def test_run_policy_options_reach_the_session_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "s.zarr"
+    args = ("run", *SMALL, "--frames", "2", "--out", str(out), "--quiet")
+    assert run_cli(*args, "--policy-option", "bad_frames_to_act=4") == 0
+    assert Session(out).config["policy_options"]["bad_frames_to_act"] == 4
+    capsys.readouterr()
+    bad = tmp_path / "bad.zarr"
+    assert run_cli("run", *SMALL, "--out", str(bad), "--quiet", "--policy-option", "oops") == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert run_cli("run", "--resume", str(out), "--quiet", "--policy-option", "x=1") == 2
+    assert "drop --policy-option" in capsys.readouterr().err
