@@ -40,6 +40,7 @@ from bench._common import machine  # noqa: E402
 from drivers.frame import ScanRegion  # noqa: E402
 from drivers.observation import Observation  # noqa: E402
 from drivers.registry import open_instrument  # noqa: E402
+from drivers.sim_stem import SimulatedSTEM  # noqa: E402
 from policies.env_scan import ScanEnvConfig  # noqa: E402
 from policies.scan_eval import evaluate_scan, plot_scan  # noqa: E402
 from policies.scan_map import ZOOM_DWELL_S, ZOOM_FOV_M, ZOOM_PX, detect_dopants  # noqa: E402
@@ -112,6 +113,8 @@ def detector_comparison(frames_per_case: int = 30, seed: int = 11) -> dict[str, 
         lines_per_chunk=1024,
         **cfg.sim_options,
     )
+    if not isinstance(inst, SimulatedSTEM):  # open_instrument("sim:stem") always gives one
+        raise TypeError(f"sim:stem opened {type(inst).__name__}, not SimulatedSTEM")
     sim = inst.simulator
     centres = sim.patch_centres_m(-0.9e-6, 0.9e-6, -0.9e-6, 0.9e-6)
     rng = np.random.default_rng(seed)
@@ -141,6 +144,8 @@ def detector_comparison(frames_per_case: int = 30, seed: int = 11) -> dict[str, 
             inst.execute(Scan(region, (ZOOM_PX, ZOOM_PX), dwell, source="bench"))
             frame = inst.acquire()
             truth = frame.truth
+            if truth is None:  # a sim: frame always carries its ground truth
+                raise ValueError("sim:stem frame without ground truth")
             gt = np.array(
                 [(d.row_px, d.col_px) for d in truth.defects if d.kind.endswith("_substitution")]
             ).reshape(-1, 2)
