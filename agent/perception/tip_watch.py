@@ -35,6 +35,17 @@ their coincidence:
   the geometric mean of that GLR and the offset score of the step into line ``k`` (or of the
   split step into ``k + 1``), at the best ``k``. A double tip whose step and corrugation change
   are each within the surface's own range is seen here (docs/decisions/0011-tip-change-detector.md).
+- **level** — the same coincidence with the line's *level*, the running sum of the offsets
+  ``L_i = sum_{j <= i} o_j``. The offsets are differences of the lines' own heights, so a
+  second apex steps the level once and for good, and a shift of the mean level over the lines
+  after a candidate is a far stronger test than the single step (the roughness GLR, computed on
+  ``L``: against the reference and against the last ``LOCAL_LINES``). A candidate counts only
+  when its level shift is small, at most ``LEVEL_CAP_M`` (a second apex moves the level by tens
+  of picometres; a terrace edge crossing the fast axis, or a crash, by far more, and the offset
+  score sees those), and abrupt: the steps into the candidate line and the next carry at least
+  ``LEVEL_CONCENTRATION`` of the shift against the last ``LOCAL_LINES`` (a curved terrace edge
+  ramps the level over tens of lines). Score: the geometric mean of this level GLR and the
+  roughness GLR of the same candidate, at the best candidate.
 
 Each statistic at line ``i`` only uses lines ``< i`` as its reference, so the score at a line
 count ``n`` depends on the first ``n`` lines only, and the detector is a pure function of the
@@ -63,15 +74,22 @@ from drivers.errors import ConfigError, DataError, ModelError
 log = logging.getLogger(__name__)
 
 NAME = "tip_watch"
-VERSION = "2"
+VERSION = "3"
 # 2: the roughness GLR (and the joint score built on it) also measured against the last
 # LOCAL_LINES before a candidate, with at least MIN_GLR_REF_LINES of reference (session 8);
 # a version-1 file was fitted to other scores and must be refit
-FEATURES: tuple[str, ...] = ("offset", "roughness", "outliers", "joint")
+# 3: the level score, and no score before MIN_SCORED_LINES (session 8, second pass); older
+# files lack the level threshold: refit
+FEATURES: tuple[str, ...] = ("offset", "roughness", "outliers", "joint", "level")
 REF_LINES = 32
 """Lines before a candidate change that form its reference."""
 MIN_REF_LINES = 8
 """No score before this many reference lines exist."""
+MIN_SCORED_LINES = 16
+"""The first line count that gets a score (0 before): the thresholds are fitted on the scores
+from line count 16 on (:mod:`~agent.perception.tip_watch_fit`), and the height-step scores of
+the line counts before, with 8 to 13 reference lines, alarmed on good lines that the fit never
+saw (session 8)."""
 MAX_POST_LINES = 16
 """Longest run of lines after a candidate change the roughness test averages."""
 MIN_GLR_REF_LINES = 16
@@ -87,6 +105,13 @@ CHECK_EVERY_LINES = 4
 """How often a streaming scan should be checked (the tip assessor states it as
 ``watch_every_lines``, the agent's loop follows it): a change seen at line count ``n`` is
 reported at the next multiple of this; a check of a 256-wide scan costs ~4 ms of CPU."""
+LEVEL_CAP_M = 80e-12
+"""Largest level shift (metres) the level score considers: a second apex moves the line's level
+by tens of picometres; a terrace edge (>= 0.14 nm) or a crash moves it more."""
+LEVEL_CONCENTRATION = 0.7
+"""Share of a candidate's level shift (against the last ``LOCAL_LINES``) that the height steps
+into the candidate line and the next must carry for the level score (a tip steps, a curved
+terrace edge ramps)."""
 HIGHPASS_SIGMA_PX = 2.0
 OUTLIER_SIGMAS = 5.0
 ROUGHNESS_FLOOR = 0.0
@@ -140,9 +165,10 @@ def _reference(values: np.ndarray, k: int) -> np.ndarray:
 
 def feature_scores(lines: np.ndarray, *, first: int = 0) -> dict[str, np.ndarray]:
     """Scores ``(H + 1,)`` per feature, indexed by the line count ``n`` (the score that the
-    first ``n`` lines give to their newest lines; 0 where there is no reference yet and for
-    ``n < first``). Only lines up to ``REF_LINES + MAX_POST_LINES + 3`` before ``first`` are
-    read, so a late ``first`` costs little and gives the same scores as a whole computation."""
+    first ``n`` lines give to their newest lines; 0 for ``n < MIN_SCORED_LINES``, where there
+    is no reference yet, and for ``n < first``). Only lines up to ``REF_LINES +
+    MAX_POST_LINES + 3`` before ``first`` are read, so a late ``first`` costs little and gives
+    the same scores as a whole computation."""
     z = np.asarray(lines)
     h = z.shape[0] if z.ndim == 2 else 0
     start = max(0, first - (REF_LINES + MAX_POST_LINES + 3))
@@ -181,7 +207,7 @@ def _tail_scores(lines: np.ndarray, first: int) -> dict[str, np.ndarray]:
     offset, rough, residual = stats["offset"], stats["roughness"], stats["residual"]
     h = residual.shape[0]
     out = {name: np.zeros(h + 1) for name in FEATURES}
-    n0 = max(first, MIN_REF_LINES + 2)
+    n0 = max(first, MIN_SCORED_LINES)
     if n0 > h:
         return out
     # reference location and scale per candidate change line k: lines [k - REF_LINES, k)
@@ -192,11 +218,15 @@ def _tail_scores(lines: np.ndarray, first: int) -> dict[str, np.ndarray]:
     res_scale = _robust_scale(residual, axis=1)  # per line
     med_o, sig_o = _window_stats(offset, ks, 1, h)
     med_r, sig_r = _window_stats(rough, ks, 0, h)
+    level = np.cumsum(offset)
+    med_l, sig_l = _window_stats(level, ks, 0, h)
     sig_res = _window_stats(res_scale, ks, 1, h, scale=False)[0]
     sig_o[ks] = np.maximum(sig_o[ks], _TINY)
     sig_r[ks] = np.maximum(sig_r[ks], max(ROUGHNESS_FLOOR, 1e-12))
+    sig_l[ks] = np.maximum(sig_l[ks], _TINY)
     sig_res[ks] = np.maximum(sig_res[ks], _TINY)
     csum = np.concatenate([[0.0], np.cumsum(rough)])
+    lsum = np.concatenate([[0.0], np.cumsum(level)])
     # the height-step score of every line count from MAX_POST_LINES before n0 on
     steps = np.zeros(h + 3)
     ms = np.arange(max(MIN_REF_LINES + 2, n0 - MAX_POST_LINES), h + 1)
@@ -216,18 +246,34 @@ def _tail_scores(lines: np.ndarray, first: int) -> dict[str, np.ndarray]:
     cand = np.where(valid, ns[:, None] - p[None, :], ns[:, None] - 1)  # candidate change lines
     valid &= cand >= MIN_GLR_REF_LINES
     nref = np.minimum(REF_LINES, cand)
-    post = (csum[ns][:, None] - csum[cand]) / p
-    shift = post - med_r[cand]
-    # the same shift against the last LOCAL_LINES before the candidate (a drift of the
-    # surface's corrugation moves those too, a tip change does not)
-    local = post - (csum[cand] - csum[cand - LOCAL_LINES]) / LOCAL_LINES
-    scale = sig_r[cand]
-    glr = np.minimum(
-        np.abs(shift) / (scale * np.sqrt(1.0 / p + 1.0 / nref)),
-        np.abs(local) / (scale * np.sqrt(1.0 / p + 1.0 / LOCAL_LINES)),
-    )
-    glr = np.where(valid & (np.sign(shift) == np.sign(local)), glr, 0.0)
+
+    def shift_glr(
+        sums: np.ndarray, med: np.ndarray, sig: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # the shift of the mean after each candidate against its reference, and the same
+        # shift against the last LOCAL_LINES before it (a drift of the surface moves those
+        # too, a tip change does not): the smaller GLR, 0 when the two disagree in sign
+        post = (sums[ns][:, None] - sums[cand]) / p
+        shift = post - med[cand]
+        local = post - (sums[cand] - sums[cand - LOCAL_LINES]) / LOCAL_LINES
+        scale = sig[cand]
+        g = np.minimum(
+            np.abs(shift) / (scale * np.sqrt(1.0 / p + 1.0 / nref)),
+            np.abs(local) / (scale * np.sqrt(1.0 / p + 1.0 / LOCAL_LINES)),
+        )
+        return np.where(valid & (np.sign(shift) == np.sign(local)), g, 0.0), shift, local
+
+    glr = shift_glr(csum, med_r, sig_r)[0]
     out["roughness"][ns] = np.max(glr, axis=1)
+    glr_l, shift_l, local_l = shift_glr(lsum, med_l, sig_l)
+    # the level steps into the candidate line and the next (when scanned) carry the shift
+    dev = np.zeros(h + 2)
+    dev[ks[:-1]] = offset[ks[:-1]] - med_o[ks[:-1]]
+    carried = dev[cand] + np.where(cand + 1 < ns[:, None], dev[cand + 1], 0.0)
+    abrupt = carried * np.sign(local_l) >= LEVEL_CONCENTRATION * np.abs(local_l)
+    small = np.maximum(np.abs(shift_l), np.abs(local_l)) <= LEVEL_CAP_M
+    glr_l = np.where(abrupt & small, glr_l, 0.0)
+    out["level"][ns] = np.max(np.sqrt(glr_l * glr), axis=1)
     # the step into candidate line k shows at line count k + 1, or k + 2 when it fell in mid-line
     step_at = np.maximum(steps[cand + 1], np.where(cand + 2 <= ns[:, None], steps[cand + 2], 0.0))
     out["joint"][ns] = np.max(np.sqrt(step_at * glr), axis=1)
@@ -264,7 +310,7 @@ class LineChangeDetector:
 
     def check(self, lines: np.ndarray) -> ChangeAlarm | None:
         """The first alarm among the last ``lookback_lines`` line counts of ``lines`` (the
-        lines scanned so far, ``(n, W)`` metres), or None. Fewer than ``MIN_REF_LINES + 2``
+        lines scanned so far, ``(n, W)`` metres), or None. Fewer than ``MIN_SCORED_LINES``
         lines never alarm."""
         z = np.asarray(lines)
         n = z.shape[0] if z.ndim == 2 else 0
@@ -324,9 +370,12 @@ def _constants() -> dict[str, float]:
     return {
         "ref_lines": REF_LINES,
         "min_ref_lines": MIN_REF_LINES,
+        "min_scored_lines": MIN_SCORED_LINES,
         "max_post_lines": MAX_POST_LINES,
         "min_glr_ref_lines": MIN_GLR_REF_LINES,
         "local_lines": LOCAL_LINES,
+        "level_cap_m": LEVEL_CAP_M,
+        "level_concentration": LEVEL_CONCENTRATION,
         "highpass_sigma_px": HIGHPASS_SIGMA_PX,
         "outlier_sigmas": OUTLIER_SIGMAS,
         "roughness_floor": ROUGHNESS_FLOOR,

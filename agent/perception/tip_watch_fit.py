@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 FIT_COMMAND = "python -m agent.perception.tip_watch_fit --good 340 --budget 0.02"
 DEFAULT_GOOD = 340
 DEFAULT_BAD_SEEDS = 200
-MIN_LINES = 16
+MIN_LINES = tip_watch.MIN_SCORED_LINES
 
 
 def scan_maxima(scores: dict[str, np.ndarray]) -> dict[str, float]:
