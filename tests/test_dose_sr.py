@@ -175,10 +175,9 @@ def test_sr_policy_file_loads_only_into_an_sr_aware_run(tmp_path: Path) -> None:
         RLDosePolicy(sr_file, sr="yes")  # type: ignore[arg-type]
 
 
-def _stem_session(config: dict[str, Any], frames: int) -> MemoryRecorder:
-    from agent.loop import AgentConfig
-
-    instrument = open_instrument(
+def _small_ws2() -> Any:
+    """A small WS2 sim:stem (64² over 2 nm, 1 µs) for the sessions below."""
+    return open_instrument(
         "sim:stem",
         seed=4,
         shape_px=(64, 64),
@@ -187,6 +186,12 @@ def _stem_session(config: dict[str, Any], frames: int) -> MemoryRecorder:
         lines_per_chunk=64,
         specimen="ws2",
     )
+
+
+def _stem_session(config: dict[str, Any], frames: int) -> MemoryRecorder:
+    from agent.loop import AgentConfig
+
+    instrument = _small_ws2()
     recorder = MemoryRecorder()
     pipeline = build_pipeline(config, kind="stem")
     try:
@@ -305,15 +310,7 @@ def test_a_session_with_the_sr_aware_policy_replays_to_the_same_decisions(tmp_pa
         "perception": ["sr"],
         "perception_options": {"sr": {"record": "none"}},
     }
-    instrument = open_instrument(
-        "sim:stem",
-        seed=4,
-        shape_px=(64, 64),
-        region=ScanRegion(0.0, 0.0, 2e-9, 2e-9),
-        dwell_s=1e-6,
-        lines_per_chunk=64,
-        specimen="ws2",
-    )
+    instrument = _small_ws2()
     pipeline = build_pipeline(config, kind="stem")
     store = tmp_path / "s.zarr"
     recorder = SessionRecorder(store, config=config, versions=pipeline.versions())
