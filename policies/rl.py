@@ -266,8 +266,9 @@ class RLDosePolicy:
         if quality is None or not math.isfinite(quality.snr):
             return named_decision(self.name, "no image-quality estimate: dwell unchanged", 0.0)
         frame = observation.frame
-        sr_fields = observation.stages.get(SR_STAGE)
-        if self.sr and not isinstance(sr_fields, Mapping):
+        stage = observation.stages.get(SR_STAGE)
+        sr_fields = stage if self.sr and isinstance(stage, Mapping) else None
+        if self.sr and sr_fields is None:
             return named_decision(
                 self.name,
                 "no sr stage output on this frame (the sr-aware dose policy needs perception "
@@ -288,7 +289,7 @@ class RLDosePolicy:
             target_snr=self.target_snr,
         )
         rely = False
-        if self.sr and isinstance(sr_fields, Mapping):
+        if sr_fields is not None:
             obs = np.concatenate([obs, sr_features(sr_fields, self._relied)])
             action, probs = self.net.act(obs, sr_action_mask(sr_fields))
             confidence = float(probs[action])
@@ -315,12 +316,13 @@ class RLDosePolicy:
             f"{dwell * 1e6:.3g} µs (margin {MARGINS[action]:+d} levels over the sqrt-law "
             f"estimate, network p={confidence:.2f})"
         )
-        if math.isclose(dwell, current, rel_tol=0.01):
+        unchanged = math.isclose(dwell, current, rel_tol=0.01)
+        if unchanged:
             why += ", unchanged"
-        if self.sr and isinstance(sr_fields, Mapping):
+        if sr_fields is not None:
             self._relied = rely
             why += self._sr_reason(sr_fields, rely)
-        if math.isclose(dwell, current, rel_tol=0.01):
+        if unchanged:
             return named_decision(self.name, why, confidence)
         return named_decision(
             self.name, why, confidence, commands=(SetDwell(dwell, source=self.name, reason=why),)
