@@ -72,6 +72,16 @@ def vgg_predict(vgg: nn.Module, images: list[np.ndarray], per_side: int) -> np.n
     return np.array(out)
 
 
+def tipnet_predict(model: TipModel, samples: list[Any]) -> np.ndarray:
+    """The tip net's most likely state per whole frame."""
+    return np.array(
+        [
+            int(np.argmax(model.probabilities(model.prepare(s.data, s.pixel_size_nm))[0]))
+            for s in samples
+        ]
+    )
+
+
 def resampled(samples: list[Any], card: Any) -> list[np.ndarray]:
     return [resample_to_pixel_size(s.data, s.pixel_size_nm, card) for s in samples]
 
@@ -132,15 +142,7 @@ def main() -> int:
     train_img, val_img = resampled(train, card), resampled(val, card)
     y_train = np.array([s.label for s in train])
     y_val = np.array([s.label for s in val])
-    tipnet_val = float(
-        np.mean(
-            [
-                int(np.argmax(model.probabilities(model.prepare(s.data, s.pixel_size_nm))[0]))
-                == s.label
-                for s in val
-            ]
-        )
-    )
+    tipnet_val = float(np.mean(tipnet_predict(model, val) == y_val))
     vgg = DeepSPMVGG()
     opt = torch.optim.Adam(vgg.parameters(), lr=args.lr)
     loss_fn = nn.CrossEntropyLoss()
@@ -209,12 +211,7 @@ def main() -> int:
         test = tip_task._simulate_cached(recipe, None, f"{name} frames", progress, 2)
         y = np.array([s.label for s in test])
         pv = vgg_predict(vgg, resampled(test, card), 4)
-        pn = np.array(
-            [
-                int(np.argmax(model.probabilities(model.prepare(s.data, s.pixel_size_nm))[0]))
-                for s in test
-            ]
-        )
+        pn = tipnet_predict(model, test)
         row = {}
         for who, pred in (("vgg", pv), ("tipnet", pn)):
             met = classification_metrics(y, pred)
