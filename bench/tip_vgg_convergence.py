@@ -109,6 +109,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--frames", type=int, default=900, help="training frames (900)")
     parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (1e-4)")
+    parser.add_argument(
+        "--lr-final",
+        type=float,
+        default=None,
+        help="decay the learning rate from --lr to this over this run's steps (cosine); "
+        "default: constant",
+    )
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--test-frames", type=int, default=200, help="per held-out set (200)")
     parser.add_argument("--threads", type=int, default=1)
@@ -161,6 +168,13 @@ def main() -> int:
         first = int(curve["eval_step"][-1]) + 1
         rng = np.random.default_rng([args.seed, first])
     last = first + args.steps - 1
+    schedule = None
+    if args.lr_final is not None:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = args.lr
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=args.steps, eta_min=args.lr_final
+        )
     losses: list[float] = []
     t0, c0 = time.perf_counter(), time.process_time()
     bar = tqdm(range(first, last + 1), desc="training VGG", unit="step", disable=not progress)
@@ -176,6 +190,8 @@ def main() -> int:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if schedule is not None:
+            schedule.step()
         losses.append(float(loss.detach()))
         if step % 50 == 0:
             curve["loss_step"].append(step)
@@ -197,6 +213,7 @@ def main() -> int:
         "machine": machine(),
         "steps": last,
         "lr": args.lr,
+        "lr_final": args.lr_final,
         "train_frames": args.frames,
         "train_s": train_s,
         "train_cpu_s": train_cpu,

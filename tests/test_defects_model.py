@@ -135,3 +135,26 @@ def test_training_command_is_reproducible_by_seed_and_infer_reads_files(tmp_path
     assert main(["infer", "defects", str(tmp_path / "f.npy"), "--pixel-size-nm", "0.025"]) == 0
     np.save(tmp_path / "bad.npy", np.full((64, 64), np.nan))
     assert main(["infer", "defects", str(tmp_path / "bad.npy"), "--pixel-size-nm", "0.025"]) == 2
+
+
+def test_training_on_other_specimens_is_recorded_in_the_card(tmp_path: Path) -> None:
+    args = ["--frames", "2", "--val-frames", "2", "--steps", "2", "--batch", "2", "--threads", "1"]
+    out = tmp_path / "w"
+    cmd = ["train", "defects", *args, "--specimens", "srtio3,graphene", "--out", str(out)]
+    assert main([*cmd, "--plots", str(out)]) == 0
+    training = read_card("defects", out).training
+    assert training["command"].endswith("--threads 1 --specimens srtio3,graphene")
+    assert training["recipe"]["specimens"] == ["srtio3", "graphene"]
+    assert main(["train", "defects", *args, "--specimens", "mos3", "--out", str(out)]) == 2
+
+
+def test_evaluation_on_other_specimens_does_not_write_the_card(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.perception.tasks.defects_eval import heldout_recipe
+
+    assert heldout_recipe(1, 2, 2e-6, {}, ("srtio3",)).specimens == ("srtio3",)
+    args = ["evaluate", "defects", "--specimens", "graphene", "--update-card"]
+    assert main([*args, "--weights", str(tmp_path), "--out", str(tmp_path)]) != 0
+    assert "leave --specimens out" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

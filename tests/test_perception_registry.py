@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +190,49 @@ def test_read_image_files(tmp_path: Path) -> None:
         read_image(tmp_path / "d.npy")
     with pytest.raises(DataError, match="does not exist"):
         read_image(tmp_path / "nothing.npy")
+
+
+def _fake_reader(data: np.ndarray | None) -> types.ModuleType:
+    """A rosettasciio reader module whose ``file_reader`` returns ``data`` (None: it fails)."""
+    module = types.ModuleType("fake_reader")
+
+    def file_reader(path: str) -> list[dict[str, object]]:
+        if data is None:
+            raise OSError("not my format")
+        axes = [{"scale": 0.02, "units": "nm"}, {"scale": 0.02, "units": "nm"}]
+        return [{"data": data, "axes": axes}]
+
+    module.file_reader = file_reader  # type: ignore[attr-defined]
+    return module
+
+
+def test_rosettasciio_tries_every_reader_of_an_extension(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # .hdf5 is claimed by several readers (Delmic, HyperSpy, ...): the first that reads the file
+    # wins; when none does, every reader's failure is named.
+    image = np.arange(6, dtype=np.float32).reshape(2, 3)
+    monkeypatch.setitem(sys.modules, "fake_first", _fake_reader(None))
+    monkeypatch.setitem(sys.modules, "fake_second", _fake_reader(image))
+    plugins = [
+        {"name": "First", "api": "fake_first", "file_extensions": ["hdf5"]},
+        {"name": "Other", "api": "fake_unused", "file_extensions": ["dm3"]},
+        {"name": "Second", "api": "fake_second", "file_extensions": ["HDF5", "hspy"]},
+    ]
+    monkeypatch.setitem(sys.modules, "rsciio", types.SimpleNamespace(IO_PLUGINS=plugins))
+    path = tmp_path / "a.hdf5"
+    path.write_bytes(b"anything")
+    data, pixel = read_image(path)
+    assert np.array_equal(data, image) and pixel == pytest.approx(0.02)
+    plugins[2]["api"] = "fake_first"
+    with pytest.raises(DataError, match=r"First: not my format; Second: not my format"):
+        read_image(path)
+    with pytest.raises(DataError, match=r"no reader for '\.xyz'"):
+        (tmp_path / "a.xyz").write_bytes(b"x")
+        read_image(tmp_path / "a.xyz")
+    monkeypatch.setitem(sys.modules, "rsciio", None)  # not installed
+    with pytest.raises(DataError, match=r"scopepilot\[formats\]"):
+        read_image(path)
 
 
 def test_unknown_task_is_a_model_error() -> None:

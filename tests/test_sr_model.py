@@ -272,3 +272,39 @@ def test_beta_and_extra_rasters_are_in_the_training_command_only_when_not_defaul
 
     with pytest.raises(ConfigError, match="--extra-rasters must be 0 or more"):
         sr.train(parser.parse_args(["--extra-rasters", "-1", "--out", "unused"]))
+
+
+def test_specimens_are_checked_and_in_the_command_only_when_not_default() -> None:
+    from drivers.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    sr.add_train_arguments(parser)
+    assert "--specimens" not in sr.training_command(parser.parse_args([]))
+    wide = parser.parse_args(["--specimens", "mos2, ws2,srtio3,graphene"])
+    assert sr.training_command(wide).endswith("--specimens mos2,ws2,srtio3,graphene")
+    again = parser.parse_args(sr.training_command(wide).split()[3:])
+    assert sr.parse_specimens(again.specimens) == ("mos2", "ws2", "srtio3", "graphene")
+    recipe = sr.train_recipe(0, 5, specimens=("srtio3", "graphene"))
+    assert recipe.specimens == ("srtio3", "graphene")
+    assert sr.train_recipe(0, 5).specimens == sr.TRAIN_SPECIMENS
+    with pytest.raises(ConfigError, match="specimen='mos3' is unknown"):
+        sr.parse_specimens("mos2,mos3")
+    with pytest.raises(ConfigError, match="one or more"):
+        sr.parse_specimens(" , ")
+
+
+def test_evaluate_on_other_specimens_does_not_write_the_card(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["evaluate", "sr", "--areas", "1", "--specimens", "srtio3", "--out", str(tmp_path)]
+    assert main([*args, "--update-card", "--weights", str(tmp_path)]) != 0
+    assert "leave --specimens out" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_evaluation_areas_cycle_through_the_given_specimens() -> None:
+    from agent.perception.tasks.sr_eval import area_frames
+
+    rng = np.random.default_rng(0)
+    frames = [area_frames(rng, area, {}, ("srtio3", "graphene")) for area in range(2)]
+    assert [f["full"].truth.extra["specimen"] for f in frames] == ["srtio3", "graphene"]

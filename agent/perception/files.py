@@ -88,20 +88,25 @@ def _read_rosettasciio(p: Path) -> tuple[np.ndarray, float | None]:
     import importlib
 
     suffix = p.suffix.lower().lstrip(".")
+    # Several readers can claim one extension (.hdf5: Delmic, HyperSpy, ...): try each in turn
+    # and report every failure when none reads the file.
+    failures = []
     for plugin in IO_PLUGINS:
-        if suffix in [e.lower() for e in plugin.get("file_extensions", [])]:
+        if suffix not in [e.lower() for e in plugin.get("file_extensions", [])]:
+            continue
+        try:
             module = importlib.import_module(plugin["api"])
-            try:
-                signals = module.file_reader(str(p))
-            except Exception as exc:  # each reader raises its own types
-                raise DataError(
-                    f"cannot read {p} with rosettasciio ({plugin['name']}): {exc}"
-                ) from None
-            if not signals:
-                raise DataError(f"{p} holds no data")
-            signal = signals[0]
-            data = np.asarray(signal["data"])
-            return data, _axis_pixel_nm(signal.get("axes", []))
+            signals = module.file_reader(str(p))
+        except Exception as exc:  # each reader raises its own types (ImportError included)
+            failures.append(f"{plugin['name']}: {exc}")
+            continue
+        if not signals:
+            raise DataError(f"{p} holds no data")
+        signal = signals[0]
+        data = np.asarray(signal["data"])
+        return data, _axis_pixel_nm(signal.get("axes", []))
+    if failures:
+        raise DataError(f"cannot read {p} with rosettasciio ({'; '.join(failures)})")
     raise DataError(f"no reader for {p.suffix!r} files: use .npy, .tif or a rosettasciio format")
 
 

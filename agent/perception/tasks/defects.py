@@ -56,10 +56,13 @@ from agent.perception.tasks.stem_data import (
 )
 from agent.perception.tasks.stem_metrics import DetectionScore, PredictedDefect, match
 from agent.perception.tasks.stem_train import (
+    TRAIN_SPECIMENS,
     Batch,
     FitResult,
+    add_specimens_argument,
     fit,
     fit_summary,
+    parse_specimens,
     pixel_unet_architecture,
     recipe_json,
     save_and_report,
@@ -67,9 +70,9 @@ from agent.perception.tasks.stem_train import (
     simulate_train_val,
 )
 from agent.perception.tasks.stem_train import (
-    add_train_arguments as add_train_arguments,  # this task's `train` options
+    add_train_arguments as add_stem_train_arguments,
 )
-from drivers.errors import DataError
+from drivers.errors import ConfigError, DataError
 from drivers.frame import Frame, ScanRegion
 
 log = logging.getLogger(__name__)
@@ -384,12 +387,21 @@ def defects_json(
 # ---------------------------------------------------------------------- training
 
 
-def train_recipe(seed: int, frames: int) -> StemRecipe:
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``scopepilot train defects``: the shared STEM options and ``--specimens``."""
+    add_stem_train_arguments(parser)
+    add_specimens_argument(parser)
+
+
+def train_recipe(
+    seed: int, frames: int, specimens: tuple[str, ...] = TRAIN_SPECIMENS
+) -> StemRecipe:
     return StemRecipe(
         seed=seed,
         frames=frames,
         dwell_s=(0.5e-6, 8e-6),
         sim_options={"defect_density_scale": 3.0},
+        specimens=specimens,
     )
 
 
@@ -566,7 +578,9 @@ def train(args: argparse.Namespace) -> int:
     """``scopepilot train defects``: simulate, train, calibrate, tune the threshold, save."""
     seed_everything(args.seed, args.threads)
     t0 = time.monotonic()
-    samples, val = simulate_train_val(simulate, train_recipe, args)
+    specimens = parse_specimens(getattr(args, "specimens", ",".join(TRAIN_SPECIMENS)))
+    recipe = functools.partial(train_recipe, specimens=specimens)
+    samples, val = simulate_train_val(simulate, recipe, args)
     data = stack_samples(samples)
     del samples
     crop = int(args.crop)
@@ -595,9 +609,10 @@ def train(args: argparse.Namespace) -> int:
         training={
             "command": f"scopepilot train defects --seed {args.seed} --frames {args.frames} "
             f"--steps {args.steps} --batch {args.batch} --crop {crop} --lr {args.lr} "
-            f"--threads {args.threads}",
+            f"--threads {args.threads}"
+            + (f" --specimens {','.join(specimens)}" if specimens != TRAIN_SPECIMENS else ""),
             "seed": args.seed,
-            "recipe": recipe_json(train_recipe(args.seed, args.frames)),
+            "recipe": recipe_json(recipe(args.seed, args.frames)),
             "loss": f"cross-entropy with class weights {list(CLASS_WEIGHTS)}, Adam, "
             "warm-up + cosine lr",
             **fit_summary(result, t0),
@@ -615,11 +630,11 @@ def train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- evaluation
 
 
-def add_evaluate_arguments(
+def add_shared_evaluate_arguments(
     parser: argparse.ArgumentParser, *, seed: int = 600_000, frames: int = 24, threads: int = 2
 ) -> None:
-    """The options of ``scopepilot evaluate defects`` (the defaults given are the STEM
-    model's; the STM model passes its own)."""
+    """The options ``scopepilot evaluate defects`` has for both models (the defaults given are
+    the STEM model's; the STM model passes its own)."""
     parser.add_argument("--seed", type=int, default=seed, help="held-out seed")
     parser.add_argument("--frames", type=int, default=frames, help="held-out frames per condition")
     parser.add_argument("--weights", default=str(WEIGHTS_DIR), help="weights directory")
@@ -630,13 +645,31 @@ def add_evaluate_arguments(
     parser.add_argument("--threads", type=int, default=threads, help="torch CPU threads")
 
 
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``scopepilot evaluate defects`` for the STEM model: the shared ones and
+    ``--specimens``."""
+    add_shared_evaluate_arguments(parser)
+    parser.add_argument(
+        "--specimens",
+        default=",".join(TRAIN_SPECIMENS),
+        help="comma-separated sim:stem specimens the held-out instruments cycle through "
+        f"(default {','.join(TRAIN_SPECIMENS)}; graphene and srtio3 test other specimens)",
+    )
+
+
 def evaluate(args: argparse.Namespace) -> int:
     """``scopepilot evaluate defects``: held-out metrics (network and classical baseline)."""
     from agent.perception.tasks.defects_eval import evaluate_defects, write_report
 
+    specimens = parse_specimens(getattr(args, "specimens", ",".join(TRAIN_SPECIMENS)))
+    if args.update_card and specimens != TRAIN_SPECIMENS:
+        raise ConfigError(
+            "--update-card writes the card's held-out metrics, which are on the training "
+            f"specimens ({','.join(TRAIN_SPECIMENS)}): leave --specimens out"
+        )
     torch.set_num_threads(max(1, args.threads))
     model, card = load(args.weights)
-    metrics = evaluate_defects(model, card, seed=args.seed, frames=args.frames)
+    metrics = evaluate_defects(model, card, seed=args.seed, frames=args.frames, specimens=specimens)
     write_report(
         metrics, Path(args.out), card, weights_dir=Path(args.weights) if args.update_card else None
     )

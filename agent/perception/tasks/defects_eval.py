@@ -51,7 +51,13 @@ CONDITIONS: dict[str, tuple[float, dict[str, Any]]] = {
 }
 
 
-def heldout_recipe(seed: int, frames: int, dwell_s: float, options: dict[str, Any]) -> StemRecipe:
+def heldout_recipe(
+    seed: int,
+    frames: int,
+    dwell_s: float,
+    options: dict[str, Any],
+    specimens: tuple[str, ...] = ("mos2", "ws2"),
+) -> StemRecipe:
     return StemRecipe(
         seed=seed,
         frames=frames,
@@ -59,6 +65,7 @@ def heldout_recipe(seed: int, frames: int, dwell_s: float, options: dict[str, An
         dwell_s=(dwell_s, dwell_s),
         frames_per_instrument=2,
         sim_options=dict(options),
+        specimens=specimens,
     )
 
 
@@ -85,9 +92,16 @@ def tuned_baseline(seed: int, frames: int = 12) -> PeakDefectFinder:
 
 
 def evaluate_defects(
-    model: nn.Module, card: ModelCard, *, seed: int, frames: int, progress: bool = True
+    model: nn.Module,
+    card: ModelCard,
+    *,
+    seed: int,
+    frames: int,
+    progress: bool = True,
+    specimens: tuple[str, ...] = ("mos2", "ws2"),
 ) -> dict[str, Any]:
-    """Network and baseline scores per condition, and a summary against the targets."""
+    """Network and baseline scores per condition, and a summary against the targets; the
+    held-out instruments cycle through ``specimens``."""
     baseline = tuned_baseline(seed + 17)
     pixel_nm = PIXEL_SIZE_M * 1e9
     temperature = float(card.training.get("temperature", 1.0))
@@ -96,7 +110,7 @@ def evaluate_defects(
     example: dict[str, Any] = {}
     for i, (condition, (dwell_s, options)) in enumerate(CONDITIONS.items()):
         samples = simulate(
-            heldout_recipe(seed + 101 * i, frames, dwell_s, options),
+            heldout_recipe(seed + 101 * i, frames, dwell_s, options, specimens),
             progress=progress,
             desc=f"defects {condition}",
         )

@@ -51,7 +51,7 @@ from agent.perception.tasks.defects import (
     settings_of,
 )
 from agent.perception.tasks.defects import (
-    add_evaluate_arguments as add_stem_evaluate_arguments,
+    add_shared_evaluate_arguments as add_stem_evaluate_arguments,
 )
 from agent.perception.tasks.defects import (
     class_probabilities as stem_class_probabilities,

@@ -58,16 +58,19 @@ from agent.perception.tasks.stem_data import (
     simulate,
 )
 from agent.perception.tasks.stem_train import (
-    add_train_arguments as add_stem_train_arguments,
-)
-from agent.perception.tasks.stem_train import (
+    TRAIN_SPECIMENS,
+    add_specimens_argument,
     fit,
     fit_summary,
+    parse_specimens,
     pixel_unet_architecture,
     recipe_json,
     save_and_report,
     seed_everything,
     simulate_train_val,
+)
+from agent.perception.tasks.stem_train import (
+    add_train_arguments as add_stem_train_arguments,
 )
 from drivers.errors import ConfigError, DataError
 
@@ -286,6 +289,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="this many more full rasters in the training draw of scan patterns (3 of the 10 "
         "by default; 0 is the recipe of the committed models)",
     )
+    add_specimens_argument(parser)
     parser.set_defaults(**TRAIN_DEFAULTS)
 
 
@@ -298,14 +302,27 @@ def training_command(args: argparse.Namespace) -> str:
         + (f" --init {args.init}" if getattr(args, "init", None) else "")
         + (f" --beta {args.beta}" if getattr(args, "beta", BETA) != BETA else "")
         + (f" --extra-rasters {args.extra_rasters}" if getattr(args, "extra_rasters", 0) else "")
+        + (
+            f" --specimens {','.join(specimens)}"
+            if (specimens := parse_specimens(getattr(args, "specimens", "mos2,ws2")))
+            != TRAIN_SPECIMENS
+            else ""
+        )
     )
 
 
-def train_recipe(seed: int, frames: int, extra_rasters: int = 0) -> StemRecipe:
+def train_recipe(
+    seed: int,
+    frames: int,
+    extra_rasters: int = 0,
+    specimens: tuple[str, ...] = ("mos2", "ws2"),
+) -> StemRecipe:
     """The training data: :data:`TRAIN_PATTERNS` with ``extra_rasters`` more full rasters in the
-    draw (0: the recipe of the committed models)."""
+    draw, on ``specimens`` (0 and MoS2 / WS2: the recipe of the committed models)."""
     patterns = (("raster", 1.0),) * extra_rasters + TRAIN_PATTERNS
-    return StemRecipe(seed=seed, frames=frames, patterns=patterns, dwell_s=TRAIN_DWELL_S)
+    return StemRecipe(
+        seed=seed, frames=frames, patterns=patterns, dwell_s=TRAIN_DWELL_S, specimens=specimens
+    )
 
 
 def stack_samples(samples: list[StemSample]) -> tuple[np.ndarray, np.ndarray]:
@@ -361,7 +378,8 @@ def train(args: argparse.Namespace) -> int:
     extra_rasters = int(getattr(args, "extra_rasters", 0))
     if extra_rasters < 0:
         raise ConfigError(f"--extra-rasters must be 0 or more, got {extra_rasters}")
-    recipe = functools.partial(train_recipe, extra_rasters=extra_rasters)
+    specimens = parse_specimens(getattr(args, "specimens", ",".join(TRAIN_SPECIMENS)))
+    recipe = functools.partial(train_recipe, extra_rasters=extra_rasters, specimens=specimens)
     samples, val = simulate_train_val(simulate, recipe, args)
     x, y = stack_samples(samples)
     vx, vy = stack_samples(val)
@@ -458,15 +476,27 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "--update-card", action="store_true", help="write the held-out metrics into the model card"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--specimens",
+        default=",".join(TRAIN_SPECIMENS),
+        help="comma-separated sim:stem specimens the areas cycle through (default "
+        f"{','.join(TRAIN_SPECIMENS)}; graphene and srtio3 test other specimens)",
+    )
 
 
 def evaluate(args: argparse.Namespace) -> int:
     """``scopepilot evaluate sr``: held-out metrics as JSON plus an example figure."""
     from agent.perception.tasks.sr_eval import evaluate_sr, write_report
 
+    specimens = parse_specimens(args.specimens)
+    if args.update_card and specimens != TRAIN_SPECIMENS:
+        raise ConfigError(
+            "--update-card writes the card's held-out metrics, which are on the training "
+            f"specimens ({','.join(TRAIN_SPECIMENS)}): leave --specimens out"
+        )
     torch.set_num_threads(max(1, args.threads))
     model, card = load(args.weights)
-    metrics = evaluate_sr(model, card, seed=args.seed, areas=args.areas)
+    metrics = evaluate_sr(model, card, seed=args.seed, areas=args.areas, specimens=specimens)
     write_report(
         metrics, Path(args.out), card, weights_dir=Path(args.weights) if args.update_card else None
     )

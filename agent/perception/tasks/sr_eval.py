@@ -45,6 +45,9 @@ CONDITIONS: dict[str, dict[str, Any]] = {
         "thermal_sigma_m": 0.09e-10,
     },
 }
+SPECIMENS = ("mos2", "ws2")
+"""The specimens of the held-out areas (the models' training specimens); ``scopepilot evaluate
+sr --specimens`` scores others."""
 BIHARMONIC_AREAS = 6
 """Biharmonic inpainting takes seconds per frame: it is run on the first areas only."""
 
@@ -55,12 +58,17 @@ def _acquire(instrument: Any, dwell_s: float, pattern: str, fraction: float) -> 
     return instrument.acquire()
 
 
-def area_frames(rng: np.random.Generator, area: int, options: dict[str, Any]) -> dict[str, Frame]:
+def area_frames(
+    rng: np.random.Generator,
+    area: int,
+    options: dict[str, Any],
+    specimens: tuple[str, ...] = SPECIMENS,
+) -> dict[str, Frame]:
     """The frames of one evaluation area (``full``, ``quarter`` and one per partial pattern),
     drawing the instrument seed and stage position from ``rng``: called in :func:`evaluate_sr`'s
     order (conditions, then areas, one generator seeded with the evaluation seed) it returns
-    the evaluation's own frames."""
-    specimen = ("mos2", "ws2")[area % 2]
+    the evaluation's own frames. Areas cycle through ``specimens``."""
+    specimen = specimens[area % len(specimens)]
     inst = open_instrument("sim:stem", seed=int(rng.integers(2**31)), specimen=specimen, **options)
     try:
         x_m, y_m = rng.uniform(-STAGE_RANGE_M, STAGE_RANGE_M, 2)
@@ -89,9 +97,16 @@ def scaled_truth(frame: Frame) -> tuple[np.ndarray, float]:
 
 
 def evaluate_sr(
-    model: nn.Module, card: ModelCard, *, seed: int, areas: int, progress: bool = True
+    model: nn.Module,
+    card: ModelCard,
+    *,
+    seed: int,
+    areas: int,
+    progress: bool = True,
+    specimens: tuple[str, ...] = SPECIMENS,
 ) -> dict[str, Any]:
-    """Per-condition metrics (means over areas) and a summary against the issue's targets."""
+    """Per-condition metrics (means over areas) and a summary against the issue's targets; the
+    areas cycle through ``specimens``."""
     rng = np.random.default_rng(seed)
     pixel_nm = PIXEL_SIZE_M * 1e9
     results: dict[str, Any] = {}
@@ -103,7 +118,7 @@ def evaluate_sr(
         rejects = 0
         outputs = 0
         for area in tqdm(range(areas), desc=f"sr {condition}", disable=not progress):
-            frames = area_frames(rng, area, options)
+            frames = area_frames(rng, area, options, specimens)
             row: dict[str, float] = {}
             truth_full, epp_full = scaled_truth(frames["full"])
             raw_full = frames["full"].data / epp_full
@@ -161,6 +176,7 @@ def evaluate_sr(
         "summary": summary,
         "examples": examples,
         "seed": seed,
+        "specimens": list(specimens),
         "card": {"name": card.name, "version": card.version, "sha256": card.sha256},
     }
 

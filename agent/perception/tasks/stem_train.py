@@ -28,6 +28,8 @@ from tqdm import tqdm
 
 from agent.perception.pixel_unet import PixelUNet
 from agent.perception.registry import WEIGHTS_DIR, ModelCard, save_model
+from drivers.errors import ConfigError
+from drivers.registry import open_instrument
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,34 @@ class FitResult:
     val_loss: list[float] = field(default_factory=list)
     seconds: float = 0.0
     stopped_early: bool = False
+
+
+TRAIN_SPECIMENS = ("mos2", "ws2")
+"""The specimens of the committed STEM models' training frames (``--specimens``)."""
+
+
+def add_specimens_argument(parser: argparse.ArgumentParser) -> None:
+    """``--specimens`` of ``scopepilot train sr|defects``."""
+    parser.add_argument(
+        "--specimens",
+        default=",".join(TRAIN_SPECIMENS),
+        help="comma-separated sim:stem specimens of the training frames, cycled instrument by "
+        "instrument; a name given twice is drawn twice as often (default "
+        f"{','.join(TRAIN_SPECIMENS)}, the recipe of the committed models; sim:stem also has "
+        "graphene and srtio3)",
+    )
+
+
+def parse_specimens(text: str) -> tuple[str, ...]:
+    """``"mos2,srtio3"`` -> ``("mos2", "srtio3")``, each checked by opening a ``sim:stem`` with
+    it: :class:`ConfigError` (the simulator's, naming the known ones) for an unknown one."""
+    names = tuple(t.strip() for t in str(text).split(",") if t.strip())
+    if not names:
+        raise ConfigError(f"--specimens needs one or more sim:stem specimens, got {text!r}")
+    for name in dict.fromkeys(names):
+        if name not in TRAIN_SPECIMENS:
+            open_instrument("sim:stem", seed=0, specimen=name).close()
+    return names
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
