@@ -70,6 +70,8 @@ PATTERNS = (("random", 1 / 20), ("lines", 1 / 20), ("spiral", 1 / 20), ("random"
 
 _SR: dict[str, Any] = {}
 """The sr model and card :func:`main` loads from ``--weights``."""
+_DEFECTS: dict[str, Any] = {}
+"""The defects model and card: from ``--weights`` when it holds one, else the committed one."""
 
 
 def _recover(image: np.ndarray, pixel_nm: float) -> Any:
@@ -190,7 +192,7 @@ def quarter_dose(subs: np.ndarray, pixel_nm: float) -> dict[str, Any]:
 
 def _detections(image: np.ndarray, pixel_nm: float) -> dict[str, Any]:
     """Both detectors on ``image``: positions in its pixels."""
-    res = defects_task.find_defects(image, pixel_nm)
+    res = defects_task.find_defects(image, pixel_nm, model=_DEFECTS["model"], card=_DEFECTS["card"])
     zoom = pixel_nm / 0.025  # the classical finder's sizes are in 0.25 Å pixels
     classical = PeakDefectFinder().find(ndimage.zoom(image, zoom, order=1))
     return {
@@ -310,7 +312,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--planted", type=int, default=6, help="altered columns per check (6)")
     parser.add_argument(
-        "--weights", default=str(WEIGHTS_DIR), help="weights directory (sr and defects)"
+        "--weights",
+        default=str(WEIGHTS_DIR),
+        help="weights directory: its sr and defects models where it holds them, "
+        "the committed ones otherwise",
     )
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "real_stem.json"))
     parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "real_stem.png"))
@@ -318,7 +323,11 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    _SR["model"], _SR["card"] = sr.load(args.weights)
+    weights = Path(args.weights)
+    _SR["model"], _SR["card"] = sr.load(weights if (weights / "sr.json").is_file() else WEIGHTS_DIR)
+    _DEFECTS["model"], _DEFECTS["card"] = defects_task.load(
+        weights if (weights / "defects.json").is_file() else WEIGHTS_DIR
+    )
     wall0, cpu0 = time.perf_counter(), time.process_time()
     raw = read_hspy(fetch(Path(args.data_dir), "ADF"))
     subs = sub_images(raw)
@@ -385,10 +394,9 @@ def main() -> int:
             "raw_shape": list(raw.shape),
             "pixel_nm": pixel_nm,
         },
-        "sr": {
-            "weights": args.weights,
-            "version": _SR["card"].version,
-            "sha256": _SR["card"].sha256,
+        "weights": {
+            name: {"version": m["card"].version, "sha256": m["card"].sha256}
+            for name, m in (("sr", _SR), ("defects", _DEFECTS))
         },
         "partial": partial,
         "quarter_dose": quarter,

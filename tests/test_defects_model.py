@@ -158,3 +158,14 @@ def test_evaluation_on_other_specimens_does_not_write_the_card(
     assert main([*args, "--weights", str(tmp_path), "--out", str(tmp_path)]) != 0
     assert "leave --specimens out" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_the_default_training_command_is_the_recipe_of_the_committed_model() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    defects.add_train_arguments(parser)
+    args = parser.parse_args([])
+    card = read_card("defects")
+    assert defects.training_command(args) == card.training["command"]
+    assert card.training["recipe"]["specimens"] == list(defects.TRAIN_SPECIMENS)

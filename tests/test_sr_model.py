@@ -286,7 +286,7 @@ def test_specimens_are_checked_and_in_the_command_only_when_not_default() -> Non
     assert sr.parse_specimens(again.specimens) == ("mos2", "ws2", "srtio3", "graphene")
     recipe = sr.train_recipe(0, 5, specimens=("srtio3", "graphene"))
     assert recipe.specimens == ("srtio3", "graphene")
-    assert sr.train_recipe(0, 5).specimens == sr.TRAIN_SPECIMENS
+    assert sr.train_recipe(0, 5).specimens == sr.HELD_OUT_SPECIMENS
     with pytest.raises(ConfigError, match="specimen='mos3' is unknown"):
         sr.parse_specimens("mos2,mos3")
     with pytest.raises(ConfigError, match="one or more"):

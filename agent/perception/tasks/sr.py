@@ -58,8 +58,10 @@ from agent.perception.tasks.stem_data import (
     simulate,
 )
 from agent.perception.tasks.stem_train import (
-    TRAIN_SPECIMENS,
+    HELD_OUT_SPECIMENS,
+    add_evaluate_specimens_argument,
     add_specimens_argument,
+    evaluation_specimens,
     fit,
     fit_summary,
     parse_specimens,
@@ -295,6 +297,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def training_command(args: argparse.Namespace) -> str:
     """The command line that reproduces a training run (recorded in the model card)."""
+    specimens = parse_specimens(getattr(args, "specimens", ",".join(HELD_OUT_SPECIMENS)))
     return (
         f"scopepilot train sr --seed {args.seed} --frames {args.frames} "
         f"--val-frames {args.val_frames} --steps {args.steps} --batch {args.batch} "
@@ -302,12 +305,7 @@ def training_command(args: argparse.Namespace) -> str:
         + (f" --init {args.init}" if getattr(args, "init", None) else "")
         + (f" --beta {args.beta}" if getattr(args, "beta", BETA) != BETA else "")
         + (f" --extra-rasters {args.extra_rasters}" if getattr(args, "extra_rasters", 0) else "")
-        + (
-            f" --specimens {','.join(specimens)}"
-            if (specimens := parse_specimens(getattr(args, "specimens", "mos2,ws2")))
-            != TRAIN_SPECIMENS
-            else ""
-        )
+        + (f" --specimens {','.join(specimens)}" if specimens != HELD_OUT_SPECIMENS else "")
     )
 
 
@@ -315,7 +313,7 @@ def train_recipe(
     seed: int,
     frames: int,
     extra_rasters: int = 0,
-    specimens: tuple[str, ...] = ("mos2", "ws2"),
+    specimens: tuple[str, ...] = HELD_OUT_SPECIMENS,
 ) -> StemRecipe:
     """The training data: :data:`TRAIN_PATTERNS` with ``extra_rasters`` more full rasters in the
     draw, on ``specimens`` (0 and MoS2 / WS2: the recipe of the committed models)."""
@@ -378,7 +376,7 @@ def train(args: argparse.Namespace) -> int:
     extra_rasters = int(getattr(args, "extra_rasters", 0))
     if extra_rasters < 0:
         raise ConfigError(f"--extra-rasters must be 0 or more, got {extra_rasters}")
-    specimens = parse_specimens(getattr(args, "specimens", ",".join(TRAIN_SPECIMENS)))
+    specimens = parse_specimens(getattr(args, "specimens", ",".join(HELD_OUT_SPECIMENS)))
     recipe = functools.partial(train_recipe, extra_rasters=extra_rasters, specimens=specimens)
     samples, val = simulate_train_val(simulate, recipe, args)
     x, y = stack_samples(samples)
@@ -476,24 +474,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "--update-card", action="store_true", help="write the held-out metrics into the model card"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument(
-        "--specimens",
-        default=",".join(TRAIN_SPECIMENS),
-        help="comma-separated sim:stem specimens the areas cycle through (default "
-        f"{','.join(TRAIN_SPECIMENS)}; graphene and srtio3 test other specimens)",
-    )
+    add_evaluate_specimens_argument(parser)
 
 
 def evaluate(args: argparse.Namespace) -> int:
     """``scopepilot evaluate sr``: held-out metrics as JSON plus an example figure."""
     from agent.perception.tasks.sr_eval import evaluate_sr, write_report
 
-    specimens = parse_specimens(args.specimens)
-    if args.update_card and specimens != TRAIN_SPECIMENS:
-        raise ConfigError(
-            "--update-card writes the card's held-out metrics, which are on the training "
-            f"specimens ({','.join(TRAIN_SPECIMENS)}): leave --specimens out"
-        )
+    specimens = evaluation_specimens(args)
     torch.set_num_threads(max(1, args.threads))
     model, card = load(args.weights)
     metrics = evaluate_sr(model, card, seed=args.seed, areas=args.areas, specimens=specimens)

@@ -50,19 +50,32 @@ class FitResult:
     stopped_early: bool = False
 
 
-TRAIN_SPECIMENS = ("mos2", "ws2")
-"""The specimens of the committed STEM models' training frames (``--specimens``)."""
+HELD_OUT_SPECIMENS = ("mos2", "ws2")
+"""The specimens of the held-out evaluations whose figures the STEM model cards record (and of
+the sr model's training frames)."""
 
 
-def add_specimens_argument(parser: argparse.ArgumentParser) -> None:
-    """``--specimens`` of ``scopepilot train sr|defects``."""
+def add_specimens_argument(
+    parser: argparse.ArgumentParser, default: tuple[str, ...] = HELD_OUT_SPECIMENS
+) -> None:
+    """``--specimens`` of ``scopepilot train sr|defects`` (``default``: the committed recipe's)."""
     parser.add_argument(
         "--specimens",
-        default=",".join(TRAIN_SPECIMENS),
+        default=",".join(default),
         help="comma-separated sim:stem specimens of the training frames, cycled instrument by "
         "instrument; a name given twice is drawn twice as often (default "
-        f"{','.join(TRAIN_SPECIMENS)}, the recipe of the committed models; sim:stem also has "
+        f"{','.join(default)}, the recipe of the committed model; sim:stem has mos2, ws2, "
         "graphene and srtio3)",
+    )
+
+
+def add_evaluate_specimens_argument(parser: argparse.ArgumentParser) -> None:
+    """``--specimens`` of ``scopepilot evaluate sr|defects``."""
+    parser.add_argument(
+        "--specimens",
+        default=",".join(HELD_OUT_SPECIMENS),
+        help="comma-separated sim:stem specimens the held-out instruments cycle through "
+        f"(default {','.join(HELD_OUT_SPECIMENS)}; graphene and srtio3 test other specimens)",
     )
 
 
@@ -73,9 +86,21 @@ def parse_specimens(text: str) -> tuple[str, ...]:
     if not names:
         raise ConfigError(f"--specimens needs one or more sim:stem specimens, got {text!r}")
     for name in dict.fromkeys(names):
-        if name not in TRAIN_SPECIMENS:
+        if name not in HELD_OUT_SPECIMENS:
             open_instrument("sim:stem", seed=0, specimen=name).close()
     return names
+
+
+def evaluation_specimens(args: argparse.Namespace) -> tuple[str, ...]:
+    """The ``--specimens`` of an evaluate command; :class:`ConfigError` with ``--update-card``
+    unless they are :data:`HELD_OUT_SPECIMENS` (the card records those figures only)."""
+    specimens = parse_specimens(getattr(args, "specimens", ",".join(HELD_OUT_SPECIMENS)))
+    if getattr(args, "update_card", False) and specimens != HELD_OUT_SPECIMENS:
+        raise ConfigError(
+            "--update-card writes the card's held-out metrics, which are on "
+            f"{','.join(HELD_OUT_SPECIMENS)}: leave --specimens out"
+        )
+    return specimens
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
