@@ -3,6 +3,7 @@ frames against a trivial baseline and the classical peak finder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -169,3 +170,32 @@ def test_the_default_training_command_is_the_recipe_of_the_committed_model() -> 
     card = read_card("defects")
     assert defects.training_command(args) == card.training["command"]
     assert card.training["recipe"]["specimens"] == list(defects.TRAIN_SPECIMENS)
+
+
+def test_a_frame_unlike_the_training_frames_is_rejected_with_the_reason() -> None:
+    frame = _frame(HELD_OUT_SEEDS[1])
+    plain = defects.find_defects(frame.data, PIXEL_NM)
+    assert not plain.reject and plain.reason == ""
+    # a large constant background (a thick specimen, a detector offset): the same columns on a
+    # pedestal twice the mean; the network may still answer, but the frame is marked
+    pedestal = frame.data + 2.0 * float(np.mean(frame.data))
+    marked = defects.find_defects(pedestal, PIXEL_NM)
+    assert marked.reject and "unlike the training frames" in marked.reason
+    assert "background" in marked.reason
+    _, card = defects.load()
+    ranges = card.training["input_range"]
+    assert ranges["background"][0] < 0.1 < ranges["background"][1] < 1.0
+    x = defects.model_input(pedestal)
+    assert defects.outside_input_range(x, card)
+    # a card without the range (before session 9): no check
+    training = {k: v for k, v in card.training.items() if k != "input_range"}
+    assert defects.outside_input_range(x, dataclasses.replace(card, training=training)) == ""
+
+
+def test_input_range_is_the_training_range_widened_by_the_margin() -> None:
+    inputs = [np.linspace(lo, hi, 10_001)[None] for lo, hi in ((0.0, 4.0), (0.5, 9.0))]
+    ranges = defects.input_range(inputs)
+    # 1st / 99th percentiles: 0.04 and 0.585 (background), 3.96 and 8.915 (peaks)
+    pad_b, pad_p = 0.1 * (0.585 - 0.04), 0.1 * (8.915 - 3.96)
+    assert ranges["background"] == pytest.approx([0.04 - pad_b, 0.585 + pad_b], abs=1e-3)
+    assert ranges["peaks"] == pytest.approx([3.96 - pad_p, 8.915 + pad_p], abs=1e-3)

@@ -81,7 +81,8 @@ from drivers.frame import Frame, ScanRegion
 log = logging.getLogger(__name__)
 
 NAME = "defects"
-VERSION = "1"
+VERSION = "2"
+"""2 (session 9): trained on four specimens, with the input-range check; 1: MoS2 / WS2 only."""
 CHANNELS = ("haadf_over_mean",)
 WIDTHS = (24, 32, 48, 64)
 PIXEL_SIZE_RANGE_NM = (0.0125, 0.05)
@@ -269,6 +270,48 @@ class DefectResult:
     reason: str
 
 
+INPUT_RANGE_MARGIN = 0.1
+"""How far beyond the training frames' range (as a fraction of its width) an input statistic may
+go before the frame is rejected as unlike the training frames."""
+
+
+def input_statistics(x: np.ndarray) -> tuple[float, float]:
+    """The 1st and 99th percentiles of a network input (the frame divided by its mean): its
+    background and its column peaks, relative to the mean. A frame unlike the training frames
+    (a large background, broad or faint columns) falls outside their range."""
+    low, high = np.percentile(np.asarray(x, np.float64), (1.0, 99.0))
+    return float(low), float(high)
+
+
+def input_range(inputs: Sequence[np.ndarray]) -> dict[str, list[float]]:
+    """The card's ``input_range``: the range of :func:`input_statistics` over training
+    ``inputs``, widened by :data:`INPUT_RANGE_MARGIN` of its width on both sides."""
+    stats = np.array([input_statistics(x) for x in inputs])
+    out = {}
+    for name, column in (("background", stats[:, 0]), ("peaks", stats[:, 1])):
+        lo, hi = float(column.min()), float(column.max())
+        pad = INPUT_RANGE_MARGIN * (hi - lo)
+        out[name] = [round(lo - pad, 4), round(hi + pad, 4)]
+    return out
+
+
+def outside_input_range(x: np.ndarray, card: ModelCard) -> str:
+    """Why input ``x`` is unlike the training frames of ``card`` (its ``input_range``), or ""."""
+    ranges = card.training.get("input_range")
+    if not ranges:
+        return ""
+    values = dict(zip(("background", "peaks"), input_statistics(x), strict=True))
+    for name, value in values.items():
+        lo, hi = ranges[name]
+        if not lo <= value <= hi:
+            return (
+                f"the frame is unlike the training frames: its {name} is {value:.2f} times "
+                f"its mean, the training frames' from {lo:.2f} to {hi:.2f} (a different "
+                "specimen, detector offset or optics); its defect list is not reliable"
+            )
+    return ""
+
+
 def settings_of(card: ModelCard) -> DetectionSettings:
     t = card.training
     return DetectionSettings(
@@ -288,6 +331,11 @@ def find_defects(
 ) -> DefectResult:
     """Point defects of a full ``(H, W)`` HAADF-STEM frame at ``pixel_size_nm``.
 
+    The result is marked ``reject`` (with the reason) when too many defects are uncertain, and
+    when the frame's background or column peaks, relative to its mean, fall outside the card's
+    ``input_range`` (the training frames' range, widened by :data:`INPUT_RANGE_MARGIN`): a frame
+    unlike any the model was trained on, where its defect list may be confidently wrong.
+
     Raises :class:`DataError` for bad input (wrong shape, NaN or infinite pixels, pixel size out
     of range, a non-positive mean) and :class:`ModelError` when the weights cannot be loaded.
     """
@@ -295,10 +343,16 @@ def find_defects(
         model, card = load()
     arr = check_image(image, min_size=8)
     work = resample_to_pixel_size(arr, pixel_size_nm, card)
-    prob = class_probabilities(model, model_input(work), float(card.training.get("temperature", 1)))
+    x = model_input(work)
+    prob = class_probabilities(model, x, float(card.training.get("temperature", 1)))
     settings = settings_of(card)
     found = detect(prob, settings, snr=image_snr(work))
-    return defect_result(arr.shape, work.shape, prob, found, settings)
+    result = defect_result(arr.shape, work.shape, prob, found, settings)
+    unlike = outside_input_range(x, card)
+    if unlike:
+        reason = f"{result.reason}; {unlike}" if result.reason else unlike
+        result = dataclasses.replace(result, reject=True, reason=reason)
+    return result
 
 
 def defect_result(
@@ -643,6 +697,7 @@ def train(args: argparse.Namespace) -> int:
             "warm-up + cosine lr",
             **fit_summary(result, t0),
             **calibration_fields(temperature, settings),
+            "input_range": input_range(data[0]),
             "confidence_features": list(CONFIDENCE_FEATURES),
             "confidence_calibration": list(settings.calibration),
             "validation": val_score,
