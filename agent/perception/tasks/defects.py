@@ -697,7 +697,7 @@ def train(args: argparse.Namespace) -> int:
             "warm-up + cosine lr",
             **fit_summary(result, t0),
             **calibration_fields(temperature, settings),
-            "input_range": input_range(data[0]),
+            "input_range": input_range(list(data[0])),
             "confidence_features": list(CONFIDENCE_FEATURES),
             "confidence_calibration": list(settings.calibration),
             "validation": val_score,

@@ -34,6 +34,7 @@ from agent.perception.tasks.stem_data import (
     simulate,
 )
 from agent.perception.tasks.stem_metrics import DetectionScore, expected_calibration_error
+from agent.perception.tasks.stem_train import HELD_OUT_SPECIMENS
 
 REFERENCE_DWELL_S = 2e-6
 CONDITIONS: dict[str, tuple[float, dict[str, Any]]] = {
@@ -56,7 +57,7 @@ def heldout_recipe(
     frames: int,
     dwell_s: float,
     options: dict[str, Any],
-    specimens: tuple[str, ...] = ("mos2", "ws2"),
+    specimens: tuple[str, ...] = HELD_OUT_SPECIMENS,
 ) -> StemRecipe:
     return StemRecipe(
         seed=seed,
@@ -98,7 +99,7 @@ def evaluate_defects(
     seed: int,
     frames: int,
     progress: bool = True,
-    specimens: tuple[str, ...] = ("mos2", "ws2"),
+    specimens: tuple[str, ...] = HELD_OUT_SPECIMENS,
 ) -> dict[str, Any]:
     """Network and baseline scores per condition, and a summary against the targets; the
     held-out instruments cycle through ``specimens``."""

@@ -28,6 +28,7 @@ from agent.perception.tasks import sr
 from agent.perception.tasks.stem_baselines import inpaint_sparse, interpolate_sparse
 from agent.perception.tasks.stem_data import PIXEL_SIZE_M, STAGE_RANGE_M
 from agent.perception.tasks.stem_metrics import psnr, relative_rms, ssim
+from agent.perception.tasks.stem_train import HELD_OUT_SPECIMENS
 from drivers.commands import MoveTo, Scan, SetScanPattern
 from drivers.frame import Frame, ScanRegion
 from drivers.registry import open_instrument
@@ -45,9 +46,6 @@ CONDITIONS: dict[str, dict[str, Any]] = {
         "thermal_sigma_m": 0.09e-10,
     },
 }
-SPECIMENS = ("mos2", "ws2")
-"""The specimens of the held-out areas (the models' training specimens); ``scopepilot evaluate
-sr --specimens`` scores others."""
 BIHARMONIC_AREAS = 6
 """Biharmonic inpainting takes seconds per frame: it is run on the first areas only."""
 
@@ -62,7 +60,7 @@ def area_frames(
     rng: np.random.Generator,
     area: int,
     options: dict[str, Any],
-    specimens: tuple[str, ...] = SPECIMENS,
+    specimens: tuple[str, ...] = HELD_OUT_SPECIMENS,
 ) -> dict[str, Frame]:
     """The frames of one evaluation area (``full``, ``quarter`` and one per partial pattern),
     drawing the instrument seed and stage position from ``rng``: called in :func:`evaluate_sr`'s
@@ -103,7 +101,7 @@ def evaluate_sr(
     seed: int,
     areas: int,
     progress: bool = True,
-    specimens: tuple[str, ...] = SPECIMENS,
+    specimens: tuple[str, ...] = HELD_OUT_SPECIMENS,
 ) -> dict[str, Any]:
     """Per-condition metrics (means over areas) and a summary against the issue's targets; the
     areas cycle through ``specimens``."""
