@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from skimage.feature import peak_local_max  # noqa: E402
 
-from agent.perception.registry import WEIGHTS_DIR  # noqa: E402
+from agent.perception.registry import WEIGHTS_DIR, ModelCard  # noqa: E402
 from agent.perception.tasks import defects as defects_task  # noqa: E402
 from agent.perception.tasks import sr  # noqa: E402
 from agent.perception.tasks.stem_baselines import (  # noqa: E402
@@ -59,6 +60,7 @@ from agent.perception.tasks.stem_baselines import (  # noqa: E402
     inpaint_sparse,
     interpolate_sparse,
 )
+from agent.perception.tasks.stem_metrics import data_range  # noqa: E402
 from bench._common import machine  # noqa: E402
 from simulators.scan_patterns import sampling_mask  # noqa: E402
 
@@ -68,14 +70,29 @@ RAW_PIXEL_NM = 0.009326270238006416  # the file's axis scale (no unit recorded; 
 PATTERNS = (("random", 1 / 20), ("lines", 1 / 20), ("spiral", 1 / 20), ("random", 1 / 10))
 
 
-_SR: dict[str, Any] = {}
-"""The sr model and card :func:`main` loads from ``--weights``."""
-_DEFECTS: dict[str, Any] = {}
-"""The defects model and card: from ``--weights`` when it holds one, else the committed one."""
+@dataclass(frozen=True)
+class Models:
+    """The sr and defects models (and cards) this run scores."""
 
+    sr_model: Any
+    sr_card: ModelCard
+    defects_model: Any
+    defects_card: ModelCard
 
-def _recover(image: np.ndarray, pixel_nm: float) -> Any:
-    return sr.recover(image, pixel_nm, model=_SR["model"], card=_SR["card"])
+    @classmethod
+    def load(cls, weights: Path) -> Models:
+        """The models in ``weights`` where it holds them, the committed ones otherwise."""
+        sr_dir = weights if (weights / "sr.json").is_file() else WEIGHTS_DIR
+        defects_dir = weights if (weights / "defects.json").is_file() else WEIGHTS_DIR
+        return cls(*sr.load(sr_dir), *defects_task.load(defects_dir))
+
+    def recover(self, image: np.ndarray, pixel_nm: float) -> Any:
+        return sr.recover(image, pixel_nm, model=self.sr_model, card=self.sr_card)
+
+    def find_defects(self, image: np.ndarray, pixel_nm: float) -> Any:
+        return defects_task.find_defects(
+            image, pixel_nm, model=self.defects_model, card=self.defects_card
+        )
 
 
 def fetch(data_dir: Path, kind: str) -> Path:
@@ -124,7 +141,7 @@ def sub_images(raw: np.ndarray) -> np.ndarray:
 
 
 def rms_pct(estimate: np.ndarray, reference: np.ndarray, where: np.ndarray | None = None) -> float:
-    span = float(reference.max() - reference.min())
+    span = data_range(reference)
     diff = (
         (np.asarray(estimate, np.float64) - reference)
         if where is None
@@ -133,14 +150,16 @@ def rms_pct(estimate: np.ndarray, reference: np.ndarray, where: np.ndarray | Non
     return 100.0 * float(np.sqrt(np.mean(diff**2))) / span
 
 
-def partial_scans(full: np.ndarray, pixel_nm: float, seeds: int) -> list[dict[str, Any]]:
+def partial_scans(
+    models: Models, full: np.ndarray, pixel_nm: float, seeds: int
+) -> list[dict[str, Any]]:
     rows = []
     for pattern, fraction in PATTERNS:
         for seed in range(seeds if pattern == "random" else 1):
             mask = sampling_mask(pattern, fraction, full.shape, np.random.default_rng(seed))
             scan = np.where(mask, full, np.nan)
             t0 = time.perf_counter()
-            rec = _recover(scan, pixel_nm)
+            rec = models.recover(scan, pixel_nm)
             sr_ms = 1e3 * (time.perf_counter() - t0)
             fills = {
                 "sr": rec.image,
@@ -163,7 +182,7 @@ def partial_scans(full: np.ndarray, pixel_nm: float, seeds: int) -> list[dict[st
     return rows
 
 
-def quarter_dose(subs: np.ndarray, pixel_nm: float) -> dict[str, Any]:
+def quarter_dose(models: Models, subs: np.ndarray, pixel_nm: float) -> dict[str, Any]:
     """sr on one raw pixel per block against raw, smoothed and median-filtered, scored against
     the mean of the other three (independent noise); each of the four pixels in turn."""
     per: dict[str, list[float]] = {"raw": [], "gaussian_best": [], "median3": [], "sr": []}
@@ -179,7 +198,7 @@ def quarter_dose(subs: np.ndarray, pixel_nm: float) -> dict[str, Any]:
         )
         per["gaussian_best"].append(best[0])
         sigmas.append(float(best[1]))
-        rec = _recover(low, pixel_nm)
+        rec = models.recover(low, pixel_nm)
         rejects.append(rec.reject)
         per["sr"].append(rms_pct(rec.image, ref))
     return {
@@ -190,9 +209,9 @@ def quarter_dose(subs: np.ndarray, pixel_nm: float) -> dict[str, Any]:
     }
 
 
-def _detections(image: np.ndarray, pixel_nm: float) -> dict[str, Any]:
+def _detections(models: Models, image: np.ndarray, pixel_nm: float) -> dict[str, Any]:
     """Both detectors on ``image``: positions in its pixels."""
-    res = defects_task.find_defects(image, pixel_nm, model=_DEFECTS["model"], card=_DEFECTS["card"])
+    res = models.find_defects(image, pixel_nm)
     zoom = pixel_nm / 0.025  # the classical finder's sizes are in 0.25 Å pixels
     classical = PeakDefectFinder().find(ndimage.zoom(image, zoom, order=1))
     return {
@@ -242,12 +261,14 @@ def recall(found: list[tuple[float, float]], truth: np.ndarray, radius_px: float
     return int((d.min(axis=1) <= radius_px).sum())
 
 
-def find_all_defects(full: np.ndarray, pixel_nm: float, n_planted: int) -> dict[str, Any]:
+def find_all_defects(
+    models: Models, full: np.ndarray, pixel_nm: float, n_planted: int
+) -> dict[str, Any]:
     area_nm2 = full.shape[0] * full.shape[1] * pixel_nm**2
-    out: dict[str, Any] = {"area_nm2": area_nm2, "as_is": _detections(full, pixel_nm)}
+    out: dict[str, Any] = {"area_nm2": area_nm2, "as_is": _detections(models, full, pixel_nm)}
     for kind in ("dark", "bright"):
         image, truth = planted(full, n_planted, kind)
-        found = _detections(image, pixel_nm)
+        found = _detections(models, image, pixel_nm)
         for who in ("network", "classical"):
             found[who]["planted_found"] = recall(found[who]["positions_px"], truth, 0.1 / pixel_nm)
         out[f"planted_{kind}"] = {"planted": n_planted, "positions_px": truth.tolist(), **found}
@@ -255,7 +276,12 @@ def find_all_defects(full: np.ndarray, pixel_nm: float, n_planted: int) -> dict[
 
 
 def plot(
-    full: np.ndarray, pixel_nm: float, quarter: np.ndarray, out: Path, found: dict[str, Any]
+    models: Models,
+    full: np.ndarray,
+    pixel_nm: float,
+    quarter: np.ndarray,
+    out: Path,
+    found: dict[str, Any],
 ) -> None:
     import matplotlib
 
@@ -264,9 +290,9 @@ def plot(
 
     mask = sampling_mask("random", 1 / 20, full.shape, np.random.default_rng(0))
     scan = np.where(mask, full, np.nan)
-    rec = _recover(scan, pixel_nm).image
+    rec = models.recover(scan, pixel_nm).image
     lin = interpolate_sparse(scan)
-    q_rec = _recover(quarter, pixel_nm).image
+    q_rec = models.recover(quarter, pixel_nm).image
     dark = found["planted_dark"]
     with_dark, _ = planted(full, dark["planted"], "dark")
     fig, ax = plt.subplots(2, 4, figsize=(16, 8.4))
@@ -295,9 +321,10 @@ def plot(
         pos = np.array(dark[key]["positions_px"]).reshape(-1, 2)
         if len(pos):
             ax[1, 2].plot(pos[:, 1], pos[:, 0], "o", mfc="none", mec=colour, ms=9)
-    specimens = sorted(set(_SR["card"].training.get("recipe", {}).get("specimens", ["?"])))
+    card = models.sr_card
+    specimens = sorted(set(card.training.get("recipe", {}).get("specimens", ["?"])))
     fig.suptitle(
-        f"scopepilot sr {_SR['card'].sha256[:8]} (trained on simulated {', '.join(specimens)}) "
+        f"scopepilot sr {card.sha256[:8]} (trained on simulated {', '.join(specimens)}) "
         "and defects on a real perovskite ADF image"
     )
     fig.tight_layout()
@@ -323,11 +350,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    weights = Path(args.weights)
-    _SR["model"], _SR["card"] = sr.load(weights if (weights / "sr.json").is_file() else WEIGHTS_DIR)
-    _DEFECTS["model"], _DEFECTS["card"] = defects_task.load(
-        weights if (weights / "defects.json").is_file() else WEIGHTS_DIR
-    )
+    models = Models.load(Path(args.weights))
     wall0, cpu0 = time.perf_counter(), time.process_time()
     raw = read_hspy(fetch(Path(args.data_dir), "ADF"))
     subs = sub_images(raw)
@@ -335,7 +358,7 @@ def main() -> int:
     pixel_nm = 2 * RAW_PIXEL_NM
     print(f"real ADF image {raw.shape} at {RAW_PIXEL_NM:.4f} nm, binned to {full.shape}")
 
-    partial = partial_scans(full, pixel_nm, args.seeds)
+    partial = partial_scans(models, full, pixel_nm, args.seeds)
     print("\npartial scans: RMS % of the range against the full image (skipped pixels / all)")
     print(f"{'pattern':<16}{'sr':>16}{'linear':>16}{'biharmonic':>16}  sr/linear (skipped)")
     for pattern, fraction in dict.fromkeys((r["pattern"], r["fraction"]) for r in partial):
@@ -353,7 +376,7 @@ def main() -> int:
             f"  (sr rejected {rejected}/{len(rows)})"
         )
 
-    quarter = quarter_dose(subs, pixel_nm)
+    quarter = quarter_dose(models, subs, pixel_nm)
     print(
         "\nquarter dose: RMS % of the range against the other three raw pixels (mean of 4 choices)"
     )
@@ -364,7 +387,7 @@ def main() -> int:
         f"{quarter['gaussian_sigma_px']} px"
     )
 
-    found = find_all_defects(full, pixel_nm, args.planted)
+    found = find_all_defects(models, full, pixel_nm, args.planted)
     net, cls = found["as_is"]["network"], found["as_is"]["classical"]
     print(
         f"\ndefects on {found['area_nm2']:.1f} nm² of a mostly perfect lattice: network "
@@ -382,7 +405,7 @@ def main() -> int:
             f"{row['classical']['planted_found']} (of {row['classical']['found']}) within 1 Å"
         )
 
-    plot(full, pixel_nm, subs[0], Path(args.plot), found)
+    plot(models, full, pixel_nm, subs[0], Path(args.plot), found)
     result = {
         "command": " ".join(sys.argv),
         "machine": machine(),
@@ -395,8 +418,8 @@ def main() -> int:
             "pixel_nm": pixel_nm,
         },
         "weights": {
-            name: {"version": m["card"].version, "sha256": m["card"].sha256}
-            for name, m in (("sr", _SR), ("defects", _DEFECTS))
+            name: {"version": card.version, "sha256": card.sha256}
+            for name, card in (("sr", models.sr_card), ("defects", models.defects_card))
         },
         "partial": partial,
         "quarter_dose": quarter,

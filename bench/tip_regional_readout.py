@@ -28,17 +28,11 @@ import torch  # noqa: E402
 from agent.perception.registry import WEIGHTS_DIR  # noqa: E402
 from agent.perception.tasks import tip as tip_task  # noqa: E402
 from agent.perception.tip_data import STATES  # noqa: E402
-from agent.perception.tip_net import TipModel, TipNet  # noqa: E402
+from agent.perception.tip_net import TipModel, TipNet, softmax  # noqa: E402
 from drivers.frame import TipState  # noqa: E402
 
 GOOD = STATES.index(TipState.GOOD)
 DOUBLE = STATES.index(TipState.MULTIPLE)
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    out: np.ndarray = e / e.sum(axis=-1, keepdims=True)
-    return out
 
 
 def region_logits(net: TipNet, fmap: torch.Tensor, k: int) -> np.ndarray:
@@ -69,7 +63,8 @@ def readouts(model: TipModel, samples: list[Any]) -> dict[str, np.ndarray]:
             fmap = net.features(x[None])
             whole = net.pooled_logits(fmap)[0].numpy() / float(net.temperature[0])
             quads, ninths = region_logits(net, fmap, 2), region_logits(net, fmap, 3)
-            worst = softmax(quads)[np.argmin(softmax(quads)[:, GOOD])]
+            quad_probs = softmax(quads)
+            worst = quad_probs[np.argmin(quad_probs[:, GOOD])]
             for key, logits in zip(
                 preds, (whole, quads.mean(axis=0), ninths.mean(axis=0), worst), strict=True
             ):
